@@ -1,0 +1,79 @@
+"""
+Poor man's configurator, after nanoGPT. Every script keeps its settings as plain module
+globals in one block at the top, then calls
+
+    configure(globals())
+
+which applies, in order, each bare argument as a Python file of overrides and each
+--key=value (or --key value) as one override:
+
+    python train_vae.py config/shapes.py --batch_size=16 --out_dir=out-test
+
+A value is parsed with ast.literal_eval (a bare word stays a string) and must have the
+type of the default. An unknown key or a wrong type stops the script with a one-line
+message before any heavy work starts. One config file serves every stage of a setup:
+it sees the name of the running script as `script`, so settings that differ per stage
+sit under `if script == 'train_vae':`. It is less clever than a config framework, and a
+reader sees every setting at the top of the script that uses it: worth it.
+"""
+import ast
+import os
+import sys
+import types
+
+SETTING_TYPES = (bool, int, float, str, tuple, list)
+
+
+def _settings(script_globals):
+    return {k: v for k, v in script_globals.items()
+            if not k.startswith('_') and type(v) in SETTING_TYPES}
+
+
+def _checked(key, value, defaults, source, script):
+    if key not in defaults:
+        raise SystemExit(f"error: {script}.py has no setting '{key}' (from {source}); its settings are: {', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if type(default) is float and type(value) is int:
+        value = float(value)  # --lr=1 means 1.0
+    if type(default) is tuple and type(value) is list:
+        value = tuple(value)
+    if type(value) is not type(default):
+        raise SystemExit(f"error: setting '{key}' (from {source}) must be {type(default).__name__} "
+                         f"like its default {default!r}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse(text):
+    try:
+        return ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        return text  # a bare word such as --out_dir=out-test is a string
+
+
+def configure(script_globals, argv=None):
+    """Apply config files and --key=value overrides to script_globals; return the settings dict."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = os.path.splitext(os.path.basename(script_globals.get('__file__', 'script')))[0]
+    defaults = _settings(script_globals)
+    while argv:
+        arg = argv.pop(0)
+        if arg.startswith('--'):
+            key, sep, text = arg[2:].partition('=')
+            if not sep:
+                if not argv or argv[0].startswith('--'):
+                    raise SystemExit(f"error: '{arg}' has no value; write --{key}=VALUE")
+                text = argv.pop(0)
+            script_globals[key] = _checked(key, _parse(text), defaults, f"--{key}", script)
+        else:
+            try:
+                with open(arg) as f:
+                    source = f.read()
+            except OSError as e:
+                raise SystemExit(f"error: cannot read config file '{arg}' ({e.strerror}); pass a path like config/shapes.py or --key=value")
+            overrides = {'script': script}
+            exec(compile(source, arg, 'exec'), {}, overrides)
+            for key, value in overrides.items():
+                if key == 'script' or key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue  # a config file may import math or define a helper
+                script_globals[key] = _checked(key, value, defaults, arg, script)
+    return _settings(script_globals)
