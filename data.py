@@ -1,0 +1,197 @@
+"""
+Captioned image data for IRIS, as uint8 tensors (N, 3, S, S) plus a list of captions.
+
+Three sources, chosen by the scripts' `dataset` / `data_dir` settings:
+  - 'shapes': the embedded default, procedural and deterministic by seed: one shape
+    (type, colour, size, position) on a plain background, with a caption such as
+    "a small red circle in the top left on a blue background". Any resolution.
+  - data_dir: a local folder in the Hugging Face `imagefolder` layout, images beside a
+    metadata.jsonl whose rows hold "file_name" and "text":
+        {"file_name": "0001.png", "text": "a drawing of a green dragon"}
+  - any other name: a Hub data set through datasets.load_dataset (for example
+    'reach-vb/pokemon-blip-captions'); offline this fails within seconds, not minutes.
+
+Images are converted to RGB (transparency composited on white), centre-cropped to a
+square and resized. Files that cannot be decoded are skipped, counted and reported once.
+"""
+import io
+import os
+import random
+import socket
+import warnings
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# the procedural shapes data set
+
+SHAPES = ('circle', 'square', 'triangle', 'diamond')
+COLOURS = {  # far apart in RGB so that a nearest-colour reader cannot confuse them
+    'red': (220, 40, 40), 'orange': (245, 140, 30), 'yellow': (240, 215, 40),
+    'green': (40, 170, 60), 'blue': (40, 80, 220), 'purple': (140, 60, 180),
+    'white': (245, 245, 245), 'black': (20, 20, 20),
+}
+SIZES = {'small': 0.14, 'large': 0.24}  # radius as a fraction of the image side
+POSITIONS = {  # (x, y) centre as a fraction of the image side, and how a caption says it
+    'top left': ((0.27, 0.27), 'in the top left'), 'top': ((0.5, 0.27), 'at the top'),
+    'top right': ((0.73, 0.27), 'in the top right'), 'left': ((0.27, 0.5), 'on the left'),
+    'center': ((0.5, 0.5), 'in the center'), 'right': ((0.73, 0.5), 'on the right'),
+    'bottom left': ((0.27, 0.73), 'in the bottom left'), 'bottom': ((0.5, 0.73), 'at the bottom'),
+    'bottom right': ((0.73, 0.73), 'in the bottom right'),
+}
+SUPERSAMPLE = 4  # draw 4x larger and downsample, so edges are anti-aliased like real images
+
+
+def shape_attributes(seed, index):
+    """The attributes of image `index` of the shapes set `seed`; independent of set size."""
+    rng = random.Random(f"shapes-{seed}-{index}")  # string seeds hash deterministically
+    colour, background = rng.sample(sorted(COLOURS), 2)
+    return dict(shape=rng.choice(SHAPES), colour=colour, size=rng.choice(sorted(SIZES)),
+                position=rng.choice(sorted(POSITIONS)), background=background,
+                jitter=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04), rng.uniform(0.9, 1.1)))
+
+
+def shape_caption(a):
+    return f"a {a['size']} {a['colour']} {a['shape']} {POSITIONS[a['position']][1]} on a {a['background']} background"
+
+
+def draw_shape(a, image_size):
+    """Render one attribute dict to an RGB PIL image of image_size x image_size."""
+    S = image_size * SUPERSAMPLE
+    img = Image.new('RGB', (S, S), COLOURS[a['background']])
+    (fx, fy), _ = POSITIONS[a['position']]
+    dx, dy, dr = a['jitter']
+    cx, cy, r = (fx + dx) * S, (fy + dy) * S, SIZES[a['size']] * dr * S
+    fill = COLOURS[a['colour']]
+    draw = ImageDraw.Draw(img)
+    if a['shape'] == 'circle':
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif a['shape'] == 'square':
+        s = r * 0.85  # a square of the same area as the circle would look larger
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif a['shape'] == 'triangle':
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+    else:  # diamond
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return img.resize((image_size, image_size), Image.BOX)
+
+
+def make_shapes(num_images, image_size, seed=0):
+    """uint8 (N, 3, S, S) images and their captions, deterministic by seed."""
+    attributes = [shape_attributes(seed, i) for i in range(num_images)]
+    images = np.stack([np.asarray(draw_shape(a, image_size)) for a in attributes])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [shape_caption(a) for a in attributes]
+
+# -----------------------------------------------------------------------------
+# real images: a local imagefolder or a Hub data set
+
+
+def to_square_rgb(img, image_size):
+    """Any PIL image (grayscale, palette, RGBA, any size) -> RGB image_size x image_size."""
+    if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
+        rgba = img.convert('RGBA')
+        img = Image.new('RGB', rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel('A'))
+    img = img.convert('RGB')
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side))
+
+
+def decode_rows(rows, image_size, source):
+    """Decode rows of {'image': {'path', 'bytes'}, 'text'}; skip and count what fails."""
+    images, captions, skipped = [], [], []
+    for row in rows:
+        ref = row['image']
+        try:
+            with Image.open(ref['path'] if ref.get('bytes') is None else io.BytesIO(ref['bytes'])) as img:
+                img.draft('RGB', (image_size, image_size))  # JPEG: decode at reduced size, much faster
+                images.append(np.asarray(to_square_rgb(img, image_size)))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            skipped.append(f"{ref.get('path') or 'an embedded image'} ({type(e).__name__})")
+            continue
+        captions.append(str(row.get('text') or ''))
+    if skipped:
+        warnings.warn(f"{source}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", stacklevel=2)
+    if not images:
+        raise SystemExit(f"error: no readable images in {source}")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def load_imagefolder(data_dir, image_size):
+    if not os.path.isdir(data_dir):
+        raise SystemExit(f"error: data_dir '{data_dir}' is not a folder; point --data_dir at a folder of images with a metadata.jsonl")
+    if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
+        raise SystemExit(f"error: {data_dir} has no metadata.jsonl; add one line per image: "
+                         '{"file_name": "0001.png", "text": "a caption"}')
+    import datasets
+    ds = datasets.load_dataset('imagefolder', data_dir=data_dir, split='train')
+    return decode_rows(ds.cast_column('image', datasets.Image(decode=False)), image_size, data_dir)
+
+
+def _hub_reachable(timeout=3.0):
+    from huggingface_hub import constants
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hub(name, image_size):
+    if not _hub_reachable():
+        os.environ['HF_HUB_OFFLINE'] = '1'  # only a cached copy can load now; don't retry for minutes
+    import datasets
+    datasets.config.HF_HUB_OFFLINE = os.environ.get('HF_HUB_OFFLINE') == '1'
+    try:
+        ds = datasets.load_dataset(name, split='train')
+    except Exception as e:  # datasets raises many types here; all mean "not available"
+        raise SystemExit(f"error: cannot load data set '{name}' from the Hub ({type(e).__name__}); offline, "
+                         f"put its images in a folder with a metadata.jsonl and pass --data_dir=PATH") from None
+    image_column = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    if image_column is None or 'text' not in ds.column_names:
+        raise SystemExit(f"error: data set '{name}' needs an image column and a 'text' column, has {ds.column_names}")
+    ds = ds.cast_column(image_column, datasets.Image(decode=False)).rename_column(image_column, 'image')
+    return decode_rows(ds, image_size, name)
+
+
+def load_data(dataset, data_dir, image_size, num_images, num_holdout, seed=0):
+    """(train_images, train_captions), (holdout_images, holdout_captions); images uint8 (N, 3, S, S)."""
+    if data_dir:
+        images, captions = load_imagefolder(data_dir, image_size)
+    elif dataset == 'shapes':
+        # the held-out set is drawn from another seed, so it shares no image with training
+        return make_shapes(num_images, image_size, seed), make_shapes(num_holdout, image_size, seed + 1)
+    else:
+        images, captions = load_hub(dataset, image_size)
+    if len(images) <= num_holdout:
+        raise SystemExit(f"error: {len(images)} images is too few to hold out {num_holdout}; lower --num_holdout")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    held, train = order[:num_holdout], order[num_holdout:]
+    return (images[train], [captions[i] for i in train]), (images[held], [captions[i] for i in held])
+
+
+def to_float(images):
+    """uint8 [0, 255] -> float [-1, 1]"""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x):
+    """float [-1, 1] -> uint8 [0, 255]"""
+    return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def save_grid(images, path, columns=8):
+    """Write uint8 (N, 3, S, S) images as one PNG grid."""
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = torch.zeros(3, rows * h, columns * w, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = images[i]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
