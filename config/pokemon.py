@@ -1,0 +1,17 @@
+# The seed's setup: Pokemon BLIP captions (833 images) at 256x256 on one free T4 GPU.
+#   python train_vae.py config/pokemon.py
+# Offline, put the images in a folder with a metadata.jsonl and add --data_dir=PATH.
+dataset = 'reach-vb/pokemon-blip-captions'
+image_size = 256  # -> 16x16x16 latents
+num_holdout = 33
+
+if script == 'train_vae':
+    out_dir = 'out-pokemon-vae'
+    channels = (64, 128, 256)
+    blocks_per_stage = 2
+    batch_size = 16
+    max_steps = 20000
+    lr = 4e-4
+    min_lr = 4e-5
+    warmup_steps = 500
+    eval_interval = 1000

@@ -1,0 +1,132 @@
+"""
+What every IRIS training script shares: the learning-rate schedule, the EMA, the loss log
+and checkpoints.
+
+A checkpoint is ONE safetensors file (no pickle anywhere): the model, its EMA, the
+optimizer's moments and the RNG states as tensors, and the settings, step and optimizer
+hyper-parameters as JSON in the file's metadata. It is written to a temporary file,
+fsynced and renamed over the old one, so a crash mid-save leaves the previous checkpoint
+intact. A config.json beside it repeats the settings for people to read.
+"""
+import copy
+import json
+import math
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def lr_at(step, max_steps, warmup_steps, lr, min_lr):
+    """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def make_ema(model):
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema, model, step, decay):
+    # warm the decay up (1+s)/(10+s): early weights are noise, so don't average them in for long
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - d)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+class LossLog:
+    """Appends `step,name,...` rows to a CSV a person can open or plot."""
+
+    def __init__(self, path, columns, resume_step=None):
+        self.path, self.columns = path, columns
+        if resume_step is not None and os.path.exists(path):
+            # keep the rows before the checkpoint: the steps after it are about to be redone
+            with open(path) as f:
+                header, *rows = f.readlines()
+            rows = [r for r in rows if int(r.split(',', 1)[0]) < resume_step]
+        else:
+            header, rows = ','.join(['step'] + columns) + '\n', []
+        with open(path, 'w') as f:
+            f.writelines([header] + rows)
+
+    def write(self, step, **values):
+        with open(self.path, 'a') as f:
+            f.write(','.join([str(step)] + [f"{values[c]:.6g}" for c in self.columns]) + '\n')
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def _fsync_replace(tmp, path):
+    with open(tmp, 'rb') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path, model, ema, optimizer, step, config, data_generator):
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    optim = optimizer.state_dict()
+    for i, state in optim['state'].items():
+        tensors |= {f"optim.{i}.{k}": v for k, v in state.items()}
+    tensors['rng.torch'] = torch.get_rng_state()
+    tensors['rng.data'] = data_generator.get_state()
+    if torch.cuda.is_available():
+        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    meta = dict(step=step, config=config, model_config=getattr(model, 'config', {}), optim_groups=optim['param_groups'])
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tmp = path + '.tmp'
+    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+    _fsync_replace(tmp, path)
+    json_path = os.path.join(os.path.dirname(path), 'config.json')
+    with open(json_path + '.tmp', 'w') as f:
+        json.dump({k: meta[k] for k in ('step', 'config', 'model_config')}, f, indent=2)
+    _fsync_replace(json_path + '.tmp', json_path)
+
+
+def read_checkpoint(path, prefixes=('model.', 'ema.', 'optim.', 'rng.')):
+    """The tensors whose names start with one of prefixes, and the metadata, from a checkpoint."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path}; train one first or point to it with --out_dir / --init_from")
+    with safe_open(path, framework='pt') as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+    return tensors, meta
+
+
+def submodule_state(tensors, prefix):
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_checkpoint(path, model, ema, optimizer, data_generator):
+    """Restore everything save_checkpoint wrote; return the step to continue from."""
+    tensors, meta = read_checkpoint(path)
+    if meta.get('model_config') != getattr(model, 'config', {}):
+        raise SystemExit(f"error: {path} holds a model built with {meta.get('model_config')}, but these settings "
+                         f"build {model.config}; use the checkpoint's config or another --out_dir")
+    model.load_state_dict(submodule_state(tensors, 'model.'))
+    ema.load_state_dict(submodule_state(tensors, 'ema.'))
+    state = {}
+    for k, v in submodule_state(tensors, 'optim.').items():
+        i, name = k.split('.', 1)
+        state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({'state': state, 'param_groups': meta['optim_groups']})
+    torch.set_rng_state(tensors['rng.torch'])
+    data_generator.set_state(tensors['rng.data'])
+    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+    return meta['step']
