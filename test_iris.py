@@ -246,5 +246,6 @@ def test_train_vae_script_end_to_end_then_resume(tmp_path):
     steps = [int(line.split(',')[0]) for line in (out / 'log.csv').read_text().splitlines()[1:]]
     assert steps == sorted(steps) and steps[-1] == 29  # the log continues where it stopped
 
-    result = _run(['train_vae.py', '--typo_key=1'], tmp_path)
-    assert result.returncode != 0 and "has no setting 'typo_key'" in result.stderr and 'Traceback' not in result.stderr
+    for bad, message in [('--typo_key=1', "has no setting 'typo_key'"), ('--image_size=40', 'not a multiple of 16')]:
+        result = _run(['train_vae.py', bad], tmp_path)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr

@@ -59,7 +59,10 @@ compile = False
 config = configure(globals())
 if init_from not in ('scratch', 'resume'):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
-check_image_size(image_size, image_size)
+try:
+    check_image_size(image_size, image_size)
+except ValueError as e:
+    raise SystemExit(f"error: --image_size: {e}") from None
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
