@@ -151,8 +151,8 @@ def load_hub(name, image_size):
     try:
         ds = datasets.load_dataset(name, split='train')
     except Exception as e:  # datasets raises many types here; all mean "not available"
-        raise SystemExit(f"error: cannot load data set '{name}' from the Hub ({type(e).__name__}); offline, "
-                         f"put its images in a folder with a metadata.jsonl and pass --data_dir=PATH") from None
+        raise SystemExit(f"error: cannot load data set '{name}' from the Hub ({type(e).__name__}); check the name, or "
+                         f"without network put its images in a folder with a metadata.jsonl and pass --data_dir=PATH") from None
     image_column = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     if image_column is None or 'text' not in ds.column_names:
         raise SystemExit(f"error: data set '{name}' needs an image column and a 'text' column, has {ds.column_names}")
