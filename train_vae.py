@@ -120,7 +120,7 @@ for step in bar:
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     ema_update(ema, model, step, ema_decay)
-    if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
+    if (step + 1) % eval_interval == 0 and step + 1 < max_steps:  # the last one follows the latent stats
         score = evaluate_and_save(step + 1)
     if step % log_interval == 0 or step + 1 == max_steps:
         log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'], holdout_psnr=score, **parts)
@@ -131,7 +131,7 @@ shift, scale = measure_latent_stats(ema, train_images)
 for m in (model, ema):
     m.latent_shift.copy_(shift)
     m.latent_scale.copy_(scale)
-save_checkpoint(ckpt_path, model, ema, optimizer, max_steps, config, data_generator)
+score = evaluate_and_save(max_steps)
 print(f"latent shift {shift.mean().item():+.3f} (mean over channels), scale {scale.mean().item():.3f}")
-print(f"held-out PSNR {psnr(reconstruct(ema, holdout_images), holdout_images):.2f} dB on {len(holdout_images)} images; "
+print(f"held-out PSNR {score:.2f} dB on {len(holdout_images)} images; "
       f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}")
