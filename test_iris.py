@@ -13,9 +13,12 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from configurator import configure
+from model import (SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SpatialMixer, count_parameters,
+                   irfft2_dft, linear_scan, rfft2_dft, window_attention)
 from data import load_data, load_hub, load_imagefolder, make_shapes, to_float
 from training import load_checkpoint, make_ema, read_checkpoint, save_checkpoint
 from vae import WaveletVAE, psnr, reconstruct, vae_loss
@@ -91,6 +94,188 @@ def test_psnr_of_a_perfect_and_a_known_reconstruction():
     a = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
     assert psnr(a, a) > 100
     assert abs(psnr(a + 1, a) - 10 * torch.log10(torch.tensor(255.0 ** 2)).item()) < 1e-4  # mse = 1
+
+# -----------------------------------------------------------------------------
+# model.py: each GRFM pathway against an independent reference, then the generator
+
+
+def _tiny_config(**overrides):
+    return IrisConfig(**{**dict(dim=48, heads=3, core_layers=2, text_dim=24, fourier_blocks=4, window=4, patch_size=1),
+                         **overrides})
+
+
+def _wake_up(model):
+    """adaLN-Zero starts every gate and the output at zero; give them small random values
+    so that every pathway changes the output, as after some training."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    return model
+
+
+def _inputs(batch=2, side=8, text_len=5, text_dim=24):
+    torch.manual_seed(1)
+    mask = torch.ones(batch, text_len, dtype=torch.bool)
+    mask[-1, 2:] = False  # the last prompt is shorter
+    return torch.randn(batch, 16, side, side), torch.rand(batch), torch.randn(batch, text_len, text_dim), mask
+
+
+@pytest.mark.parametrize('h,w', [(8, 8), (6, 9), (16, 5)])
+def test_fourier_dft_matrices_match_the_torch_fft(h, w):
+    torch.manual_seed(0)
+    x = torch.randn(2, h, w, 32)
+    spectrum = torch.fft.rfft2(x, dim=(1, 2), norm='ortho')
+    re, im = rfft2_dft(x)
+    torch.testing.assert_close(re, spectrum.real, rtol=0, atol=1e-5)
+    torch.testing.assert_close(im, spectrum.imag, rtol=0, atol=1e-5)
+    noise = torch.randn_like(spectrum)  # irfft2 must also ignore DC/Nyquist imaginary parts as torch does
+    expected = torch.fft.irfft2(noise, s=(h, w), dim=(1, 2), norm='ortho')
+    torch.testing.assert_close(irfft2_dft(noise.real, noise.imag, w), expected, rtol=0, atol=1e-5)
+    by_torch = FourierMixer(32, 4, 0.01, 'torch')
+    by_dft = FourierMixer(32, 4, 0.01, 'dft')
+    by_dft.load_state_dict(by_torch.state_dict())
+    torch.testing.assert_close(by_dft(x), by_torch(x), rtol=0, atol=1e-5)
+
+
+def test_fourier_mixer_is_the_block_diagonal_complex_mlp():
+    torch.manual_seed(0)
+    mixer = FourierMixer(8, 2, 0.01, 'torch')
+    with torch.no_grad():
+        mixer.b1.normal_()
+        mixer.b2.normal_(std=0.01)
+    x = torch.randn(1, 4, 6, 8)
+    spectrum = torch.fft.rfft2(x, dim=(1, 2), norm='ortho')
+    w1, w2 = torch.complex(*mixer.w1), torch.complex(*mixer.w2)
+    b1, b2 = torch.complex(*mixer.b1), torch.complex(*mixer.b2)
+    blocks = spectrum.reshape(1, 4, 4, 2, 4)  # (B, h, w//2+1, blocks, block size)
+    hidden = torch.einsum('bhwni,nio->bhwno', blocks, w1) + b1
+    hidden = torch.complex(torch.relu(hidden.real), torch.relu(hidden.imag))
+    out = torch.einsum('bhwni,nio->bhwno', hidden, w2) + b2
+    out = torch.complex(F.softshrink(out.real, 0.01), F.softshrink(out.imag, 0.01)).reshape(1, 4, 4, 8)
+    expected = torch.fft.irfft2(out, s=(4, 6), dim=(1, 2), norm='ortho')
+    torch.testing.assert_close(mixer(x), expected, rtol=0, atol=1e-5)
+
+
+def _sequential_scan(a, b, reverse=False):
+    if reverse:
+        return _sequential_scan(a.flip(1), b.flip(1)).flip(1)
+    h, out = torch.zeros_like(b[:, 0]), []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize('tokens', [1, 7, 16, 17, 100, 1024, 4096])
+@pytest.mark.parametrize('reverse', [False, True])
+def test_parallel_scan_matches_a_sequential_loop_forward_and_backward(tokens, reverse):
+    torch.manual_seed(tokens)
+    a = (0.5 + 0.5 * torch.rand(2, tokens, 8)).requires_grad_()  # decays near 1 carry state far
+    b = torch.randn(2, tokens, 8).requires_grad_()
+    weight = torch.randn(2, tokens, 8)
+    h = linear_scan(a, b, reverse)
+    expected = _sequential_scan(a, b, reverse)
+    torch.testing.assert_close(h, expected, rtol=0, atol=1e-4)
+    grads = torch.autograd.grad((h * weight).sum(), (a, b))
+    expected_grads = torch.autograd.grad((expected * weight).sum(), (a, b))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-4)
+    with torch.no_grad():  # the autograd-free path that export traces
+        torch.testing.assert_close(linear_scan(a, b, reverse), expected, rtol=0, atol=1e-4)
+
+
+def test_recurrent_mixer_runs_half_the_channels_each_way():
+    torch.manual_seed(0)
+    mixer = RecurrentMixer(8, 2)
+    x = torch.randn(1, 12, 8)
+    out = mixer(x)
+    changed = x.clone()
+    changed[:, -1] += 1  # the last token reaches every earlier one, but only backwards
+    diff = (mixer(changed) - out).abs()[0, :-1]
+    assert diff[:, :4].max() == 0 and diff[:, 4:].min() > 0
+
+
+@pytest.mark.parametrize('h,w', [(5, 7), (8, 8)])
+def test_manhattan_decay_equals_the_dense_matrix(h, w):
+    torch.manual_seed(0)
+    mixer = SpatialMixer(12, 3)
+    x = torch.randn(2, h, w, 12)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    ys, xs = ys.flatten(), xs.flatten()
+    manhattan = (ys[:, None] - ys[None]).abs() + (xs[:, None] - xs[None]).abs()     # (N, N)
+    gamma = torch.sigmoid(mixer.gamma_logit)
+    dense = gamma[:, None, None] ** manhattan                                         # (heads, N, N)
+    dense = dense / dense.sum(-1, keepdim=True)
+    v = mixer.value(x).reshape(2, h * w, 3, 4)
+    expected = torch.einsum('gnm,bmgc->bngc', dense, v).reshape(2, h, w, 12)
+    torch.testing.assert_close(mixer(x), expected, rtol=0, atol=1e-5)
+
+
+def test_window_attention_equals_attention_inside_each_tile():
+    torch.manual_seed(0)
+    attention = Attention(16, 2)
+    x = torch.randn(2, 6 * 10, 16)
+    out = window_attention(attention, x, (6, 10), 4).view(2, 6, 10, 16)
+    grid = x.view(2, 6, 10, 16)
+    for top in range(0, 6, 4):
+        for left in range(0, 10, 4):
+            tile = grid[:, top:top + 4, left:left + 4]
+            expected = attention(tile.reshape(2, -1, 16)).view(tile.shape)
+            torch.testing.assert_close(out[:, top:top + 4, left:left + 4], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('side,patch', [(8, 1), (6, 2), (12, 2)])
+def test_generator_shapes_any_resolution_batch_and_text_length(side, patch):
+    model = _wake_up(Iris(_tiny_config(patch_size=patch)))
+    z, t, text, mask = _inputs(side=side, text_len=3 + side)
+    v = model(z, t, text, mask, iters=2)
+    assert v.shape == z.shape and torch.isfinite(v).all()
+    text_with_other_padding = text.clone()
+    text_with_other_padding[-1, 2:] = 100.0
+    torch.testing.assert_close(model(z, t, text_with_other_padding, mask, iters=2), v, rtol=0, atol=1e-6)
+
+
+def test_generator_rejects_a_latent_that_does_not_patch():
+    model = Iris(_tiny_config(patch_size=2))
+    with pytest.raises(ValueError, match='multiples of 32'):
+        model(*_inputs(side=5), iters=1)
+    with pytest.raises(ValueError, match='unconditional'):
+        z, t, text, mask = _inputs(side=4)
+        model(z, t, text, torch.zeros_like(mask), iters=1)
+
+
+@pytest.mark.parametrize('backprop_iters', [0, 2])
+def test_gradients_reach_every_parameter(backprop_iters):
+    model = _wake_up(Iris(_tiny_config(backprop_iters=backprop_iters)))
+    model(*_inputs(), iters=4).square().mean().backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad
+
+
+def test_outputs_finite_at_one_and_sixteen_iterations():
+    model = _wake_up(Iris(_tiny_config())).eval()
+    with torch.no_grad():
+        for iters in (1, 16):
+            assert torch.isfinite(model(*_inputs(), iters=iters)).all()
+
+
+def test_core_conditioning_changes_with_the_iteration_index():
+    model = _wake_up(Iris(_tiny_config()))
+    torch.manual_seed(2)
+    s, e, c_base = torch.randn(2, 16, 48), torch.randn(2, 16, 48), torch.randn(2, 48)
+    context, cross_mask = torch.randn(2, 5, 48), torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    steps = [model.core_iteration(s, e, c_base, i, 8, (4, 4), context, cross_mask) for i in (0, 1, 7)]
+    assert (steps[0] - steps[1]).abs().max() > 1e-3 and (steps[1] - steps[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('name,target', [('tiny', 19e6), ('small', 47e6), ('base', 135e6)])
+def test_model_sizes_match_the_seed_within_ten_percent(name, target):
+    counts = count_parameters(SIZES[name]())
+    assert abs(counts['total'] - target) <= 0.1 * target, counts
+    assert counts['total'] == sum(v for k, v in counts.items() if k != 'total')
+
 
 # -----------------------------------------------------------------------------
 # configurator.py
