@@ -34,7 +34,7 @@ COLOURS = {  # far apart in RGB so that a nearest-colour reader cannot confuse t
     'green': (40, 170, 60), 'blue': (40, 80, 220), 'purple': (140, 60, 180),
     'white': (245, 245, 245), 'black': (20, 20, 20),
 }
-SIZES = {'small': 0.14, 'large': 0.24}  # radius as a fraction of the image side
+SIZES = {'small': 0.19, 'large': 0.28}  # radius as a fraction of the image side: small ones still span 1.5 latent cells
 POSITIONS = {  # (x, y) centre as a fraction of the image side, and how a caption says it
     'top left': ((0.27, 0.27), 'in the top left'), 'top': ((0.5, 0.27), 'at the top'),
     'top right': ((0.73, 0.27), 'in the top right'), 'left': ((0.27, 0.5), 'on the left'),

@@ -27,8 +27,10 @@ GRFM, the token mixer, fuses three views of the h x w token grid:
 
 Run `python bench.py` for parameter counts and timings; tests are in test_iris.py.
 """
+import glob
 import math
-from dataclasses import dataclass, asdict
+import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -50,6 +52,7 @@ class IrisConfig:
     window: int = 8              # Coda's local attention window, in tokens
     backprop_iters: int = 0      # train through only the last k core iterations (0 = all)
     fft_impl: str = "torch"      # "torch" (complex FFT) or "dft" (real matmuls, for export)
+    text_encoder: str = "minilm"  # the token space text_proj was trained on (text.py); samplers must match it
 
 
 # ---------------------------------------------------------------------------------------
@@ -590,3 +593,32 @@ def iris_base(**overrides):
 
 
 SIZES = {"tiny": iris_tiny, "small": iris_small, "base": iris_base}
+
+
+def newest_generator_run():
+    from safetensors import safe_open
+    runs = []
+    for path in glob.glob("out*/ckpt.safetensors"):
+        with safe_open(path, framework="pt") as f:
+            if "text_encoder" in (f.metadata() or {}).get("model_config", ""):  # a generator, not a VAE
+                runs.append(path)
+    if not runs:
+        raise SystemExit("error: no generator checkpoint under out*/; train one with `python train_flow.py config/shapes.py` "
+                         "or pass --out_dir")
+    return os.path.dirname(max(runs, key=os.path.getmtime))
+
+
+def load_generator(out_dir="", device="cpu", **overrides):
+    """The EMA generator of a train_flow.py / distill.py run ('' = the newest under out*/),
+    the run's settings and its folder. overrides change inference-only fields, e.g.
+    fft_impl="dft" for export."""
+    from training import read_checkpoint, submodule_state
+    out_dir = out_dir or newest_generator_run()
+    path = os.path.join(out_dir, "ckpt.safetensors")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no generator checkpoint at {path}; train one with `python train_flow.py config/<name>.py` "
+                         f"or point --out_dir at one")
+    tensors, meta = read_checkpoint(path, prefixes=("ema.",))
+    model = Iris(IrisConfig(**{**meta["model_config"], **overrides}))
+    model.load_state_dict(submodule_state(tensors, "ema."))
+    return model.to(device).eval().requires_grad_(False), meta["config"], out_dir

@@ -5,23 +5,31 @@ Each test checks real behaviour against an independent reference (the 2x2 Haar f
 written out, a loss that must fall on a real batch, a checkpoint that must restore
 bit-exactly), on data the tests make themselves: nothing is downloaded.
 """
+import copy
 import json
 import os
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import cache
+from cache import load_training_set
 from configurator import configure
+from data import load_data, load_hub, load_imagefolder, make_shapes, shape_attributes, to_float, to_uint8
+from eval_shapes import adherence, analyse
+from flow import consistency_fn, consistency_loss, consistency_sample, euler_sample, flow_loss, guided_velocity, time_grid
 from model import (SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SpatialMixer, count_parameters,
                    irfft2_dft, linear_scan, rfft2_dft, window_attention)
-from data import load_data, load_hub, load_imagefolder, make_shapes, to_float
-from training import load_checkpoint, make_ema, read_checkpoint, save_checkpoint
-from vae import WaveletVAE, psnr, reconstruct, vae_loss
+from text import load_text_encoder
+from training import ema_update, load_checkpoint, make_ema, read_checkpoint, save_checkpoint
+from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
 from wavelet import dwt, idwt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -278,6 +286,286 @@ def test_model_sizes_match_the_seed_within_ten_percent(name, target):
 
 
 # -----------------------------------------------------------------------------
+# text.py, cache.py, flow.py, train_flow.py, sample.py, eval_shapes.py
+
+
+def test_minilm_tokens_masks_empty_and_overlong_prompts():
+    encoder = load_text_encoder('minilm')
+    assert encoder.width == 384 and len(encoder.tokenizer) == 30522
+    with pytest.warns(UserWarning, match='only the first 77'):
+        tokens, mask = encoder(['a red circle', '', 'red ' * 200])
+    assert tokens.shape == (3, 77, 384) and mask.sum(1).tolist() == [5, 2, 77]  # '' is [CLS] [SEP], not nothing
+    alone, _ = encoder(['a red circle'])
+    torch.testing.assert_close(alone[0], tokens[0, :5], rtol=0, atol=1e-4)  # padding does not leak into real tokens
+    assert (alone[0] - encoder(['a blue circle'])[0][0]).abs().max() > 0.1
+
+
+def test_missing_clip_fails_at_once_with_a_message():
+    with pytest.raises(SystemExit, match='not on this machine'):
+        load_text_encoder('openai/clip-vit-large-patch14')
+
+
+class _Offset(nn.Module):
+    """A stand-in text encoder: each prompt becomes one token per word."""
+    name, width = 'offset', 4
+
+    def forward(self, prompts):
+        length = max(len(p.split()) for p in prompts) + 1
+        mask = torch.tensor([[i <= len(p.split()) for i in range(length)] for p in prompts])
+        return torch.arange(length, dtype=torch.float)[None, :, None].repeat(len(prompts), 1, 4) * mask[..., None], mask
+
+
+def test_training_set_cache_is_built_once_and_keyed(tmp_path, monkeypatch):
+    vae = WaveletVAE(channels=(8, 16, 16))
+    vae_dir = tmp_path / 'vae'
+    vae_dir.mkdir()
+    (vae_dir / 'ckpt.safetensors').write_bytes(b'stands for the checkpoint: only its hash is read')
+    settings = dict(dataset='shapes', data_dir='', image_size=32, num_images=12, num_holdout=4)
+    first = load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
+    images, captions = make_shapes(12, 32)
+    assert first['latents'].shape == (12, 16, 2, 2) and len(first['holdout_captions']) == 4
+    torch.testing.assert_close(first['latents'], vae.encode_latent(to_float(images)), rtol=0, atol=1e-5)
+    assert first['mask'][first['caption_ids']].sum(1).tolist() == [len(c.split()) + 1 for c in captions]
+
+    monkeypatch.setattr(cache, 'load_data', lambda **kw: pytest.fail('a cache hit must not load the data again'))
+    second = load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
+    for k in ('latents', 'caption_ids', 'tokens', 'mask'):
+        assert torch.equal(first[k], second[k])
+    assert second['holdout_captions'] == first['holdout_captions']
+    (vae_dir / 'ckpt.safetensors').write_bytes(b'another VAE')
+    with pytest.raises(pytest.fail.Exception):
+        load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
+    assert len(os.listdir(tmp_path / 'cache')) == 1
+
+
+def test_euler_integrates_a_known_flow_exactly():
+    # data = one point c: the exact velocity is v(x_t, t) = (x_t - c) / t, and its paths are
+    # straight lines, which Euler integrates exactly at any step count
+    c = torch.randn(1, 16, 2, 2)
+    exact = lambda x, t, text, mask, iters: (x - c) / t.view(-1, 1, 1, 1)  # noqa: E731
+    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
+    for steps in (1, 3, 25):
+        x0 = euler_sample(exact, torch.randn(3, 16, 2, 2), text, mask, text[:1], mask[:1], steps, cfg_scale=1.0, iters=1)
+        torch.testing.assert_close(x0, c.expand(3, -1, -1, -1), rtol=0, atol=1e-5)
+    loss, t = flow_loss(exact, c.expand(64, -1, -1, -1), text[:1].expand(64, -1, -1), mask[:1].expand(64, -1), 1)
+    assert loss.shape == t.shape == (64,) and loss.max() < 1e-8 and 0 < t.min() and t.max() < 1
+
+
+def test_guidance_combines_the_two_branches():
+    model = lambda x, t, text, mask, iters: x * (text * mask[..., None]).sum((1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)  # noqa: E731
+    x, t = torch.randn(2, 16, 2, 2), torch.tensor(0.5)
+    text, mask = torch.ones(2, 3, 4), torch.tensor([[True, True, True], [True, False, False]])
+    null, null_mask = torch.ones(1, 2, 4), torch.tensor([[True, False]])
+    v_cond = model(x, t.expand(2), text, mask, 1)
+    v_uncond = model(x, t.expand(2), null.expand(2, -1, -1), null_mask.expand(2, -1), 1)
+    torch.testing.assert_close(guided_velocity(model, x, t, text, mask, null, null_mask, 3.0, 1), v_uncond + 3 * (v_cond - v_uncond))
+
+
+def test_flow_training_steps_lower_the_loss_on_a_real_batch():
+    torch.manual_seed(0)
+    vae = WaveletVAE(channels=(8, 16, 16))
+    images, captions = make_shapes(32, 32)
+    x0 = vae.encode_latent(to_float(images)).detach()
+    x0 = (x0 - x0.mean()) / x0.std()
+    text, mask = _Offset()(captions)
+    model = Iris(_tiny_config(text_dim=4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(60):
+        loss = flow_loss(model, x0, text, mask, 2)[0].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses  # 1.94 -> 1.38 here
+
+
+@pytest.fixture(scope='module')
+def tiny_runs(tmp_path_factory):
+    """A tiny VAE and a tiny generator trained by the real scripts, shared by the tests below."""
+    root = tmp_path_factory.mktemp('runs')
+    result = _run(['train_vae.py', os.path.join(HERE, 'config', 'shapes.py'), '--image_size=32', '--num_images=64',
+                   '--num_holdout=8', '--channels=(8, 16, 16)', '--batch_size=8', '--max_steps=4', '--out_dir=vae'], root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=3'], root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+TINY_FLOW = ['--vae_dir=vae', '--image_size=32', '--num_images=64', '--num_holdout=8', '--dim=32', '--heads=2',
+             '--core_layers=1', '--batch_size=8', '--eval_interval=2', '--sample_steps=2', '--train_iters=(1, 2)',
+             '--cache_dir=cache', '--out_dir=out-flow']
+
+
+def test_train_flow_on_shapes_writes_everything_and_resumes(tiny_runs):
+    out = tiny_runs / 'out-flow'
+    assert {'ckpt.safetensors', 'config.json', 'log.csv', 'samples.txt', 'samples_000002.png', 'samples_000003.png'} <= set(os.listdir(out))
+    assert Image.open(out / 'samples_000003.png').size == (8 * 32, 32)
+    _, meta = read_checkpoint(str(out / 'ckpt.safetensors'), prefixes=())
+    assert meta['step'] == 3 and meta['model_config']['text_encoder'] == 'minilm' and len(meta['config']['sample_prompts']) == 8
+    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=5', '--init_from=resume'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'cache: 64 latents' in result.stdout  # the second run read the cache
+    steps = [int(line.split(',')[0]) for line in (out / 'log.csv').read_text().splitlines()[1:]]
+    assert steps == sorted(steps) and steps[-1] == 4
+    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--dim=48', '--init_from=resume'], tiny_runs)
+    assert result.returncode != 0 and 'dim=32 there, 48 here' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_train_flow_on_the_pokemon_config_with_a_local_folder(tiny_runs, tmp_path):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    _write_folder(folder)
+    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'pokemon.py'), f'--data_dir={folder}', '--num_holdout=1',
+                   '--image_size=32', '--patch_size=1', '--dim=32', '--heads=2', '--core_layers=1', '--batch_size=2',
+                   '--max_steps=1', '--train_iters=(2,)', '--sample_steps=1', f'--vae_dir={tiny_runs / "vae"}',
+                   f'--cache_dir={tmp_path / "cache"}', f'--out_dir={tmp_path / "flow"}'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / 'flow' / 'ckpt.safetensors').exists()
+
+
+def test_sample_script_end_to_end_and_its_errors(tiny_runs):
+    result = _run(['sample.py', '--prompt=a red circle|a blue square', '--num_samples=2', '--steps=2', '--iters=3',
+                   '--output=two.png'], tiny_runs)  # no --out_dir: the newest generator run
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(tiny_runs / 'two.png').size == (2 * 32, 2 * 32)
+    for bad, message in [('--prompt=a red circle|  ', 'prompt 2 of 2 is empty'),
+                         ('--text_encoder=openai/clip-vit-large-patch14', "trained with text encoder 'minilm'"),
+                         ('--size=40', 'not a multiple of 16'), ('--out_dir=nowhere', 'no generator checkpoint')]:
+        result = _run(['sample.py', bad], tiny_runs)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+
+
+def test_consistency_boundary_condition_is_exact():
+    model = _wake_up(Iris(_tiny_config()))
+    z, _, text, mask = _inputs()
+    assert torch.equal(consistency_fn(model, z, torch.zeros(2), text, mask, 2), z)
+    assert not torch.equal(consistency_fn(model, z, torch.full((2,), 0.5), text, mask, 2), z)
+
+
+def test_distillation_steps_lower_the_consistency_loss():
+    torch.manual_seed(0)
+    images, captions = make_shapes(32, 32)
+    x0 = WaveletVAE(channels=(8, 16, 16)).encode_latent(to_float(images)).detach()
+    x0 = (x0 - x0.mean()) / x0.std()
+    text, mask = _Offset()(captions)
+    null_text, null_mask = _Offset()([''])
+    teacher = _wake_up(Iris(_tiny_config(text_dim=4))).requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    target = make_ema(student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    grid = torch.linspace(0, 1, 9)
+    n = torch.arange(32) % 8
+
+    def loss(seed):
+        torch.manual_seed(seed)
+        return consistency_loss(student, target, teacher, x0, text, mask, null_text, null_mask, grid[n], grid[n + 1],
+                                3.0, 2, 2, huber_c=0.01)
+    with torch.no_grad():
+        before = sum(loss(seed).item() for seed in range(4))
+    for step in range(40):
+        optimizer.zero_grad()
+        loss(100 + step).backward()
+        optimizer.step()
+        ema_update(target, student, 1000, 0.95)
+    with torch.no_grad():
+        after = sum(loss(seed).item() for seed in range(4))
+    assert after < 0.7 * before, (before, after)
+
+
+def test_distill_script_then_one_step_sampling(tiny_runs):
+    result = _run(['distill.py', os.path.join(HERE, 'config', 'shapes.py'), '--teacher_dir=out-flow', '--cache_dir=cache',
+                   '--out_dir=out-cd', '--batch_size=8', '--max_steps=3', '--eval_interval=2', '--iters=2'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tiny_runs / 'out-cd'
+    assert {'ckpt.safetensors', 'log.csv', 'samples_000002.png', 'samples_000003.png'} <= set(os.listdir(out))
+    assert Image.open(out / 'samples_000003.png').size == (8 * 32, 3 * 32)  # rows: 1, 2 and 4 steps
+    result = _run(['sample.py', '--out_dir=out-cd', '--steps=1', '--prompt=a red circle', '--output=one.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '1 consistency steps' in result.stdout and Image.open(tiny_runs / 'one.png').size == (32, 32)
+    result = _run(['distill.py', '--teacher_dir=out-cd', '--out_dir=out-cd2'], tiny_runs)
+    assert result.returncode != 0 and 'already a distilled student' in result.stderr
+
+
+class _Recorder(nn.Module):
+    """Wraps a generator and keeps every latent it is asked about."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x, t, text, mask, iters):
+        self.seen.append((x[:len(x) // 2].clone(), t[0].item()))  # the conditional half of the guided batch
+        return self.model(x, t, text, mask, iters)
+
+
+def test_img2img_strength_is_the_starting_time():
+    init, noise = torch.randn(1, 16, 2, 2), torch.randn(3, 16, 2, 2)
+    still = lambda x, t, text, mask, iters: torch.zeros_like(x)  # noqa: E731  v = 0: x stays where it starts
+    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
+    for strength in (0.0, 0.3, 1.0):
+        assert time_grid(5, 1.0, strength)[0] == strength
+        x = euler_sample(still, noise, text, mask, text[:1], mask[:1], 5, 1.0, 1, init=init, strength=strength)
+        torch.testing.assert_close(x, (1 - strength) * init + strength * noise)
+
+
+def test_inpainting_keeps_the_known_latent_exactly_at_every_step():
+    model = _Recorder(_wake_up(Iris(_tiny_config())))
+    z, _, text, mask = _inputs(side=4)
+    init, noise = torch.randn(1, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    keep = torch.ones(1, 1, 4, 4)
+    keep[..., :2, :2] = 0      # repaint the top-left 2x2 cells
+    keep[..., 2, :2] = 0.5     # and blend the row below
+    x = euler_sample(model, noise, text, mask, text[:1, :2], mask[:1, :2], 6, 3.0, 2, init=init, keep=keep)
+    known = (keep == 1).expand_as(noise)
+    for latent, t in model.seen:
+        assert torch.equal(latent[known], ((1 - t) * init + t * noise)[known])
+    assert torch.equal(x[known], init.expand_as(noise)[known]) and not torch.equal(x, init.expand_as(noise))
+    consistency = consistency_sample(model.model, noise, text, mask, 2, 2, init=init, keep=keep)
+    assert torch.equal(consistency[known], init.expand_as(noise)[known])
+
+
+def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
+    images, _ = make_shapes(1, 32, seed=3)
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tiny_runs / 'before.png')
+    hole = np.zeros((32, 32), dtype=np.uint8)
+    hole[:16, :16] = 255
+    Image.fromarray(hole).save(tiny_runs / 'hole.png')
+    Image.fromarray(hole).resize((48, 40), Image.NEAREST).save(tiny_runs / 'hole_other_size.png')
+    Image.fromarray(np.full((32, 32), 128, dtype=np.uint8)).save(tiny_runs / 'grey.png')
+    (tiny_runs / 'broken.png').write_bytes(b'not an image')
+    base = ['sample.py', '--out_dir=out-flow', '--prompt=a red circle', '--steps=2', '--iters=2', '--init_image=before.png']
+    result = _run(base + ['--mask=hole.png', '--output=inpainted.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'at strength 1.0 inside hole.png' in result.stdout and Image.open(tiny_runs / 'inpainted.png').size == (64, 32)
+    result = _run(base + ['--strength=0', '--output=kept.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    vae = load_vae(str(tiny_runs / 'vae'))
+    expected = to_uint8(vae.decode_latent(vae.encode_latent(to_float(images))))
+    assert torch.equal(torch.from_numpy(np.array(Image.open(tiny_runs / 'kept.png')))[:, 32:].permute(2, 0, 1), expected[0])
+    result = _run(base + ['--mask=hole_other_size.png', '--output=x.png'], tiny_runs)
+    assert result.returncode == 0 and 'resized to the image' in result.stderr
+    for bad, message in [(['--init_image=missing.png'], 'cannot read --init_image'),
+                         (['--init_image=broken.png'], 'cannot read --init_image'),
+                         (['--strength=1.5'], 'between 0 (keep the image) and 1'),
+                         (['--mask=grey.png'], 'grey pixels'),
+                         (['--mask=broken.png'], 'cannot read --mask')]:
+        result = _run(base + bad, tiny_runs)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    result = _run(['sample.py', '--out_dir=out-flow', '--mask=hole.png'], tiny_runs)
+    assert result.returncode != 0 and 'needs the --init_image' in result.stderr
+
+
+def test_shapes_analyser_reads_real_images():
+    for size in (32, 64, 128):
+        images, _ = make_shapes(200, size, seed=5)
+        scores = adherence(images, [shape_attributes(5, i) for i in range(200)])
+        assert scores['all 5'] >= 0.98, (size, scores)
+    blank = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    assert analyse(blank)['shape'] is None  # nothing drawn: nothing read, no crash
+
+
+# -----------------------------------------------------------------------------
 # configurator.py
 
 
@@ -398,7 +686,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     assert torch.equal(optimizer.state_dict()['state'][0]['exp_avg_sq'], restored_optimizer.state_dict()['state'][0]['exp_avg_sq'])
     assert torch.equal(torch.rand(3), expected_draws[0])
     assert torch.equal(torch.rand(3, generator=restored_generator), expected_draws[1])
-    with pytest.raises(SystemExit, match='holds a model built with'):
+    with pytest.raises(SystemExit, match='holds another model'):
         other = WaveletVAE(channels=(8, 16, 16))
         load_checkpoint(path, other, make_ema(other), torch.optim.AdamW(other.parameters()), torch.Generator())
     with pytest.raises(SystemExit, match='no checkpoint at'):

@@ -9,6 +9,7 @@ fsynced and renamed over the old one, so a crash mid-save leaves the previous ch
 intact. A config.json beside it repeats the settings for people to read.
 """
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -76,6 +77,12 @@ def _fsync_replace(tmp, path):
         os.close(dir_fd)
 
 
+def model_config(model):
+    """A model's constructor arguments as a JSON-able dict (WaveletVAE keeps a dict, Iris a dataclass)."""
+    config = getattr(model, 'config', {})
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+
+
 def save_checkpoint(path, model, ema, optimizer, step, config, data_generator):
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
@@ -86,7 +93,7 @@ def save_checkpoint(path, model, ema, optimizer, step, config, data_generator):
     tensors['rng.data'] = data_generator.get_state()
     if torch.cuda.is_available():
         tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    meta = dict(step=step, config=config, model_config=getattr(model, 'config', {}), optim_groups=optim['param_groups'])
+    meta = dict(step=step, config=config, model_config=model_config(model), optim_groups=optim['param_groups'])
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     tmp = path + '.tmp'
     save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
@@ -114,9 +121,11 @@ def submodule_state(tensors, prefix):
 def load_checkpoint(path, model, ema, optimizer, data_generator):
     """Restore everything save_checkpoint wrote; return the step to continue from."""
     tensors, meta = read_checkpoint(path)
-    if meta.get('model_config') != getattr(model, 'config', {}):
-        raise SystemExit(f"error: {path} holds a model built with {meta.get('model_config')}, but these settings "
-                         f"build {model.config}; use the checkpoint's config or another --out_dir")
+    if meta.get('model_config') != model_config(model):
+        theirs, ours = meta.get('model_config') or {}, model_config(model)
+        differ = ', '.join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
+                           if theirs.get(k) != ours.get(k))
+        raise SystemExit(f"error: {path} holds another model ({differ}); use its settings or another --out_dir")
     model.load_state_dict(submodule_state(tensors, 'model.'))
     ema.load_state_dict(submodule_state(tensors, 'ema.'))
     state = {}

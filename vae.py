@@ -13,11 +13,14 @@ because the decoder runs on the phone. The VAE also stores the per-channel laten
 and scale measured on its training data (the idea behind Stable Diffusion's 0.18215), so
 the generator sees zero-mean, unit-variance latents: use encode_latent / decode_latent.
 """
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from data import to_float, to_uint8
+from training import read_checkpoint, submodule_state
 from wavelet import dwt, idwt
 
 DOWNSAMPLE = 16  # image side / latent side: 2 from the DWT, 8 from the encoder
@@ -109,6 +112,27 @@ class WaveletVAE(nn.Module):
 
     def decode_latent(self, z):
         return self.decode(z * self.latent_scale[:, None, None] + self.latent_shift[:, None, None])
+
+
+def latent_keep_mask(repaint):
+    """A pixel mask (B, 1, H, W), 1 = repaint, -> the latent grid's keep mask (B, 1, H/16, W/16):
+    1 = keep, 0 = repaint, in between for latent cells the border crosses (a soft blend)."""
+    return 1 - F.avg_pool2d(repaint.float(), DOWNSAMPLE)
+
+
+def load_vae(vae_dir, device='cpu'):
+    """The EMA weights of a WaveletVAE trained by train_vae.py, ready to encode/decode."""
+    path = os.path.join(vae_dir, 'ckpt.safetensors')
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no VAE checkpoint at {path}; train one with `python train_vae.py config/<name>.py` "
+                         f"or point --vae_dir at one")
+    tensors, meta = read_checkpoint(path, prefixes=('ema.',))
+    vae = WaveletVAE(**meta['model_config'])
+    vae.load_state_dict(submodule_state(tensors, 'ema.'))
+    if bool((vae.latent_scale == 1).all()):
+        raise SystemExit(f"error: {path} has no measured latent scale (its training did not finish); "
+                         f"finish it with `python train_vae.py ... --init_from=resume`")
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def vae_loss(wavelet_hat, x, mean, logvar, wavelet_weight=1.0, high_freq_weight=2.0, kl_weight=1e-6, mse_weight=4.0):

@@ -1,8 +1,11 @@
-# CPU quickstart: 64x64 procedural shapes (embedded, offline), a tiny VAE; minutes on 2 cores.
-#   python train_vae.py config/shapes.py
+# CPU quickstart: 64x64 procedural shapes (embedded, offline), tiny models; minutes on 2 cores.
+#   python train_vae.py config/shapes.py && python train_flow.py config/shapes.py && python sample.py config/shapes.py
+#   python distill.py config/shapes.py && python sample.py --out_dir=out-shapes-cd --steps 2
 # A real folder of captioned images instead: add --data_dir=PATH (images + metadata.jsonl).
-dataset = 'shapes'
-image_size = 64  # -> 4x4x16 latents
+# One file for every stage: each script sees its own name as `script`.
+if script in ('train_vae', 'train_flow'):
+    dataset = 'shapes'
+    image_size = 64  # -> 4x4x16 latents
 
 if script == 'train_vae':
     out_dir = 'out-shapes-vae'
@@ -11,3 +14,26 @@ if script == 'train_vae':
     batch_size = 32
     max_steps = 1600
     eval_interval = 400
+
+if script in ('train_flow', 'sample'):
+    out_dir = 'out-shapes-flow'
+if script == 'train_flow':
+    vae_dir = 'out-shapes-vae'
+    dim, heads, core_layers = 128, 2, 1  # 1.3M parameters: ~0.25 s per step on 2 cores
+    patch_size = 1  # 64 px -> a 4x4 latent -> 16 tokens
+    train_iters = (2, 4, 6)
+    batch_size = 64
+    lr = 1e-3
+    min_lr = 1e-4
+    warmup_steps = 100
+    max_steps = 2500
+    eval_interval = 500
+    sample_iters = 4
+
+if script == 'distill':
+    out_dir = 'out-shapes-cd'
+    teacher_dir = 'out-shapes-flow'
+    iters = 4
+    batch_size = 64
+    max_steps = 1500
+    eval_interval = 500

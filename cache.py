@@ -1,0 +1,68 @@
+"""
+The training set as the generator sees it: normalised VAE latents (N, 16, h, w) and the
+text encoder's tokens for every distinct caption, computed once and kept on disk.
+
+On a CPU the two encoders cost as much as hundreds of training steps, so an epoch must
+not re-run them. The cache file is cache_dir/<key>.safetensors, where the key hashes the
+data settings, the VAE checkpoint's bytes and the text encoder's name: change any of them
+and a new cache is built; nothing stale is ever read. The held-out captions (for sample
+grids and the adherence eval) are stored with it, so a cache hit loads no image at all.
+"""
+import hashlib
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from data import COLOURS, POSITIONS, SHAPES, SIZES, load_data, to_float
+from text import sha256_file
+
+
+@torch.no_grad()
+def encode_captions(encoder, captions, batch_size=256):
+    """Distinct captions -> tokens (U, L, width) fp16, mask (U, L); and each caption's row."""
+    distinct = sorted(set(captions))
+    row = {caption: i for i, caption in enumerate(distinct)}
+    pieces = [encoder(distinct[i:i + batch_size]) for i in tqdm(range(0, len(distinct), batch_size), desc='text', leave=False)]
+    length = max(tokens.shape[1] for tokens, _ in pieces)
+    tokens = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t, _ in pieces]).half()
+    mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m in pieces])
+    return tokens, mask, torch.tensor([row[c] for c in captions])
+
+
+@torch.no_grad()
+def encode_images(vae, images, batch_size=128):
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode_latent(to_float(images[i:i + batch_size]).to(device)).float().cpu()
+                      for i in tqdm(range(0, len(images), batch_size), desc='latents', leave=False)])
+
+
+def load_training_set(data_settings, vae, vae_dir, encoder, cache_dir):
+    """data_settings: the load_data arguments (dataset, data_dir, image_size, num_images,
+    num_holdout). Returns dict(latents, caption_ids, tokens, mask, holdout_captions)."""
+    identity = dict(data_settings, vae=sha256_file(os.path.join(vae_dir, 'ckpt.safetensors')), text_encoder=encoder.name)
+    if data_settings['dataset'] == 'shapes' and not data_settings['data_dir']:  # data.py's drawing rules are data too
+        identity['shapes'] = repr((SHAPES, COLOURS, SIZES, POSITIONS))
+    if data_settings['data_dir']:  # a folder's contents can change under the same name
+        metadata = os.path.join(data_settings['data_dir'], 'metadata.jsonl')
+        identity['metadata'] = sha256_file(metadata) if os.path.isfile(metadata) else None
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{key}.safetensors")
+    if os.path.isfile(path):
+        with safe_open(path, framework='pt') as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}
+            data['holdout_captions'] = json.loads(f.metadata()['holdout_captions'])
+        print(f"cache: {len(data['latents'])} latents and {len(data['tokens'])} captions from {path}")
+        return data
+
+    (images, captions), (_, holdout_captions) = load_data(**data_settings)
+    tokens, mask, caption_ids = encode_captions(encoder, captions)
+    data = dict(latents=encode_images(vae, images), caption_ids=caption_ids, tokens=tokens, mask=mask)
+    os.makedirs(cache_dir, exist_ok=True)
+    save_file(data, path + '.tmp', metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
+    os.replace(path + '.tmp', path)
+    print(f"cache: encoded {len(images)} images and {len(tokens)} distinct captions into {path}")
+    return dict(data, holdout_captions=holdout_captions)

@@ -1,0 +1,178 @@
+"""
+Prompt adherence on the procedural shapes: generate one image per held-out caption and
+read back what was drawn with a deterministic analyser (no learned model to trust).
+
+    python eval_shapes.py                                    # newest generator run, r and steps sweeps
+    python eval_shapes.py --out_dir=out-shapes-flow --iters_list="(4,)" --steps_list="(25,)"
+    python eval_shapes.py --validate_only=True               # the analyser on real images only
+    python eval_shapes.py --out_dir=out-shapes-cd --steps_list="(1,2,4)" --iters_list="(4,8)"   # a distilled student
+
+The analyser labels every pixel with the nearest of the 8 palette colours: the most
+common label is the background, the next the shape. The shape's pixels are then compared
+with the four shapes as data.py draws them, each with the same area and centroid: the
+best overlap (IoU) names the type, and that template's centre and radius give the
+position (nearest of the 9) and the size. Before it scores any sample it is scored on real data-set images, and the
+eval stops if it reads fewer than 98% of those right.
+"""
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from configurator import configure
+from data import COLOURS, POSITIONS, SHAPES, SIZES, make_shapes, save_grid, shape_attributes, shape_caption, to_float
+from flow import text_to_image
+from model import load_generator
+from text import load_text_encoder
+from vae import latent_keep_mask, load_vae, reconstruct
+
+# -----------------------------------------------------------------------------
+out_dir = ''  # a train_flow.py / distill.py run; '' = the newest generator checkpoint under out*/
+num_prompts = 256  # held-out captions (seed 1, as train_flow.py's held-out set)
+iters_list = (2, 4, 8, 16)  # core iterations r to compare, each with steps_list[-1] Euler steps
+steps_list = (4, 10, 25)  # Euler steps to compare, each at the run's sample_iters
+cfg_scale = 4.0
+seed = 0
+validate_only = False
+inpaint = True  # also measure inpainting: repaint each held-out shape as another colour and type
+batch_size = 128
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+# -----------------------------------------------------------------------------
+ATTRIBUTES = ('background', 'colour', 'shape', 'position', 'size')
+PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+CENTRES = np.array([centre for centre, _ in POSITIONS.values()], dtype=np.float32)
+AREA_PER_R2 = {'circle': math.pi, 'square': 4 * 0.85 ** 2, 'triangle': 1.8, 'diamond': 2.0}  # as data.draw_shape draws them
+
+
+def shape_template(shape, cx, cy, r, size):
+    """Boolean (size, size) mask of a shape as data.draw_shape draws it, sampled at pixel centres."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    dx, dy = np.abs(x - cx), y - cy
+    if shape == 'circle':
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if shape == 'square':
+        return (dx <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+    if shape == 'diamond':
+        return dx + np.abs(dy) <= r
+    return (dy >= -r) & (dy <= 0.8 * r) & (dx <= (dy + r) / 1.8)  # triangle, apex up
+
+
+def analyse(image):
+    """uint8 (3, S, S) -> the attributes it shows, as in data.shape_attributes."""
+    pixels = image.permute(1, 2, 0).numpy().astype(np.float32)
+    S = pixels.shape[0]
+    labels = np.square(pixels[:, :, None] - PALETTE).sum(-1).argmin(-1)   # (S, S) nearest palette colour
+    counts = np.bincount(labels.ravel(), minlength=len(PALETTE))
+    background, colour = np.argsort(-counts)[:2]
+    names = list(COLOURS)
+    found = dict(background=names[background], colour=names[colour], shape=None, position=None, size=None)
+    mask = labels == colour
+    area = mask.sum()
+    if area < 4:
+        return found
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    best_iou = -1.0
+    for shape in SHAPES:  # the template of the same area and centroid that overlaps the pixels most
+        r = math.sqrt(area / AREA_PER_R2[shape])
+        centre_y = cy - (0.2 * r if shape == 'triangle' else 0.0)  # a triangle's centroid sits 0.2 r below its centre
+        template = shape_template(shape, cx, centre_y, r, S)
+        iou = (template & mask).sum() / (template | mask).sum()
+        if iou > best_iou:
+            best_iou, found['shape'], radius, centre = iou, shape, r / S, np.array([cx, centre_y]) / S
+    found['position'] = list(POSITIONS)[np.square(CENTRES - centre).sum(-1).argmin()]
+    found['size'] = 'small' if radius < (SIZES['small'] + SIZES['large']) / 2 else 'large'
+    return found
+
+
+def adherence(images, attributes):
+    """Fraction right per attribute, all of the four the caption names first, and all five."""
+    found = [analyse(image) for image in images]
+    right = {a: np.mean([f[a] == t[a] for f, t in zip(found, attributes)]) for a in ATTRIBUTES}
+    right['all 4'] = np.mean([all(f[a] == t[a] for a in ATTRIBUTES[:4]) for f, t in zip(found, attributes)])
+    right['all 5'] = np.mean([all(f[a] == t[a] for a in ATTRIBUTES) for f, t in zip(found, attributes)])
+    return right
+
+
+def row(name, scores, seconds=None):
+    cells = [f"{100 * scores[k]:.1f}" for k in (*ATTRIBUTES, 'all 4', 'all 5')]
+    return f"| {name} | " + " | ".join(cells) + f" | {'' if seconds is None else f'{seconds:.3f}'} |"
+
+
+@torch.no_grad()
+def generate(model, vae, encoder, captions, noise, steps, iters, sampler, init=None, keep=None):
+    generator = torch.Generator().manual_seed(seed + 1)
+    batches = range(0, len(captions), batch_size)
+    return torch.cat([text_to_image(model, vae, encoder, captions[i:i + batch_size], noise[i:i + batch_size], steps,
+                                    cfg_scale, iters, sampler=sampler, generator=generator,
+                                    init=None if init is None else init[i:i + batch_size],
+                                    keep=None if keep is None else keep[i:i + batch_size]) for i in batches])
+
+
+def inpainting_task(a, index, image_size):
+    """Shape `index` (attributes a) repainted as another colour and type, same place and size:
+    (the new attributes, the pixel mask (1, S, S) of a square that covers the old shape)."""
+    colours = [c for c in COLOURS if c not in (a['colour'], a['background'])]
+    new = dict(a, colour=colours[index % len(colours)], shape=SHAPES[(SHAPES.index(a['shape']) + 1) % len(SHAPES)])
+    (fx, fy), _ = POSITIONS[a['position']]
+    cx, cy = (fx + a['jitter'][0]) * image_size, (fy + a['jitter'][1]) * image_size
+    half = 1.2 * SIZES[a['size']] * a['jitter'][2] * image_size
+    y, x = np.mgrid[0:image_size, 0:image_size] + 0.5
+    hole = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    return new, torch.from_numpy(hole)[None]
+
+
+def eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sampler):
+    S = run['image_size']
+    tasks = [inpainting_task(a, i, S) for i, a in enumerate(attributes)]
+    new_attributes, holes = [t[0] for t in tasks], torch.stack([t[1] for t in tasks])
+    with torch.no_grad():
+        init = torch.cat([vae.encode_latent(to_float(real[i:i + batch_size]).to(device)) for i in range(0, len(real), batch_size)])
+    noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    images = generate(model, vae, encoder, [shape_caption(a) for a in new_attributes], noise, steps, iters, sampler,
+                      init=init, keep=latent_keep_mask(holes).to(device))
+    outside = ~holes.expand(-1, 3, -1, -1)
+    mse = [(images[i].float() - real[i].float())[outside[i]].square().mean() for i in range(len(real))]
+    kept_psnr = float(np.mean([10 * np.log10(255.0 ** 2 / max(m.item(), 1e-10)) for m in mse]))
+    save_grid(torch.cat([real[:8], (real[:8] * ~holes[:8]).to(torch.uint8), images[:8]]), os.path.join(out_dir, 'eval_inpainting.png'))
+    return adherence(images, new_attributes), kept_psnr
+
+
+if __name__ == '__main__':
+    configure(globals())
+    print("| images | " + " | ".join(ATTRIBUTES) + " | all 4 | all 5 | s / image |\n" + "|---" * 9 + "|")
+    if validate_only:
+        for size in (64, 128):
+            print(row(f"real, {size} px", adherence(make_shapes(1024, size, seed=2)[0], [shape_attributes(2, i) for i in range(1024)])))
+        raise SystemExit
+    model, run, out_dir = load_generator(out_dir, device)
+    attributes = [shape_attributes(1, i) for i in range(num_prompts)]  # train_flow.py's held-out seed
+    captions = [shape_caption(a) for a in attributes]
+    real = make_shapes(num_prompts, run['image_size'], seed=1)[0]
+    check = adherence(real, attributes)
+    print(row('real held-out images', check))
+    if check['all 5'] < 0.98:
+        raise SystemExit(f"error: the analyser reads only {100 * check['all 5']:.1f}% of real images right; "
+                         f"it cannot be trusted on samples at {run['image_size']} px")
+    vae = load_vae(run['vae_dir'], device)
+    print(row('their VAE reconstructions', adherence(reconstruct(vae, real), attributes)))
+    encoder = load_text_encoder(model.config.text_encoder, device)
+    noise = torch.randn(num_prompts, model.config.latent_channels, run['image_size'] // 16, run['image_size'] // 16,
+                        generator=torch.Generator().manual_seed(seed)).to(device)
+    sampler = run.get('sampler', 'euler')
+    settings = [(steps_list[-1], r) for r in iters_list] + [(s, run['sample_iters']) for s in steps_list[:-1]]
+    for steps, iters in settings:
+        start = time.time()
+        images = generate(model, vae, encoder, captions, noise, steps, iters, sampler)
+        name = f"{steps} {sampler} steps, r = {iters}" + ('' if sampler == 'consistency' else f", cfg {cfg_scale}")
+        print(row(name, adherence(images, attributes), (time.time() - start) / num_prompts))
+        if (steps, iters) == settings[0]:
+            save_grid(images[:32], os.path.join(out_dir, 'eval_samples.png'))
+    if inpaint:
+        steps, iters = steps_list[-1], run['sample_iters']
+        scores, kept_psnr = eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sampler)
+        print(row(f"inpainting a new colour and type, {steps} steps, r = {iters}", scores))
+        print(f"\ninpainting: PSNR of the region outside the hole against the original: {kept_psnr:.2f} dB "
+              f"(grid: {out_dir}/eval_inpainting.png, rows: original, hole, result)")

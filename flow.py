@@ -1,0 +1,135 @@
+"""
+Rectified flow (Liu et al. 2022, arXiv 2209.03003; SD3's recipe, Esser et al. 2024), the
+maths only: the generator is any `model(z, t, text, mask, iters)` that returns a velocity.
+
+    x_t = (1 - t) x_0 + t eps,   t ~ sigmoid(N(0, 1)),   target v = eps - x_0
+    sample: Euler from t = 1 (noise) to t = 0 (data), x <- x - dt * v
+    guidance: v = v_u + w (v_c - v_u), the unconditional branch seeing the empty prompt
+
+and its few-step form, a consistency model (Song et al. 2023, arXiv 2303.01469) that
+reuses the same network: f(x_t, t) = x_t - t v(x_t, t) predicts x_0 and is exactly x at
+t = 0; sampling predicts x_0, re-noises to the next time and repeats (distill.py).
+"""
+import torch
+import torch.nn.functional as F
+
+from data import to_uint8
+
+
+def pad_text(text, mask, length):
+    """Pad (B, L, W) tokens and their (B, L) mask with masked-out positions up to `length`."""
+    return F.pad(text, (0, 0, 0, length - text.shape[1])), F.pad(mask, (0, length - mask.shape[1]), value=False)
+
+
+def noised(x0, noise, t):
+    """x_t = (1 - t) x_0 + t eps."""
+    return (1 - t) * x0 + t * noise
+
+
+def flow_loss(model, x0, text, mask, iters, weighting='none'):
+    """Per-sample loss (B,) and the t it was drawn at (B,).
+
+    weighting 'none' is SD3's choice; 'seed' is the seed document's t / (1 - t + 0.05),
+    which leans on the noisy end, where the layout is decided."""
+    t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
+    eps = torch.randn_like(x0)
+    x_t = noised(x0, eps, t.view(-1, 1, 1, 1))
+    error = (model(x_t, t, text, mask, iters) - (eps - x0)).float().square().mean(dim=(1, 2, 3))
+    if weighting == 'seed':
+        error = error * t / (1 - t + 0.05)
+    return error, t
+
+
+def time_grid(steps, shift=1.0, t_start=1.0):
+    """steps + 1 times from t_start down to 0. shift > 1 spends more steps at high noise
+    (SD3's resolution shift t' = s t / (1 + (s - 1) t)), which larger images want."""
+    t = torch.linspace(t_start, 0.0, steps + 1)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def guided_velocity(model, x, t, text, mask, null_text, null_mask, cfg_scale, iters):
+    """Classifier-free guidance with both branches in one batch; t: a scalar or (B,)."""
+    t = t.expand(len(x))
+    if cfg_scale == 1.0:
+        return model(x, t, text, mask, iters)
+    length = max(text.shape[1], null_text.shape[1])
+    text, mask = pad_text(text, mask, length)
+    null_text, null_mask = pad_text(null_text, null_mask, length)
+    both_text = torch.cat([text, null_text.expand(len(x), -1, -1)])
+    both_mask = torch.cat([mask, null_mask.expand(len(x), -1)])
+    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask, iters).chunk(2)
+    return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def euler_sample(model, noise, text, mask, null_text, null_mask, steps=25, cfg_scale=4.0, iters=8, shift=1.0,
+                 init=None, strength=1.0, keep=None):
+    """Integrate dx/dt = v from t = strength (1: pure noise) to t = 0; returns x_0 (B, 16, h, w).
+
+    Editing with the same model: img2img (SDEdit, Meng et al. 2021, arXiv 2108.01073)
+    starts from the latent `init` noised to t = strength. Inpainting also passes keep
+    (1 or B, 1, h, w) in [0, 1], 1 where init must stay: after every step that region is
+    re-imposed from init noised to the current t, with the same noise, blended where
+    0 < keep < 1 (the border), and is exactly init at t = 0."""
+    times = time_grid(steps, shift, strength).to(noise.device)
+    if init is not None and strength == 0:
+        return init.expand_as(noise)
+    x = noise if init is None else noised(init, noise, times[0])
+    for t, t_next in zip(times[:-1], times[1:]):
+        v = guided_velocity(model, x, t, text, mask, null_text, null_mask, cfg_scale, iters)
+        x = x - (t - t_next) * v
+        if keep is not None:
+            x = torch.lerp(x, noised(init, noise, t_next), keep)
+    return x
+
+
+def consistency_fn(model, x, t, text, mask, iters):
+    """f(x_t, t) = x_t - t v(x_t, t), the x_0 a consistency model predicts; f(x, 0) = x exactly."""
+    return x - t.view(-1, 1, 1, 1) * model(x, t, text, mask, iters)
+
+
+def consistency_loss(student, target, teacher, x0, text, mask, null_text, null_mask, t_now, t_next, cfg_scale,
+                     teacher_iters, iters, huber_c):
+    """Consistency distillation (CM, Algorithm 2) for one batch; t_now < t_next are (B,)
+    neighbours on the teacher's grid. The teacher takes one guided Euler step from
+    t_next to t_now; the student at t_next must predict what the target predicts at t_now."""
+    x_next = noised(x0, torch.randn_like(x0), t_next.view(-1, 1, 1, 1))
+    with torch.no_grad():
+        v = guided_velocity(teacher, x_next, t_next, text, mask, null_text, null_mask, cfg_scale, teacher_iters)
+        x_now = x_next - (t_next - t_now).view(-1, 1, 1, 1) * v
+        goal = consistency_fn(target, x_now, t_now, text, mask, iters)
+    distance = (consistency_fn(student, x_next, t_next, text, mask, iters) - goal).float().square().sum(dim=(1, 2, 3))
+    return (torch.sqrt(distance + huber_c ** 2) - huber_c).mean()  # pseudo-Huber (iCT, arXiv 2310.14189)
+
+
+@torch.no_grad()
+def consistency_sample(model, noise, text, mask, steps=2, iters=8, generator=None, init=None, strength=1.0, keep=None):
+    """Multistep consistency sampling (CM, Algorithm 1): predict x_0, re-noise it to the
+    next time of the grid, predict again. The guidance is baked into the student.
+    init, strength and keep edit an image as in euler_sample; keep acts on each x_0."""
+    times = time_grid(steps, 1.0, strength).to(noise.device)
+    if init is not None and strength == 0:
+        return init.expand_as(noise)
+    x = noise if init is None else noised(init, noise, times[0])
+    for t, t_next in zip(times[:-1], times[1:]):
+        x0 = consistency_fn(model, x, t.expand(len(x)), text, mask, iters)
+        if keep is not None:
+            x0 = torch.lerp(x0, init, keep)
+        x = noised(x0, torch.randn(x.shape, generator=generator).to(x), t_next)  # = x0 at the last step, t_next = 0
+    return x
+
+
+@torch.no_grad()
+def text_to_image(model, vae, encoder, prompts, noise, steps=25, cfg_scale=4.0, iters=8, shift=1.0, sampler='euler',
+                  generator=None, init=None, strength=1.0, keep=None):
+    """Prompts -> uint8 images (B, 3, H, W): encode the text, sample the latent, decode.
+    sampler: 'euler' for a train_flow.py model, 'consistency' for a distill.py one (whose
+    re-noising draws from generator). init, strength, keep: editing, see euler_sample."""
+    text, mask = encoder(prompts)
+    edit = dict(init=init, strength=strength, keep=keep)
+    if sampler == 'consistency':
+        z = consistency_sample(model, noise, text, mask, steps, iters, generator, **edit)
+    else:
+        null_text, null_mask = encoder([""])
+        z = euler_sample(model, noise, text, mask, null_text, null_mask, steps, cfg_scale, iters, shift, **edit)
+    return to_uint8(vae.decode_latent(z).float()).cpu()

@@ -1,0 +1,161 @@
+"""
+Train the IRIS generator (model.py) with rectified flow (flow.py): stage 2.
+
+    python train_flow.py config/shapes.py                        # CPU quickstart, after train_vae.py config/shapes.py
+    python train_flow.py config/shapes.py --data_dir=my_images   # a local imagefolder of captioned images
+    python train_flow.py config/pokemon.py                       # the seed's Pokemon setup (GPU and the Hub)
+    python train_flow.py config/shapes.py --init_from=resume     # continue from out_dir
+
+The images and captions are encoded once (cache.py); each step then draws a batch of
+cached latents and caption tokens, swaps the caption for the empty prompt with
+probability cfg_dropout (for classifier-free guidance), draws the core's iteration count
+r from train_iters, and regresses the velocity. Writes to out_dir: ckpt.safetensors +
+config.json, log.csv (loss, the loss in four bands of t, lr) and samples_<step>.png (the
+same held-out prompts and noise every time, so the grids show progress).
+"""
+import dataclasses
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from cache import load_training_set
+from configurator import configure
+from data import save_grid
+from flow import flow_loss, pad_text, text_to_image
+from model import SIZES, count_parameters
+from text import load_text_encoder
+from training import LossLog, ema_update, load_checkpoint, lr_at, make_ema, save_checkpoint
+from vae import check_image_size, load_vae
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-flow'
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.safetensors)
+vae_dir = 'out-vae'  # a finished train_vae.py run
+text_encoder = 'minilm'  # 'minilm' (offline default) or a CLIP name/folder, e.g. 'openai/clip-vit-large-patch14'
+cache_dir = 'data/cache'
+eval_interval = 500  # sample grid and checkpoint
+log_interval = 10
+# data
+dataset = 'shapes'
+data_dir = ''  # a local imagefolder (images + metadata.jsonl); when set it wins over dataset
+image_size = 64
+num_images = 20000  # shapes only
+num_holdout = 256
+# model: a size from model.SIZES, with any of these overriding it when non-zero
+model_size = 'tiny'
+dim = 0
+heads = 0
+core_layers = 0
+patch_size = 2  # image_size must be a multiple of 16 * patch_size
+train_iters = (4, 6, 8, 10, 12)  # r is drawn from these each step
+backprop_iters = 0  # backpropagate through the last k core iterations only (0 = all)
+# rectified flow
+loss_weighting = 'none'  # 'none' (SD3) or 'seed' (t / (1 - t))
+cfg_dropout = 0.1
+# the sample grids
+sample_steps = 25
+sample_iters = 8
+cfg_scale = 4.0
+# optimisation
+batch_size = 64
+max_steps = 10000
+lr = 3e-4
+min_lr = 3e-5
+warmup_steps = 200
+weight_decay = 0.0
+grad_clip = 1.0
+ema_decay = 0.999
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+compile = False
+# -----------------------------------------------------------------------------
+config = configure(globals())
+if init_from not in ('scratch', 'resume'):
+    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
+if loss_weighting not in ('none', 'seed'):
+    raise SystemExit(f"error: loss_weighting must be 'none' or 'seed', got '{loss_weighting}'")
+if model_size not in SIZES:
+    raise SystemExit(f"error: model_size must be one of {', '.join(SIZES)}, got '{model_size}'")
+if not train_iters or min(train_iters) < 1:
+    raise SystemExit(f"error: train_iters must be positive iteration counts, got {train_iters}")
+try:
+    check_image_size(image_size, image_size, 16 * patch_size)
+except ValueError as e:
+    raise SystemExit(f"error: --image_size with --patch_size={patch_size}: {e}") from None
+os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)
+autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
+
+encoder = load_text_encoder(text_encoder, device)
+vae = load_vae(vae_dir, device)
+data_settings = dict(dataset=dataset, data_dir=data_dir, image_size=image_size, num_images=num_images, num_holdout=num_holdout)
+data = load_training_set(data_settings, vae, vae_dir, encoder, cache_dir)
+latents, caption_ids, tokens, masks = data['latents'], data['caption_ids'], data['tokens'], data['mask']
+if batch_size > len(latents):
+    raise SystemExit(f"error: batch_size {batch_size} is larger than the {len(latents)} training images; lower --batch_size")
+null_tokens, null_mask = encoder([""])  # the unconditional "prompt": [CLS] [SEP], never an empty sequence
+null_tokens, null_mask = pad_text(null_tokens.cpu(), null_mask.cpu(), tokens.shape[1])
+sample_prompts = data['holdout_captions'][:8]
+sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
+
+sizes = {k: v for k, v in dict(dim=dim, heads=heads, core_layers=core_layers).items() if v}
+model = SIZES[model_size](**sizes, patch_size=patch_size, text_dim=encoder.width, text_encoder=text_encoder,
+                          backprop_iters=backprop_iters).to(device)
+ema = make_ema(model)
+print(f"generator {model_size} {sizes or ''}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items()))
+optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+data_generator = torch.Generator().manual_seed(seed)
+ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
+start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator) if init_from == 'resume' else 0
+train_model = torch.compile(model) if compile else model
+bands = ['loss_t0', 'loss_t1', 'loss_t2', 'loss_t3']  # mean loss for t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
+log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss'] + bands + ['lr'],
+              resume_step=start_step if init_from == 'resume' else None)
+with open(os.path.join(out_dir, 'samples.txt'), 'w') as f:
+    f.write('\n'.join(sample_prompts) + '\n')
+
+
+def sample_and_save(step):
+    with autocast:
+        images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, sample_steps, cfg_scale, sample_iters)
+    save_grid(images, os.path.join(out_dir, f"samples_{step:06d}.png"))
+    save_checkpoint(ckpt_path, model, ema, optimizer, step, config | dict(sample_prompts=sample_prompts), data_generator)
+
+
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='flow', dynamic_ncols=True)
+band_sum, band_count = torch.zeros(4), torch.zeros(4)
+start_time = time.time()
+for step in bar:
+    for group in optimizer.param_groups:
+        group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
+    index = torch.randint(len(latents), (batch_size,), generator=data_generator)
+    rows = caption_ids[index]
+    text, mask = tokens[rows].float(), masks[rows]
+    drop = torch.rand(batch_size, generator=data_generator) < cfg_dropout
+    text[drop], mask[drop] = null_tokens, null_mask
+    iters = train_iters[torch.randint(len(train_iters), (1,), generator=data_generator).item()]
+    with autocast:
+        per_sample, t = flow_loss(train_model, latents[index].to(device), text.to(device), mask.to(device), iters, loss_weighting)
+    loss = per_sample.mean()
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
+                         f"(and resume from the last checkpoint with --init_from=resume)")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    ema_update(ema, model, step, ema_decay)
+    band = (t.detach().cpu() * 4).long().clamp(max=3)
+    band_sum.index_add_(0, band, per_sample.detach().float().cpu())
+    band_count.index_add_(0, band, torch.ones_like(band, dtype=torch.float))
+    if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
+        sample_and_save(step + 1)
+    if step % log_interval == 0 or step + 1 == max_steps:
+        means = (band_sum / band_count.clamp_min(1)).tolist()
+        log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'], **dict(zip(bands, means)))
+        band_sum.zero_(), band_count.zero_()
+        bar.set_postfix(loss=f"{loss.item():.4f}", r=iters)
+
+print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; samples {out_dir}/samples_{max_steps:06d}.png")
