@@ -1,0 +1,122 @@
+"""
+Consistency distillation (Song et al. 2023, arXiv 2303.01469): a train_flow.py teacher
+becomes a student that samples in 1-4 steps. Stage 3.
+
+    python distill.py config/shapes.py                           # after train_flow.py config/shapes.py
+    python distill.py config/shapes.py --init_from=resume
+    python sample.py --out_dir=out-shapes-cd --steps 2           # sample the student
+
+The student starts as the teacher's EMA weights and keeps its recurrent core (r = iters);
+the target network is an EMA of the student. Each step draws x_0 and a caption, a time
+pair t_n < t_(n+1) of an N-step grid and x_(t_(n+1)); the teacher takes one guided Euler
+step to x_(t_n), and the student learns to agree with the target across it:
+
+    loss = pseudo-Huber( f_student(x_(t_(n+1)), t_(n+1)),  f_target(x_(t_n), t_n) ),
+    f(x_t, t) = x_t - t v(x_t, t),  so f(x, 0) = x: the boundary condition holds exactly.
+
+The teacher's guidance (teacher_cfg) is baked into the student, which then needs one
+forward per step. Writes to out_dir: ckpt.safetensors (the target network is the EMA
+slot that sample.py loads), config.json, log.csv and samples_<step>.png (1, 2 and 4 steps).
+"""
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from cache import load_training_set
+from configurator import configure
+from data import save_grid
+from flow import consistency_loss, text_to_image, time_grid
+from model import load_generator
+from text import load_text_encoder
+from training import LossLog, ema_update, load_checkpoint, lr_at, make_ema, save_checkpoint
+from vae import load_vae
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-cd'
+teacher_dir = 'out-flow'  # a finished train_flow.py run
+init_from = 'scratch'  # 'scratch' (from the teacher) or 'resume' (from out_dir)
+cache_dir = 'data/cache'
+eval_interval = 250  # sample grids and checkpoint
+log_interval = 10
+schedule_steps = 16  # N: the teacher's Euler grid, one step of it per training example
+teacher_cfg = 4.0  # guidance scale baked into the student
+teacher_iters = 0  # core iterations of the teacher (0 = its run's sample_iters)
+iters = 0  # core iterations of the student, in training and sampling (0 = teacher_iters)
+target_decay = 0.95  # EMA of the student that gives the targets (CM's mu)
+batch_size = 64
+max_steps = 2000
+lr = 1e-4
+min_lr = 1e-5
+warmup_steps = 100
+grad_clip = 1.0
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+# -----------------------------------------------------------------------------
+config = configure(globals())
+if init_from not in ('scratch', 'resume'):
+    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
+if schedule_steps < 1:
+    raise SystemExit(f"error: schedule_steps must be at least 1, got {schedule_steps}")
+os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)
+
+teacher, run, teacher_dir = load_generator(teacher_dir, device)
+if run.get('sampler') == 'consistency':
+    raise SystemExit(f"error: {teacher_dir} is already a distilled student; point --teacher_dir at a train_flow.py run")
+teacher_iters = teacher_iters or run['sample_iters']
+iters = iters or teacher_iters
+encoder = load_text_encoder(teacher.config.text_encoder, device)
+vae = load_vae(run['vae_dir'], device)
+data_settings = {k: run[k] for k in ('dataset', 'data_dir', 'image_size', 'num_images', 'num_holdout')}
+data = load_training_set(data_settings, vae, run['vae_dir'], encoder, cache_dir)
+latents, caption_ids, tokens, masks = data['latents'], data['caption_ids'], data['tokens'], data['mask']
+null_tokens, null_mask = (t.to(device) for t in encoder([""]))
+grid = time_grid(schedule_steps).flip(0).to(device)  # 0 = t_0 < t_1 < ... < t_N = 1
+
+student = load_generator(teacher_dir, device)[0].train().requires_grad_(True)
+target = make_ema(student)
+optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+data_generator = torch.Generator().manual_seed(seed)
+ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
+start_step = load_checkpoint(ckpt_path, student, target, optimizer, data_generator) if init_from == 'resume' else 0
+log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'lr'], resume_step=start_step if init_from == 'resume' else None)
+huber_c = 0.00054 * latents[0].numel() ** 0.5  # iCT's choice of the pseudo-Huber constant (arXiv 2310.14189)
+# what sample.py and eval_shapes.py need to find the VAE, the prompts and the sampler
+saved_config = run | config | dict(sampler='consistency', sample_iters=iters, teacher_dir=teacher_dir)
+sample_noise = torch.randn(len(run['sample_prompts']), *latents.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def sample_and_save(step):
+    rows = [text_to_image(target, vae, encoder, run['sample_prompts'], sample_noise, steps, iters=iters,
+                          sampler='consistency', generator=torch.Generator().manual_seed(seed)) for steps in (1, 2, 4)]
+    save_grid(torch.cat(rows), os.path.join(out_dir, f"samples_{step:06d}.png"), columns=len(run['sample_prompts']))
+    save_checkpoint(ckpt_path, student, target, optimizer, step, saved_config, data_generator)
+
+
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='distill', dynamic_ncols=True)
+start_time = time.time()
+for step in bar:
+    for group in optimizer.param_groups:
+        group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
+    index = torch.randint(len(latents), (batch_size,), generator=data_generator)
+    n = torch.randint(schedule_steps, (batch_size,), generator=data_generator).to(device)
+    text, mask = tokens[caption_ids[index]].float().to(device), masks[caption_ids[index]].to(device)
+    loss = consistency_loss(student, target, teacher, latents[index].to(device), text, mask, null_tokens, null_mask,
+                            grid[n], grid[n + 1], teacher_cfg, teacher_iters, iters, huber_c)
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (and resume with --init_from=resume)")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+    optimizer.step()
+    ema_update(target, student, max_steps, target_decay)  # a fixed decay: no warm-up for the target
+    if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
+        sample_and_save(step + 1)
+    if step % log_interval == 0 or step + 1 == max_steps:
+        log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; samples {out_dir}/samples_{max_steps:06d}.png "
+      f"(rows: 1, 2 and 4 steps)")
