@@ -34,6 +34,7 @@ num_prompts = 256  # held-out captions (seed 1, as train_flow.py's held-out set)
 iters_list = (2, 4, 8, 16)  # core iterations r to compare, each with steps_list[-1] Euler steps
 steps_list = (4, 10, 25)  # Euler steps to compare, each at the run's sample_iters
 cfg_scale = 4.0
+shift = 1.0  # > 1 spends more Euler steps at high noise, where the layout is decided
 seed = 0
 validate_only = False
 inpaint = True  # also measure inpainting: repaint each held-out shape as another colour and type
@@ -106,7 +107,7 @@ def generate(model, vae, encoder, captions, noise, steps, iters, sampler, init=N
     generator = torch.Generator().manual_seed(seed + 1)
     batches = range(0, len(captions), batch_size)
     return torch.cat([text_to_image(model, vae, encoder, captions[i:i + batch_size], noise[i:i + batch_size], steps,
-                                    cfg_scale, iters, sampler=sampler, generator=generator,
+                                    cfg_scale, iters, shift, sampler, generator,
                                     init=None if init is None else init[i:i + batch_size],
                                     keep=None if keep is None else keep[i:i + batch_size]) for i in batches])
 
@@ -166,7 +167,7 @@ if __name__ == '__main__':
     for steps, iters in settings:
         start = time.time()
         images = generate(model, vae, encoder, captions, noise, steps, iters, sampler)
-        name = f"{steps} {sampler} steps, r = {iters}" + ('' if sampler == 'consistency' else f", cfg {cfg_scale}")
+        name = f"{steps} {sampler} steps, r = {iters}" + ('' if sampler == 'consistency' else f", cfg {cfg_scale}, shift {shift}")
         print(row(name, adherence(images, attributes), (time.time() - start) / num_prompts))
         if (steps, iters) == settings[0]:
             save_grid(images[:32], os.path.join(out_dir, 'eval_samples.png'))

@@ -8,6 +8,7 @@ bit-exactly), on data the tests make themselves: nothing is downloaded.
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -554,6 +555,53 @@ def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
     result = _run(['sample.py', '--out_dir=out-flow', '--mask=hole.png'], tiny_runs)
     assert result.returncode != 0 and 'needs the --init_image' in result.stderr
+
+
+def test_resume_from_a_checkpoint_is_bit_exact(tiny_runs):
+    # straight to step 4 (checkpoints at 2 and 4), against: the step-2 checkpoint resumed to 4
+    args = ['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=4', '--eval_interval=2']
+    result = _run(args + ['--out_dir=out-straight'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    straight = tiny_runs / 'out-straight'
+    assert sorted(f for f in os.listdir(straight) if f.startswith('ckpt_')) == ['ckpt_000002.safetensors', 'ckpt_000004.safetensors']
+    resumed = tiny_runs / 'out-resumed'
+    resumed.mkdir()
+    shutil.copy(straight / 'ckpt_000002.safetensors', resumed / 'ckpt.safetensors')
+    result = _run(args + ['--out_dir=out-resumed', '--init_from=resume'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected, _ = read_checkpoint(str(straight / 'ckpt.safetensors'))
+    got, meta = read_checkpoint(str(resumed / 'ckpt.safetensors'))
+    assert meta['step'] == 4 and expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], got[k])]
+
+
+def test_keep_last_checkpoints(tmp_path):
+    model = WaveletVAE(channels=(8, 16, 16))
+    path = str(tmp_path / 'ckpt.safetensors')
+    for step in range(1, 6):
+        save_checkpoint(path, model, make_ema(model), torch.optim.AdamW(model.parameters()), step, {}, torch.Generator(), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.safetensors', 'ckpt_000004.safetensors', 'ckpt_000005.safetensors', 'config.json']
+    assert read_checkpoint(str(tmp_path / 'ckpt_000004.safetensors'), prefixes=())[1]['step'] == 4
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    saver = (f"import sys, torch; sys.path.insert(0, {HERE!r})\n"
+             "from training import make_ema, save_checkpoint\nfrom vae import WaveletVAE\n"
+             "model = WaveletVAE(channels=(64, 128, 256), blocks_per_stage=2)  # 10M parameters: a save takes a while\n"
+             "ema, optimizer = make_ema(model), torch.optim.AdamW(model.parameters())\n"
+             "for step in range(1, 1000):\n"
+             "    save_checkpoint(sys.argv[1], model, ema, optimizer, step, {}, torch.Generator())\n"
+             "    print(step, flush=True)\n")
+    path = tmp_path / 'ckpt.safetensors'
+    delays = iter([0.05, 0.13, 0.29, 0.41])
+    for delay in delays:
+        process = subprocess.Popen([sys.executable, '-c', saver, str(path)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == '1'  # one complete checkpoint exists
+        time.sleep(delay)
+        process.kill()  # SIGKILL, most likely in the middle of the next save
+        process.wait()
+        tensors, meta = read_checkpoint(str(path))
+        assert meta['step'] >= 1 and len(tensors) > 100
 
 
 def test_shapes_analyser_reads_real_images():

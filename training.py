@@ -6,7 +6,8 @@ A checkpoint is ONE safetensors file (no pickle anywhere): the model, its EMA, t
 optimizer's moments and the RNG states as tensors, and the settings, step and optimizer
 hyper-parameters as JSON in the file's metadata. It is written to a temporary file,
 fsynced and renamed over the old one, so a crash mid-save leaves the previous checkpoint
-intact. A config.json beside it repeats the settings for people to read.
+intact; the last few stay beside it as ckpt_<step>.safetensors. A config.json beside it
+repeats the settings for people to read.
 """
 import copy
 import dataclasses
@@ -83,7 +84,9 @@ def model_config(model):
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
 
 
-def save_checkpoint(path, model, ema, optimizer, step, config, data_generator):
+def save_checkpoint(path, model, ema, optimizer, step, config, data_generator, keep_last=3):
+    """Write everything a run needs to continue to `path`, atomically, and keep the last
+    `keep_last` checkpoints beside it as ckpt_<step>.safetensors (hard links, no copies)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     optim = optimizer.state_dict()
@@ -98,6 +101,14 @@ def save_checkpoint(path, model, ema, optimizer, step, config, data_generator):
     tmp = path + '.tmp'
     save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
     _fsync_replace(tmp, path)
+    stem, folder = os.path.splitext(os.path.basename(path))[0], os.path.dirname(os.path.abspath(path))
+    numbered = os.path.join(folder, f"{stem}_{step:06d}.safetensors")
+    if os.path.exists(numbered):
+        os.remove(numbered)
+    os.link(path, numbered)
+    history = sorted(f for f in os.listdir(folder) if f.startswith(stem + '_') and f.endswith('.safetensors'))
+    for old in history[:-keep_last]:
+        os.remove(os.path.join(folder, old))
     json_path = os.path.join(os.path.dirname(path), 'config.json')
     with open(json_path + '.tmp', 'w') as f:
         json.dump({k: meta[k] for k in ('step', 'config', 'model_config')}, f, indent=2)

