@@ -11,8 +11,8 @@ The analyser labels every pixel with the nearest of the 8 palette colours: the m
 common label is the background, the next the shape. The shape's pixels are then compared
 with the four shapes as data.py draws them, each with the same area and centroid: the
 best overlap (IoU) names the type, and that template's centre and radius give the
-position (nearest of the 9) and the size. Before it scores any sample it is scored on real data-set images, and the
-eval stops if it reads fewer than 98% of those right.
+position (nearest of the 9) and the size. Before it scores any sample it is scored on
+real data-set images, and the eval stops if it reads fewer than 98% of those right.
 """
 import math
 import os
@@ -149,6 +149,8 @@ if __name__ == '__main__':
             print(row(f"real, {size} px", adherence(make_shapes(1024, size, seed=2)[0], [shape_attributes(2, i) for i in range(1024)])))
         raise SystemExit
     model, run, out_dir = load_generator(out_dir, device)
+    if run.get('dataset') != 'shapes' or run.get('data_dir'):
+        raise SystemExit(f"error: {out_dir} was not trained on the shapes data; eval_shapes.py can only read shapes back")
     attributes = [shape_attributes(1, i) for i in range(num_prompts)]  # train_flow.py's held-out seed
     captions = [shape_caption(a) for a in attributes]
     real = make_shapes(num_prompts, run['image_size'], seed=1)[0]
