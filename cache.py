@@ -62,7 +62,8 @@ def load_training_set(data_settings, vae, vae_dir, encoder, cache_dir):
     tokens, mask, caption_ids = encode_captions(encoder, captions)
     data = dict(latents=encode_images(vae, images), caption_ids=caption_ids, tokens=tokens, mask=mask)
     os.makedirs(cache_dir, exist_ok=True)
-    save_file(data, path + '.tmp', metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
-    os.replace(path + '.tmp', path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # under torchrun every process may build it at once
+    save_file(data, tmp, metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
+    os.replace(tmp, path)
     print(f"cache: encoded {len(images)} images and {len(tokens)} distinct captions into {path}")
     return dict(data, holdout_captions=holdout_captions)

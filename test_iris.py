@@ -575,6 +575,26 @@ def test_resume_from_a_checkpoint_is_bit_exact(tiny_runs):
     assert all(torch.equal(expected[k], got[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], got[k])]
 
 
+def test_torchrun_two_processes_train_like_one(tiny_runs):
+    # the same global batch of 8: one process, against 2 gloo processes x 2 accumulation steps of 2
+    args = [os.path.join(HERE, 'train_flow.py'), os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW,
+            '--max_steps=3', '--log_interval=1']
+    one = subprocess.run([sys.executable, *args, '--out_dir=out-one'], cwd=tiny_runs, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args,
+                          '--out_dir=out-two', '--gradient_accumulation_steps=2'],
+                         cwd=tiny_runs, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses = [[float(line.split(',')[1]) for line in (tiny_runs / run / 'log.csv').read_text().splitlines()[1:]]
+              for run in ('out-one', 'out-two')]
+    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=0, atol=1e-5), losses
+    weights = [read_checkpoint(str(tiny_runs / run / 'ckpt.safetensors'), prefixes=('model.',))[0] for run in ('out-one', 'out-two')]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-5)
+    bad = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--gradient_accumulation_steps=3'], tiny_runs)
+    assert bad.returncode != 0 and 'does not split into 1 processes x 3' in bad.stderr
+
+
 def test_keep_last_checkpoints(tmp_path):
     model = WaveletVAE(channels=(8, 16, 16))
     path = str(tmp_path / 'ckpt.safetensors')

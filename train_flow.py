@@ -5,6 +5,9 @@ Train the IRIS generator (model.py) with rectified flow (flow.py): stage 2.
     python train_flow.py config/shapes.py --data_dir=my_images   # a local imagefolder of captioned images
     python train_flow.py config/pokemon.py                       # the seed's Pokemon setup (GPU and the Hub)
     python train_flow.py config/shapes.py --init_from=resume     # continue from out_dir
+    torchrun --standalone --nproc_per_node=2 train_flow.py config/shapes.py          # 2 processes, one machine
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
+        train_flow.py config/pokemon.py                         # and node_rank=1 on the second machine
 
 The images and captions are encoded once (cache.py); each step then draws a batch of
 cached latents and caption tokens, swaps the caption for the empty prompt with
@@ -13,7 +16,7 @@ r from train_iters, and regresses the velocity. Writes to out_dir: ckpt.safetens
 config.json, log.csv (loss, the loss in four bands of t, lr) and samples_<step>.png (the
 same held-out prompts and noise every time, so the grids show progress).
 """
-import dataclasses
+import contextlib
 import os
 import time
 
@@ -26,7 +29,7 @@ from data import save_grid
 from flow import flow_loss, pad_text, text_to_image
 from model import SIZES, count_parameters
 from text import load_text_encoder
-from training import LossLog, ema_update, load_checkpoint, lr_at, make_ema, save_checkpoint
+from training import LossLog, ema_update, load_checkpoint, lr_at, make_ema, save_checkpoint, setup_distributed
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -59,7 +62,8 @@ sample_steps = 25
 sample_iters = 8
 cfg_scale = 4.0
 # optimisation
-batch_size = 64
+batch_size = 64  # images per optimizer step, over all processes and accumulation steps
+gradient_accumulation_steps = 1  # split each process's share into this many forward/backward passes
 max_steps = 10000
 lr = 3e-4
 min_lr = 3e-5
@@ -84,6 +88,12 @@ try:
     check_image_size(image_size, image_size, 16 * patch_size)
 except ValueError as e:
     raise SystemExit(f"error: --image_size with --patch_size={patch_size}: {e}") from None
+rank, world_size, device = setup_distributed(device)
+master = rank == 0  # logs, grids and checkpoints; every process draws the same random numbers
+micro_batch, uneven = divmod(batch_size, world_size * gradient_accumulation_steps)
+if uneven or not micro_batch:
+    raise SystemExit(f"error: batch_size {batch_size} does not split into {world_size} processes x "
+                     f"{gradient_accumulation_steps} accumulation steps; make it a multiple of {world_size * gradient_accumulation_steps}")
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
@@ -104,17 +114,26 @@ sizes = {k: v for k, v in dict(dim=dim, heads=heads, core_layers=core_layers).it
 model = SIZES[model_size](**sizes, patch_size=patch_size, text_dim=encoder.width, text_encoder=text_encoder,
                           backprop_iters=backprop_iters).to(device)
 ema = make_ema(model)
-print(f"generator {model_size} {sizes or ''}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items()))
+if master:
+    print(f"generator {model_size} {sizes or ''}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items()))
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator) if init_from == 'resume' else 0
-train_model = torch.compile(model) if compile else model
+train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+train_model = torch.compile(train_model) if compile else train_model
 bands = ['loss_t0', 'loss_t1', 'loss_t2', 'loss_t3']  # mean loss for t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
-log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss'] + bands + ['lr'],
-              resume_step=start_step if init_from == 'resume' else None)
-with open(os.path.join(out_dir, 'samples.txt'), 'w') as f:
-    f.write('\n'.join(sample_prompts) + '\n')
+if master:
+    log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss'] + bands + ['lr'],
+                  resume_step=start_step if init_from == 'resume' else None)
+    with open(os.path.join(out_dir, 'samples.txt'), 'w') as f:
+        f.write('\n'.join(sample_prompts) + '\n')
+
+
+def all_sum(x):
+    if world_size > 1:
+        torch.distributed.all_reduce(x)
+    return x
 
 
 def sample_and_save(step):
@@ -124,38 +143,52 @@ def sample_and_save(step):
     save_checkpoint(ckpt_path, model, ema, optimizer, step, config | dict(sample_prompts=sample_prompts), data_generator)
 
 
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='flow', dynamic_ncols=True)
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='flow', dynamic_ncols=True, disable=not master)
 band_sum, band_count = torch.zeros(4), torch.zeros(4)
 start_time = time.time()
 for step in bar:
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
+    # the whole step's batch, its noise and its times, identical in every process; each
+    # process then takes rows rank, rank + world_size, ... of it, in micro-batches
     index = torch.randint(len(latents), (batch_size,), generator=data_generator)
     rows = caption_ids[index]
     text, mask = tokens[rows].float(), masks[rows]
     drop = torch.rand(batch_size, generator=data_generator) < cfg_dropout
     text[drop], mask[drop] = null_tokens, null_mask
     iters = train_iters[torch.randint(len(train_iters), (1,), generator=data_generator).item()]
-    with autocast:
-        per_sample, t = flow_loss(train_model, latents[index].to(device), text.to(device), mask.to(device), iters, loss_weighting)
-    loss = per_sample.mean()
+    t = torch.sigmoid(torch.randn(batch_size))
+    eps = torch.randn(batch_size, *latents.shape[1:])
+    loss_sum = torch.zeros(())
+    for micro, share in enumerate(torch.arange(rank, batch_size, world_size).chunk(gradient_accumulation_steps)):
+        last = micro == gradient_accumulation_steps - 1
+        with train_model.no_sync() if world_size > 1 and not last else contextlib.nullcontext(), autocast:
+            per_sample, _ = flow_loss(train_model, latents[index[share]].to(device), text[share].to(device),
+                                      mask[share].to(device), iters, loss_weighting, t[share].to(device), eps[share].to(device))
+            # sum / batch_size here, and DDP's mean over processes, give the mean over the whole batch
+            (per_sample.sum() * world_size / batch_size).backward()
+        loss_sum += per_sample.detach().float().sum().cpu()
+        band = (t[share] * 4).long().clamp(max=3)
+        band_sum.index_add_(0, band, per_sample.detach().float().cpu())
+        band_count.index_add_(0, band, torch.ones_like(band, dtype=torch.float))
+    loss = all_sum(loss_sum) / batch_size
     if not torch.isfinite(loss):
         raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
                          f"(and resume from the last checkpoint with --init_from=resume)")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     ema_update(ema, model, step, ema_decay)
-    band = (t.detach().cpu() * 4).long().clamp(max=3)
-    band_sum.index_add_(0, band, per_sample.detach().float().cpu())
-    band_count.index_add_(0, band, torch.ones_like(band, dtype=torch.float))
-    if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
+    if master and ((step + 1) % eval_interval == 0 or step + 1 == max_steps):
         sample_and_save(step + 1)
     if step % log_interval == 0 or step + 1 == max_steps:
-        means = (band_sum / band_count.clamp_min(1)).tolist()
-        log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'], **dict(zip(bands, means)))
+        means = (all_sum(band_sum) / all_sum(band_count).clamp_min(1)).tolist()
+        if master:
+            log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'], **dict(zip(bands, means)))
         band_sum.zero_(), band_count.zero_()
         bar.set_postfix(loss=f"{loss.item():.4f}", r=iters)
 
-print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; samples {out_dir}/samples_{max_steps:06d}.png")
+if master:
+    print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; samples {out_dir}/samples_{max_steps:06d}.png")
+if world_size > 1:
+    torch.distributed.destroy_process_group()

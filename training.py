@@ -20,6 +20,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
+def setup_distributed(device):
+    """Under torchrun (which sets RANK): join the process group, NCCL on GPUs and gloo on
+    CPUs, and return (rank, world_size, device); alone, (0, 1, device)."""
+    if 'RANK' not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def lr_at(step, max_steps, warmup_steps, lr, min_lr):
     """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
     if step < warmup_steps:
@@ -61,7 +74,7 @@ class LossLog:
 
     def write(self, step, **values):
         with open(self.path, 'a') as f:
-            f.write(','.join([str(step)] + [f"{values[c]:.6g}" for c in self.columns]) + '\n')
+            f.write(','.join([str(step)] + [f"{values[c]:.8g}" for c in self.columns]) + '\n')
 
 # -----------------------------------------------------------------------------
 # checkpoints
