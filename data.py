@@ -12,9 +12,12 @@ Three sources, chosen by the scripts' `dataset` / `data_dir` settings:
     'reach-vb/pokemon-blip-captions'); offline this fails within seconds, not minutes.
 
 Images are converted to RGB (transparency composited on white), centre-cropped to a
-square and resized. Files that cannot be decoded are skipped, counted and reported once.
+square and resized. Files that cannot be decoded, images over MAX_PIXELS, metadata lines
+that are not UTF-8 JSON with a caption and images no line names are skipped, counted and
+reported once per kind.
 """
 import io
+import json
 import os
 import random
 import socket
@@ -42,6 +45,8 @@ POSITIONS = {  # (x, y) centre as a fraction of the image side, and how a captio
     'bottom left': ((0.27, 0.73), 'in the bottom left'), 'bottom': ((0.5, 0.73), 'at the bottom'),
     'bottom right': ((0.73, 0.73), 'in the bottom right'),
 }
+MAX_PIXELS = 8192 * 8192  # larger images are skipped as suspicious (decompression bombs)
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 SUPERSAMPLE = 4  # draw 4x larger and downsample, so edges are anti-aliased like real images
 
 
@@ -105,10 +110,13 @@ def to_square_rgb(img, image_size):
 def decode_rows(rows, image_size, source):
     """Decode rows of {'image': {'path', 'bytes'}, 'text'}; skip and count what fails."""
     images, captions, skipped = [], [], []
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # such images are skipped below, with a count
     for row in rows:
         ref = row['image']
         try:
             with Image.open(ref['path'] if ref.get('bytes') is None else io.BytesIO(ref['bytes'])) as img:
+                if img.width * img.height > MAX_PIXELS:  # the header alone tells; decoding it could take GBs
+                    raise ValueError(f"{img.width}x{img.height} is too large")
                 img.draft('RGB', (image_size, image_size))  # JPEG: decode at reduced size, much faster
                 images.append(np.asarray(to_square_rgb(img, image_size)))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -122,15 +130,44 @@ def decode_rows(rows, image_size, source):
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
 
 
+def read_metadata(data_dir):
+    """The rows of data_dir/metadata.jsonl that name an image and a caption. A line that is
+    not UTF-8 JSON with a "file_name" and a non-empty "text", and an image in the folder that
+    no line names, are skipped, counted and reported once."""
+    path = os.path.join(data_dir, 'metadata.jsonl')
+    rows, bad_lines = [], []
+    with open(path, 'rb') as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line.decode('utf-8'))
+                name, text = str(entry['file_name']), entry['text']
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError('no caption')
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+                bad_lines.append(number)
+                continue
+            rows.append({'image': {'path': os.path.join(data_dir, name), 'bytes': None}, 'text': text})
+    if bad_lines:
+        warnings.warn(f"{path}: skipped {len(bad_lines)} line(s) that are not UTF-8 JSON with a file_name and a "
+                      f"caption, e.g. line {bad_lines[0]}", stacklevel=3)
+    named = {os.path.normpath(row['image']['path']) for row in rows}
+    unnamed = [f for f in sorted(os.listdir(data_dir)) if f.lower().endswith(IMAGE_EXTENSIONS)
+               and os.path.normpath(os.path.join(data_dir, f)) not in named]
+    if unnamed:
+        warnings.warn(f"{data_dir}: skipped {len(unnamed)} image(s) with no line in metadata.jsonl, e.g. {unnamed[0]}",
+                      stacklevel=3)
+    return rows
+
+
 def load_imagefolder(data_dir, image_size):
     if not os.path.isdir(data_dir):
         raise SystemExit(f"error: data_dir '{data_dir}' is not a folder; point --data_dir at a folder of images with a metadata.jsonl")
     if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
         raise SystemExit(f"error: {data_dir} has no metadata.jsonl; add one line per image: "
                          '{"file_name": "0001.png", "text": "a caption"}')
-    import datasets
-    ds = datasets.load_dataset('imagefolder', data_dir=data_dir, split='train')
-    return decode_rows(ds.cast_column('image', datasets.Image(decode=False)), image_size, data_dir)
+    return decode_rows(read_metadata(data_dir), image_size, data_dir)
 
 
 def _hub_reachable(timeout=3.0):

@@ -711,6 +711,23 @@ def test_imagefolder_loader_converts_odd_images_and_skips_corrupt_ones(tmp_path)
     assert sorted(loaded) == sorted(captions)
 
 
+def test_imagefolder_skips_bad_metadata_unnamed_and_huge_images(tmp_path):
+    captions = _write_folder(tmp_path)
+    Image.new('1', (9000, 8000)).save(tmp_path / 'huge.png')  # 72M pixels, a few KB on disk
+    Image.new('RGB', (8, 8)).save(tmp_path / 'unnamed.png')
+    with open(tmp_path / 'metadata.jsonl', 'ab') as f:
+        f.write(b'{"file_name": "huge.png", "text": "too big"}\n')
+        f.write(b'{"file_name": "0.png", "text": "caf\xe9 in latin-1"}\n')  # not UTF-8
+        f.write(b'{"file_name": "1.png"}\n\n')                               # no caption
+    with pytest.warns(UserWarning) as caught:
+        images, got = load_imagefolder(str(tmp_path), 32)
+    messages = ' | '.join(str(w.message) for w in caught)
+    assert 'skipped 2 line(s)' in messages and 'e.g. line 9' in messages
+    assert 'skipped 1 image(s) with no line' in messages and 'unnamed.png' in messages
+    assert 'skipped 3 unreadable' in messages  # corrupt.png, empty.jpg and huge.png
+    assert images.shape == (5, 3, 32, 32) and got == captions
+
+
 def test_load_data_holds_out_a_disjoint_split(tmp_path):
     _write_folder(tmp_path)
     with pytest.warns(UserWarning):
