@@ -5,6 +5,7 @@ becomes a student that samples in 1-4 steps. Stage 3.
     python distill.py config/shapes.py                           # after train_flow.py config/shapes.py
     python distill.py config/shapes.py --init_from=resume
     python sample.py --out_dir=out-shapes-cd --steps 2           # sample the student
+    torchrun --standalone --nproc_per_node=2 distill.py config/shapes.py
 
 The student starts as the teacher's EMA weights and keeps its recurrent core (r = iters);
 the target network is an EMA of the student. Each step draws x_0 and a caption, a time
@@ -30,7 +31,8 @@ from data import save_grid
 from flow import consistency_loss, text_to_image, time_grid
 from model import load_generator
 from text import load_text_encoder
-from training import LossLog, ema_update, load_checkpoint, lr_at, make_ema, save_checkpoint
+from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, save_checkpoint,
+                      setup_distributed, sync_gradients, wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------
@@ -45,7 +47,8 @@ teacher_cfg = 4.0  # guidance scale baked into the student
 teacher_iters = 0  # core iterations of the teacher (0 = its run's sample_iters)
 iters = 0  # core iterations of the student, in training and sampling (0 = teacher_iters)
 target_decay = 0.95  # EMA of the student that gives the targets (CM's mu)
-batch_size = 64
+batch_size = 64  # examples per optimizer step, over all processes and accumulation steps
+gradient_accumulation_steps = 1
 max_steps = 2000
 lr = 1e-4
 min_lr = 1e-5
@@ -59,6 +62,9 @@ if init_from not in ('scratch', 'resume'):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
 if schedule_steps < 1:
     raise SystemExit(f"error: schedule_steps must be at least 1, got {schedule_steps}")
+rank, world_size, device = setup_distributed(device)
+master = rank == 0  # logs, grids and checkpoints
+shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 
@@ -81,7 +87,9 @@ optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, bet
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = load_checkpoint(ckpt_path, student, target, optimizer, data_generator) if init_from == 'resume' else 0
-log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'lr'], resume_step=start_step if init_from == 'resume' else None)
+train_student = wrap_distributed(student, world_size)
+if master:
+    log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'lr'], resume_step=start_step if init_from == 'resume' else None)
 huber_c = 0.00054 * latents[0].numel() ** 0.5  # iCT's choice of the pseudo-Huber constant (arXiv 2310.14189)
 # what sample.py and eval_shapes.py need to find the VAE, the prompts and the sampler
 saved_config = run | config | dict(sampler='consistency', sample_iters=iters, teacher_dir=teacher_dir)
@@ -95,28 +103,38 @@ def sample_and_save(step):
     save_checkpoint(ckpt_path, student, target, optimizer, step, saved_config, data_generator)
 
 
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='distill', dynamic_ncols=True)
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='distill', dynamic_ncols=True,
+           disable=not master)
 start_time = time.time()
 for step in bar:
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
     index = torch.randint(len(latents), (batch_size,), generator=data_generator)
     n = torch.randint(schedule_steps, (batch_size,), generator=data_generator).to(device)
-    text, mask = tokens[caption_ids[index]].float().to(device), masks[caption_ids[index]].to(device)
-    loss = consistency_loss(student, target, teacher, latents[index].to(device), text, mask, null_tokens, null_mask,
-                            grid[n], grid[n + 1], teacher_cfg, teacher_iters, iters, huber_c)
+    loss_sum = torch.zeros(())
+    for micro, share in enumerate(shares):
+        rows = caption_ids[index[share]]
+        with sync_gradients(train_student, last=micro == len(shares) - 1):
+            loss = consistency_loss(train_student, target, teacher, latents[index[share]].to(device),
+                                    tokens[rows].float().to(device), masks[rows].to(device), null_tokens, null_mask,
+                                    grid[n[share]], grid[n[share] + 1], teacher_cfg, teacher_iters, iters, huber_c)
+            (loss * len(share) * world_size / batch_size).backward()  # DDP's mean over processes completes the batch mean
+        loss_sum += loss.detach().float().cpu() * len(share)
+    loss = all_sum(loss_sum) / batch_size
     if not torch.isfinite(loss):
         raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (and resume with --init_from=resume)")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     ema_update(target, student, max_steps, target_decay)  # a fixed decay: no warm-up for the target
-    if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
+    if master and ((step + 1) % eval_interval == 0 or step + 1 == max_steps):
         sample_and_save(step + 1)
-    if step % log_interval == 0 or step + 1 == max_steps:
+    if master and (step % log_interval == 0 or step + 1 == max_steps):
         log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
         bar.set_postfix(loss=f"{loss.item():.4f}")
 
-print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; samples {out_dir}/samples_{max_steps:06d}.png "
-      f"(rows: 1, 2 and 4 steps)")
+if master:
+    print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; samples {out_dir}/samples_{max_steps:06d}.png "
+          f"(rows: 1, 2 and 4 steps)")
+if world_size > 1:
+    torch.distributed.destroy_process_group()

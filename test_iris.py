@@ -593,6 +593,16 @@ def test_torchrun_two_processes_train_like_one(tiny_runs):
         torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-5)
     bad = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--gradient_accumulation_steps=3'], tiny_runs)
     assert bad.returncode != 0 and 'does not split into 1 processes x 3' in bad.stderr
+    for script, out, extra in [('train_vae.py', 'out-vae-two', ['--image_size=32', '--num_images=64', '--num_holdout=8',
+                                                                '--channels=(8, 16, 16)', '--batch_size=8', '--max_steps=2']),
+                               ('distill.py', 'out-cd-two', ['--teacher_dir=out-flow', '--cache_dir=cache', '--batch_size=8',
+                                                             '--max_steps=2', '--iters=2', '--gradient_accumulation_steps=2'])]:
+        result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                 os.path.join(HERE, script), os.path.join(HERE, 'config', 'shapes.py'), *extra, f'--out_dir={out}'],
+                                cwd=tiny_runs, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (script, result.stderr[-3000:])
+        assert (tiny_runs / out / 'ckpt.safetensors').exists()
+        assert len((tiny_runs / out / 'log.csv').read_text().splitlines()) == 3  # header, steps 0 and 1
 
 
 def test_keep_last_checkpoints(tmp_path):

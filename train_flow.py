@@ -16,7 +16,6 @@ r from train_iters, and regresses the velocity. Writes to out_dir: ckpt.safetens
 config.json, log.csv (loss, the loss in four bands of t, lr) and samples_<step>.png (the
 same held-out prompts and noise every time, so the grids show progress).
 """
-import contextlib
 import os
 import time
 
@@ -29,7 +28,8 @@ from data import save_grid
 from flow import flow_loss, pad_text, text_to_image
 from model import SIZES, count_parameters
 from text import load_text_encoder
-from training import LossLog, ema_update, load_checkpoint, lr_at, make_ema, save_checkpoint, setup_distributed
+from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, save_checkpoint,
+                      setup_distributed, sync_gradients, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -90,10 +90,7 @@ except ValueError as e:
     raise SystemExit(f"error: --image_size with --patch_size={patch_size}: {e}") from None
 rank, world_size, device = setup_distributed(device)
 master = rank == 0  # logs, grids and checkpoints; every process draws the same random numbers
-micro_batch, uneven = divmod(batch_size, world_size * gradient_accumulation_steps)
-if uneven or not micro_batch:
-    raise SystemExit(f"error: batch_size {batch_size} does not split into {world_size} processes x "
-                     f"{gradient_accumulation_steps} accumulation steps; make it a multiple of {world_size * gradient_accumulation_steps}")
+shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
@@ -120,7 +117,7 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_dec
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator) if init_from == 'resume' else 0
-train_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+train_model = wrap_distributed(model, world_size)
 train_model = torch.compile(train_model) if compile else train_model
 bands = ['loss_t0', 'loss_t1', 'loss_t2', 'loss_t3']  # mean loss for t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
 if master:
@@ -128,13 +125,6 @@ if master:
                   resume_step=start_step if init_from == 'resume' else None)
     with open(os.path.join(out_dir, 'samples.txt'), 'w') as f:
         f.write('\n'.join(sample_prompts) + '\n')
-
-
-def all_sum(x):
-    if world_size > 1:
-        torch.distributed.all_reduce(x)
-    return x
-
 
 def sample_and_save(step):
     with autocast:
@@ -149,8 +139,7 @@ start_time = time.time()
 for step in bar:
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
-    # the whole step's batch, its noise and its times, identical in every process; each
-    # process then takes rows rank, rank + world_size, ... of it, in micro-batches
+    # the whole step's batch, noise and times, the same in every process, which trains on its shares
     index = torch.randint(len(latents), (batch_size,), generator=data_generator)
     rows = caption_ids[index]
     text, mask = tokens[rows].float(), masks[rows]
@@ -160,9 +149,8 @@ for step in bar:
     t = torch.sigmoid(torch.randn(batch_size))
     eps = torch.randn(batch_size, *latents.shape[1:])
     loss_sum = torch.zeros(())
-    for micro, share in enumerate(torch.arange(rank, batch_size, world_size).chunk(gradient_accumulation_steps)):
-        last = micro == gradient_accumulation_steps - 1
-        with train_model.no_sync() if world_size > 1 and not last else contextlib.nullcontext(), autocast:
+    for micro, share in enumerate(shares):
+        with sync_gradients(train_model, last=micro == len(shares) - 1), autocast:
             per_sample, _ = flow_loss(train_model, latents[index[share]].to(device), text[share].to(device),
                                       mask[share].to(device), iters, loss_weighting, t[share].to(device), eps[share].to(device))
             # sum / batch_size here, and DDP's mean over processes, give the mean over the whole batch

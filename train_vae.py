@@ -5,6 +5,7 @@ Train the WaveletVAE (vae.py): stage 1 of IRIS.
     python train_vae.py config/shapes.py --data_dir=my_images  # a local imagefolder instead
     python train_vae.py config/pokemon.py                      # the seed's Pokemon setup (GPU)
     python train_vae.py config/shapes.py --init_from=resume    # continue from out_dir
+    torchrun --standalone --nproc_per_node=2 train_vae.py config/shapes.py
 
 Loss: L1 + MSE in pixels + a wavelet L1 that weights the detail subbands (LH, HL, HH) more,
 because blur lives there + a small KL that keeps the latent smooth enough to generate in.
@@ -20,7 +21,8 @@ from tqdm import tqdm
 
 from configurator import configure
 from data import load_data, save_grid, to_float
-from training import LossLog, ema_update, load_checkpoint, lr_at, make_ema, save_checkpoint
+from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, save_checkpoint,
+                      setup_distributed, sync_gradients, wrap_distributed)
 from vae import WaveletVAE, check_image_size, psnr, reconstruct, vae_loss
 
 # -----------------------------------------------------------------------------
@@ -44,7 +46,8 @@ high_freq_weight = 2.0  # weight of LH, HL, HH relative to LL in the wavelet los
 kl_weight = 1e-6
 mse_weight = 4.0  # pixel MSE on top of pixel L1
 # optimisation
-batch_size = 32
+batch_size = 32  # images per optimizer step, over all processes and accumulation steps
+gradient_accumulation_steps = 1
 max_steps = 2000
 lr = 1e-3
 min_lr = 1e-4
@@ -63,6 +66,9 @@ try:
     check_image_size(image_size, image_size)
 except ValueError as e:
     raise SystemExit(f"error: --image_size: {e}") from None
+rank, world_size, device = setup_distributed(device)
+master = rank == 0  # logs, grids and checkpoints
+shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
@@ -91,9 +97,11 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_dec
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator) if init_from == 'resume' else 0
-train_step = torch.compile(model) if compile else model
-log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'pixel', 'wavelet', 'kl', 'lr', 'holdout_psnr'],
-              resume_step=start_step if init_from == 'resume' else None)
+train_step = wrap_distributed(model, world_size)
+train_step = torch.compile(train_step) if compile else train_step
+if master:
+    log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'pixel', 'wavelet', 'kl', 'lr', 'holdout_psnr'],
+                  resume_step=start_step if init_from == 'resume' else None)
 
 
 def evaluate_and_save(step):
@@ -103,35 +111,44 @@ def evaluate_and_save(step):
     return psnr(recon, holdout_images)
 
 
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='vae', dynamic_ncols=True)
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='vae', dynamic_ncols=True, disable=not master)
 start_time, score = time.time(), float('nan')
 for step in bar:
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
     x = to_float(train_images[torch.randint(len(train_images), (batch_size,), generator=data_generator)]).to(device)
-    with autocast:
-        wavelet_hat, mean, logvar = train_step(x)
-    loss, parts = vae_loss(wavelet_hat.float(), x, mean.float(), logvar.float(), wavelet_weight, high_freq_weight, kl_weight, mse_weight)
+    loss_sum = torch.zeros(())
+    for micro, share in enumerate(shares):  # this process's micro-batches (all of x when alone)
+        with sync_gradients(train_step, last=micro == len(shares) - 1):
+            with autocast:
+                wavelet_hat, mean, logvar = train_step(x[share])
+            loss, parts = vae_loss(wavelet_hat.float(), x[share], mean.float(), logvar.float(), wavelet_weight,
+                                   high_freq_weight, kl_weight, mse_weight)
+            (loss * len(share) * world_size / batch_size).backward()  # DDP's mean over processes completes the batch mean
+        loss_sum += loss.detach().float().cpu() * len(share)
+    loss = all_sum(loss_sum) / batch_size
     if not torch.isfinite(loss):
         raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
                          f"(and resume from the last checkpoint with --init_from=resume)")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     ema_update(ema, model, step, ema_decay)
-    if (step + 1) % eval_interval == 0 and step + 1 < max_steps:  # the last one follows the latent stats
+    if master and (step + 1) % eval_interval == 0 and step + 1 < max_steps:  # the last one follows the latent stats
         score = evaluate_and_save(step + 1)
-    if step % log_interval == 0 or step + 1 == max_steps:
+    if master and (step % log_interval == 0 or step + 1 == max_steps):
         log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'], holdout_psnr=score, **parts)
         bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{score:.2f}")
 
-# the generator trains on (z - shift) / scale: measure them once, on the training images
-shift, scale = measure_latent_stats(ema, train_images)
-for m in (model, ema):
-    m.latent_shift.copy_(shift)
-    m.latent_scale.copy_(scale)
-score = evaluate_and_save(max_steps)
-print(f"latent shift {shift.mean().item():+.3f} (mean over channels), scale {scale.mean().item():.3f}")
-print(f"held-out PSNR {score:.2f} dB on {len(holdout_images)} images; "
-      f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}")
+if master:
+    # the generator trains on (z - shift) / scale: measure them once, on the training images
+    shift, scale = measure_latent_stats(ema, train_images)
+    for m in (model, ema):
+        m.latent_shift.copy_(shift)
+        m.latent_scale.copy_(scale)
+    score = evaluate_and_save(max_steps)
+    print(f"latent shift {shift.mean().item():+.3f} (mean over channels), scale {scale.mean().item():.3f}")
+    print(f"held-out PSNR {score:.2f} dB on {len(holdout_images)} images; "
+          f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}")
+if world_size > 1:
+    torch.distributed.destroy_process_group()

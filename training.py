@@ -9,6 +9,7 @@ fsynced and renamed over the old one, so a crash mid-save leaves the previous ch
 intact; the last few stay beside it as ckpt_<step>.safetensors. A config.json beside it
 repeats the settings for people to read.
 """
+import contextlib
 import copy
 import dataclasses
 import json
@@ -31,6 +32,34 @@ def setup_distributed(device):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def micro_batches(batch_size, rank, world_size, accumulation):
+    """This process's rows of a step's batch, split into `accumulation` micro-batches.
+    Every process draws the whole batch (and its noise) from the same generators and
+    trains on rows rank, rank + world_size, ...: N processes see what one process would."""
+    if batch_size % (world_size * accumulation):
+        raise SystemExit(f"error: batch_size {batch_size} does not split into {world_size} processes x {accumulation} "
+                         f"accumulation steps; make it a multiple of {world_size * accumulation}")
+    return torch.arange(rank, batch_size, world_size).chunk(accumulation)
+
+
+def wrap_distributed(model, world_size):
+    return torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+
+
+def sync_gradients(model, last):
+    """DDP all-reduces the gradients on every backward; only the last micro-batch needs it."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_sum(x):
+    """Sum a tensor over the processes (a no-op alone)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(x)
+    return x
 
 
 def lr_at(step, max_steps, warmup_steps, lr, min_lr):
