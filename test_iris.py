@@ -605,6 +605,16 @@ def test_torchrun_two_processes_train_like_one(tiny_runs):
         assert len((tiny_runs / out / 'log.csv').read_text().splitlines()) == 3  # header, steps 0 and 1
 
 
+def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
+    flow = ['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--out_dir=out-bad', '--max_steps=20']
+    for bad, message in [(['--lr=1e30', '--warmup_steps=1', '--grad_clip=1e30'], 'loss is inf at step 1; lower --lr'),
+                         (['--batch_size=4096'], 'larger than the 64 training images'),
+                         (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
+                         (['--loss_weighting=sd3'], "must be 'none' or 'seed'")]:
+        result = _run(flow + bad, tiny_runs)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-1500:]
+
+
 def test_keep_last_checkpoints(tmp_path):
     model = WaveletVAE(channels=(8, 16, 16))
     path = str(tmp_path / 'ckpt.safetensors')
