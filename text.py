@@ -61,8 +61,7 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, prompts):
         """prompts: list of str -> tokens (B, L, width) float32, mask (B, L) bool."""
-        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors='pt',
-                               return_overflowing_tokens=False, return_length=False)
+        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors='pt')
         if not self.warned_truncation and batch['input_ids'].shape[1] == MAX_TOKENS:
             full = max(len(ids) for ids in self.tokenizer(list(prompts))['input_ids'])
             if full > MAX_TOKENS:
