@@ -19,6 +19,7 @@ The teacher's guidance (teacher_cfg) is baked into the student, which then needs
 forward per step. Writes to out_dir: ckpt.safetensors (the target network is the EMA
 slot that sample.py loads), config.json, log.csv and samples_<step>.png (1, 2 and 4 steps).
 """
+import copy
 import os
 import time
 
@@ -81,7 +82,7 @@ latents, caption_ids, tokens, masks = data['latents'], data['caption_ids'], data
 null_tokens, null_mask = (t.to(device) for t in encoder([""]))
 grid = time_grid(schedule_steps).flip(0).to(device)  # 0 = t_0 < t_1 < ... < t_N = 1
 
-student = load_generator(teacher_dir, device)[0].train().requires_grad_(True)
+student = copy.deepcopy(teacher).train().requires_grad_(True)  # starts as the teacher's EMA weights
 target = make_ema(student)
 optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
 data_generator = torch.Generator().manual_seed(seed)
