@@ -1,7 +1,7 @@
 """
 Measures what the README claims about the generator on this machine, as tables:
 
-    python bench.py                          # everything (about 4 minutes on 2 CPU cores)
+    python bench.py                          # everything (1 minute on 2 CPU cores)
     python bench.py --sections=mixer,scan    # some of: params, mixer, scan, latency, flops
     python bench.py --threads=1
 
