@@ -76,7 +76,7 @@ class ScalarEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, x):
-        return self.mlp(sinusoidal_embedding(x * self.scale, self.frequency_dim))
+        return self.mlp(sinusoidal_embedding(x * self.scale, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
 @lru_cache(maxsize=32)
@@ -517,49 +517,58 @@ class Iris(nn.Module):
             raise ValueError(f"latent {height}x{width} is not divisible by patch_size {p}: "
                              f"image sides must be multiples of {16 * p}")
 
-    def core_iteration(self, s, e, c_base, i, iters, hw, context, cross_mask):
-        """s_{i+1} = Core(adapter([s_i, e]), c_i). The core is told its progress i / r rather
-        than i, because r at inference may exceed every r seen in training."""
-        c = c_base + self.progress_embed(torch.full((s.shape[0],), i / iters, device=s.device))
-        s = self.adapter(torch.cat([s, e], dim=-1))
-        for layer in self.core:
-            s = layer(s, c, hw, context, cross_mask)
-        return s
-
-    def forward(self, z, t, text, text_mask, iters):
-        """z: (B, 16, H/16, W/16) noisy latent; t: (B,) in [0, 1]; text: (B, L, text_dim)
-        token embeddings with text_mask: (B, L) bool, True for real tokens; iters: core
-        iterations r. Returns the velocity, shaped like z."""
-        B, _, H, W = z.shape
-        self.check_latent_size(H, W)
+    def prelude_forward(self, z, t, text, text_mask):
+        """Everything before the Core: -> e (B, N, D) the prelude's tokens, c_base (B, D)
+        the conditioning of time and text, context (B, L, D) the projected text tokens."""
         x = self.patch_embed(z)
         hw = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         x = x + position_embedding(*hw, x.shape[-1], x.device, x.dtype)
-
-        if not bool(text_mask.any(dim=1).all()):
-            raise ValueError("a prompt has no unmasked text token; encode '' (not nothing) for the unconditional branch")
         context = self.text_proj(text)
         keep = text_mask[:, :, None].to(context.dtype)
         pooled = (context * keep).sum(1) / keep.sum(1).clamp_min(1)
-        cross_mask = text_mask[:, None, None, :]
         c_base = self.time_embed(t) + self.text_pool(pooled)
-
         for block in self.prelude:
             x = block(x, hw)
-        e, s = x, x
+        return x, c_base, context
+
+    def core_iteration(self, s, e, c_base, progress, context, text_mask, hw):
+        """s_{i+1} = Core(adapter([s_i, e]), c_i), progress: (B,) = i / r. The core is told its
+        progress rather than i, because r at inference may exceed every r seen in training."""
+        c = c_base + self.progress_embed(progress)
+        s = self.adapter(torch.cat([s, e], dim=-1))
+        for layer in self.core:
+            s = layer(s, c, hw, context, text_mask[:, None, None, :])
+        return s
+
+    def coda_forward(self, s, c_base, hw):
+        """Core state (B, N, D) -> velocity (B, 16, h, w)."""
+        for block in self.coda:
+            s = block(s, hw)
+        shift, scale = self.final_modulation(c_base).unsqueeze(1).chunk(2, dim=-1)
+        s = modulate(self.final_norm(s), shift, scale)
+        return self.unpatchify(s.transpose(1, 2).reshape(len(s), -1, *hw))
+
+    def forward(self, z, t, text, text_mask, iters):
+        """z: (B, 16, H/16, W/16) noisy latent; t: (B,) in [0, 1]; text: (B, L, text_dim)
+        token embeddings with text_mask: (B, L) bool, True for real tokens; iters: core
+        iterations r. Returns the velocity, shaped like z. export_mobile.py exports the
+        three stages separately, so that a phone picks r at run time too."""
+        self.check_latent_size(*z.shape[-2:])
+        # a check on values cannot be traced: the exported pipeline checks its prompts instead
+        if not torch.compiler.is_exporting() and not bool(text_mask.any(dim=1).all()):
+            raise ValueError("a prompt has no unmasked text token; encode '' (not nothing) for the unconditional branch")
+        hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)
+        e, c_base, context = self.prelude_forward(z, t, text, text_mask)
+        s = e
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.
         first_with_grad = iters - self.config.backprop_iters if self.config.backprop_iters else 0
         for i in range(iters):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_with_grad):
-                s = self.core_iteration(s, e, c_base, i, iters, hw, context, cross_mask)
-        x = s
-        for block in self.coda:
-            x = block(x, hw)
-        shift, scale = self.final_modulation(c_base).unsqueeze(1).chunk(2, dim=-1)
-        x = modulate(self.final_norm(x), shift, scale)
-        return self.unpatchify(x.transpose(1, 2).reshape(B, -1, *hw))
+                progress = torch.full((len(z),), i / iters, device=z.device)
+                s = self.core_iteration(s, e, c_base, progress, context, text_mask, hw)
+        return self.coda_forward(s, c_base, hw)
 
 
 def count_parameters(model):

@@ -274,8 +274,8 @@ def test_core_conditioning_changes_with_the_iteration_index():
     model = _wake_up(Iris(_tiny_config()))
     torch.manual_seed(2)
     s, e, c_base = torch.randn(2, 16, 48), torch.randn(2, 16, 48), torch.randn(2, 48)
-    context, cross_mask = torch.randn(2, 5, 48), torch.ones(2, 1, 1, 5, dtype=torch.bool)
-    steps = [model.core_iteration(s, e, c_base, i, 8, (4, 4), context, cross_mask) for i in (0, 1, 7)]
+    context, mask = torch.randn(2, 5, 48), torch.ones(2, 5, dtype=torch.bool)
+    steps = [model.core_iteration(s, e, c_base, torch.full((2,), i / 8), context, mask, (4, 4)) for i in (0, 1, 7)]
     assert (steps[0] - steps[1]).abs().max() > 1e-3 and (steps[1] - steps[2]).abs().max() > 1e-3
 
 
