@@ -189,8 +189,8 @@ class FourierMixer(nn.Module):
         freq_shape = spectrum.shape                                  # (B, h, w//2+1, D, 2)
         # (nb, M, 2 bs): one batched matmul per layer over all frequencies and batch items
         tokens = spectrum.reshape(-1, self.blocks, 2 * self.block_size).transpose(0, 1)
-        w1, b1 = self._as_real(self.w1, self.b1)
-        w2, b2 = self._as_real(self.w2, self.b2)
+        w1, b1 = self._as_real(self.w1.float(), self.b1.float())  # the spectrum stays fp32 in an fp16 model
+        w2, b2 = self._as_real(self.w2.float(), self.b2.float())
         tokens = F.relu(torch.baddbmm(b1, tokens, w1))
         tokens = F.softshrink(torch.baddbmm(b2, tokens, w2), self.softshrink)
         spectrum = tokens.transpose(0, 1).reshape(freq_shape)
@@ -583,6 +583,17 @@ def count_parameters(model):
     counts["total"] = sum(p.numel() for p in model.parameters())
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     return counts
+
+
+def wake_up(model, std=0.02):
+    """adaLN-Zero starts every gate and the output at zero, so an untrained model outputs
+    0 whatever its input: give those weights small random values, as after some training,
+    for tests and export checks that must see every pathway."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=std)
+    return model
 
 
 # ---------------------------------------------------------------------------------------

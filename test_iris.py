@@ -27,7 +27,7 @@ from data import load_data, load_hub, load_imagefolder, make_shapes, shape_attri
 from eval_shapes import adherence, analyse
 from flow import consistency_fn, consistency_loss, consistency_sample, euler_sample, flow_loss, guided_velocity, time_grid
 from model import (SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SpatialMixer, count_parameters,
-                   irfft2_dft, linear_scan, rfft2_dft, window_attention)
+                   irfft2_dft, linear_scan, rfft2_dft, wake_up, window_attention)
 from text import load_text_encoder
 from training import ema_update, load_checkpoint, make_ema, read_checkpoint, save_checkpoint
 from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
@@ -114,14 +114,8 @@ def _tiny_config(**overrides):
 
 
 def _wake_up(model):
-    """adaLN-Zero starts every gate and the output at zero; give them small random values
-    so that every pathway changes the output, as after some training."""
     torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(std=0.05)
-    return model
+    return wake_up(model, std=0.05)
 
 
 def _inputs(batch=2, side=8, text_len=5, text_dim=24):
@@ -827,3 +821,99 @@ def test_train_vae_script_end_to_end_then_resume(tmp_path):
     for bad, message in [('--typo_key=1', "has no setting 'typo_key'"), ('--image_size=40', 'not a multiple of 16')]:
         result = _run(['train_vae.py', bad], tmp_path)
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# export_mobile.py and run_mobile.py: each export run by its runtime against PyTorch
+
+def _exportable_generator(**overrides):
+    return _wake_up(Iris(_tiny_config(fft_impl='dft', **overrides))).eval().requires_grad_(False)
+
+
+def _check_generator_export(tmp_path, backend, formats):
+    import export_mobile
+    from run_mobile import MobileGenerator, load_part
+    model = _exportable_generator()
+    z, t, text, mask = _inputs()
+    methods = export_mobile.generator_methods(model, z, t, text, mask)
+    export_mobile.export_pte(methods, str(tmp_path / 'generator.pte'), 'fp32', backend)
+    if 'onnx' in formats:
+        export_mobile.export_onnx(methods, str(tmp_path), 'generator')
+    for fmt in formats:
+        exported = MobileGenerator(load_part(str(tmp_path), 'generator', fmt, torch.float32), batch=2)
+        for iters in (1, 3):  # the core is exported once; r is chosen when it runs
+            with torch.no_grad():
+                reference = model(z, t, text, mask, iters)
+            error = (exported(z, t, text, mask, iters) - reference).abs().max() / reference.abs().max()
+            assert error < 1e-4, (fmt, iters, error)
+
+
+def test_generator_exports_to_executorch_and_onnx_and_matches_pytorch(tmp_path):
+    pytest.importorskip('executorch', reason='pip install -r requirements-export.txt')
+    _check_generator_export(tmp_path, 'portable', ['pte', 'onnx'])
+
+
+@pytest.mark.slow  # about a minute: XNNPACK's lowering passes are slow on a graph this fragmented
+def test_generator_exports_with_the_xnnpack_delegate_and_matches_pytorch(tmp_path):
+    pytest.importorskip('executorch', reason='pip install -r requirements-export.txt')
+    _check_generator_export(tmp_path, 'xnnpack', ['pte'])
+
+
+def test_vae_decoder_export_matches_pytorch(tmp_path):
+    pytest.importorskip('executorch', reason='pip install -r requirements-export.txt')
+    import export_mobile
+    from run_mobile import load_part
+    torch.manual_seed(0)
+    vae = WaveletVAE(channels=(8, 16, 16)).eval()
+    z = torch.randn(1, 16, 2, 2)
+    methods = {'forward': (export_mobile.Method(vae, lambda m, x: m.decode_latent(x)), (z,))}
+    export_mobile.export_pte(methods, str(tmp_path / 'vae_decoder.pte'), 'fp32', 'portable')
+    with torch.no_grad():
+        reference = vae.decode_latent(z)
+    image = load_part(str(tmp_path), 'vae_decoder', 'pte', torch.float32)('forward', z)[0]
+    assert image.shape == (1, 3, 32, 32)
+    assert (image - reference).abs().max() < 1e-4 * reference.abs().max()
+
+
+def test_executorch_export_of_a_torch_fft_model_says_to_use_dft(tmp_path):
+    import export_mobile
+    model = _wake_up(Iris(_tiny_config(fft_impl='torch'))).eval()
+    methods = export_mobile.generator_methods(model, *_inputs())
+    with pytest.raises(SystemExit, match="fft_impl='dft'"):
+        export_mobile.export_pte(methods, str(tmp_path / 'generator.pte'), 'fp32', 'portable')
+
+
+def test_missing_export_package_is_one_clear_line(monkeypatch):
+    import export_mobile
+    monkeypatch.setitem(sys.modules, 'executorch', None)  # makes `import executorch` fail
+    with pytest.raises(SystemExit, match='pip install -r requirements-export.txt'):
+        export_mobile.require_export_packages()
+
+
+def test_fp16_export_copy_keeps_normalisation_in_fp32_and_stays_close():
+    import export_mobile
+    model = _exportable_generator()
+    half = export_mobile.in_precision(model, 'fp16')
+    assert all(type(m) is not nn.LayerNorm for m in half.modules())
+    assert next(model.parameters()).dtype == torch.float32  # the original is untouched
+    z, t, text, mask = _inputs()
+    with torch.no_grad():
+        reference = model(z, t, text, mask, 2)
+        output = half(z.half(), t.half(), text.half(), mask, 2)
+    assert output.dtype == torch.float16
+    assert (output.float() - reference).abs().max() < 1e-2 * reference.abs().max()
+
+
+def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
+    import export_mobile
+    from run_mobile import MobileTextEncoder
+    encoder = load_text_encoder('minilm')
+    export_mobile.save_tokenizer(encoder, str(tmp_path / 'tokenizer.json'))
+    prompts = ['a large red circle in the center on a blue background', '']
+    run = lambda method, ids, mask: [encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state]  # noqa: E731
+    tokens, mask = MobileTextEncoder(run, str(tmp_path / 'tokenizer.json'))(prompts)
+    reference, reference_mask = encoder(prompts)
+    assert tokens.shape[1] == 77 and mask.shape == (2, 77)
+    length = reference.shape[1]
+    assert torch.equal(mask[:, :length], reference_mask) and not mask[:, length:].any()
+    assert torch.allclose(tokens[:, :length][reference_mask], reference[reference_mask], atol=1e-5)

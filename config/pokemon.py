@@ -17,7 +17,7 @@ if script == 'train_vae':
     warmup_steps = 500
     eval_interval = 1000
 
-if script in ('train_flow', 'sample'):
+if script in ('train_flow', 'sample', 'export_mobile'):
     out_dir = 'out-pokemon-flow'
 if script == 'train_flow':
     vae_dir = 'out-pokemon-vae'

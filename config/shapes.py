@@ -15,7 +15,7 @@ if script == 'train_vae':
     max_steps = 1600
     eval_interval = 400
 
-if script in ('train_flow', 'sample'):
+if script in ('train_flow', 'sample', 'export_mobile'):
     out_dir = 'out-shapes-flow'
 if script == 'train_flow':
     vae_dir = 'out-shapes-vae'
