@@ -836,7 +836,7 @@ def _check_generator_export(tmp_path, backend, formats):
     model = _exportable_generator()
     z, t, text, mask = _inputs()
     methods = export_mobile.generator_methods(model, z, t, text, mask)
-    export_mobile.export_pte(methods, str(tmp_path / 'generator.pte'), 'fp32', backend)
+    export_mobile.export_pte(methods, str(tmp_path / 'generator.pte'), backend)
     if 'onnx' in formats:
         export_mobile.export_onnx(methods, str(tmp_path), 'generator')
     for fmt in formats:
@@ -867,7 +867,7 @@ def test_vae_decoder_export_matches_pytorch(tmp_path):
     vae = WaveletVAE(channels=(8, 16, 16)).eval()
     z = torch.randn(1, 16, 2, 2)
     methods = {'forward': (export_mobile.Method(vae, lambda m, x: m.decode_latent(x)), (z,))}
-    export_mobile.export_pte(methods, str(tmp_path / 'vae_decoder.pte'), 'fp32', 'portable')
+    export_mobile.export_pte(methods, str(tmp_path / 'vae_decoder.pte'), 'portable')
     with torch.no_grad():
         reference = vae.decode_latent(z)
     image = load_part(str(tmp_path), 'vae_decoder', 'pte', torch.float32)('forward', z)[0]
@@ -880,7 +880,7 @@ def test_executorch_export_of_a_torch_fft_model_says_to_use_dft(tmp_path):
     model = _wake_up(Iris(_tiny_config(fft_impl='torch'))).eval()
     methods = export_mobile.generator_methods(model, *_inputs())
     with pytest.raises(SystemExit, match="fft_impl='dft'"):
-        export_mobile.export_pte(methods, str(tmp_path / 'generator.pte'), 'fp32', 'portable')
+        export_mobile.export_pte(methods, str(tmp_path / 'generator.pte'), 'portable')
 
 
 def test_missing_export_package_is_one_clear_line(monkeypatch):
@@ -890,18 +890,23 @@ def test_missing_export_package_is_one_clear_line(monkeypatch):
         export_mobile.require_export_packages()
 
 
-def test_fp16_export_copy_keeps_normalisation_in_fp32_and_stays_close():
+@pytest.mark.parametrize('precision,tolerance', [('fp16', 1e-2), ('int8', 5e-2)])
+def test_reduced_precision_copy_for_export_stays_close(precision, tolerance):
     import export_mobile
     model = _exportable_generator()
-    half = export_mobile.in_precision(model, 'fp16')
-    assert all(type(m) is not nn.LayerNorm for m in half.modules())
-    assert next(model.parameters()).dtype == torch.float32  # the original is untouched
+    copy_ = export_mobile.in_precision(model, precision)
+    assert next(model.parameters()).dtype == torch.float32 and type(model.core[0].ffn.net[0].weight) is nn.Parameter  # untouched
+    if precision == 'fp16':
+        assert not any(type(m) is nn.LayerNorm for m in copy_.modules())  # ExecuTorch's fp16 layer_norm is wrong
+    else:
+        assert all(type(m.weight) is not nn.Parameter for m in copy_.modules() if isinstance(m, nn.Linear))
+    dtype = torch.float16 if precision == 'fp16' else torch.float32
     z, t, text, mask = _inputs()
     with torch.no_grad():
         reference = model(z, t, text, mask, 2)
-        output = half(z.half(), t.half(), text.half(), mask, 2)
-    assert output.dtype == torch.float16
-    assert (output.float() - reference).abs().max() < 1e-2 * reference.abs().max()
+        output = copy_(z.to(dtype), t.to(dtype), text.to(dtype), mask, 2)
+    assert output.dtype == dtype
+    assert (output.float() - reference).abs().max() < tolerance * reference.abs().max()
 
 
 def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
