@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -61,6 +62,7 @@ seed = 0
 # -----------------------------------------------------------------------------
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'int8': torch.float32}  # int8: float inputs, quantised inside
 FP32_TOLERANCE = 1e-4  # max |exported - eager| / max |eager|
+warnings.filterwarnings('ignore', message='.*LeafSpec', category=FutureWarning)  # torch's, raised inside ExecuTorch
 
 
 def require_export_packages():
@@ -72,11 +74,12 @@ def require_export_packages():
 
 
 class Method(nn.Module):
-    """module with one function of it as forward, for torch.export: fn(module, *inputs)."""
+    """fn(module, *inputs) as a module's forward: one exported method of module."""
 
     def __init__(self, module, fn):
         super().__init__()
         self.module, self.fn = module, fn
+        self.training = module.training  # exporters warn about a wrapper left in training mode
 
     def forward(self, *inputs):
         return self.fn(self.module, *inputs)
@@ -129,8 +132,9 @@ def export_pte(methods, path, backend):
         # leave GELU to ExecuTorch's own kernel, which honours it
         partitioners = [XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c is not GeluConfig])]
     program = to_edge_transform_and_lower(programs, partitioner=partitioners).to_executorch()
-    with open(path, 'wb') as f:
+    with open(path + '.tmp', 'wb') as f:  # a stopped export leaves no half-written program behind
         program.write_to_file(f)
+    os.replace(path + '.tmp', path)
 
 
 def export_onnx(methods, export_dir, part):
@@ -164,10 +168,14 @@ def check_part(export_dir, part, fmt, methods, references, precision):
     return row
 
 
+def as_tuple(outputs):
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
 def generator_methods(model, z, t, text, mask):
     """The generator's three stages, each with example inputs taken from a real forward pass."""
     hw = (z.shape[-2] // model.config.patch_size, z.shape[-1] // model.config.patch_size)
-    progress = torch.full((len(z),), 1 / iters)
+    progress = torch.full((len(z),), 0.5)  # half-way through the core iterations
     with torch.no_grad():
         e, c_base, context = (x.contiguous() for x in model.prelude_forward(z, t, text, mask))
         s = model.core_iteration(e, e, c_base, progress, context, mask, hw).contiguous()
@@ -183,6 +191,39 @@ def save_tokenizer(encoder, path):
     tokenizer.enable_truncation(MAX_TOKENS)
     tokenizer.enable_padding(length=MAX_TOKENS, pad_id=encoder.tokenizer.pad_token_id, pad_token=encoder.tokenizer.pad_token)
     tokenizer.save(path)
+
+
+def save_manifest(target, manifest):
+    with open(os.path.join(target, 'mobile.json'), 'w') as f:
+        json.dump(manifest, f, indent=1)
+
+
+def check_pipeline(target, manifest, formats, encoder, model, vae):
+    """The whole pipeline from the files against the PyTorch one on the same noise, then
+    run_mobile.py in a fresh process, whose peak memory is the pipeline's alone."""
+    eager = {'text_encoder': encoder, 'generator': model, 'vae_decoder': vae.decode_latent}
+    noise = initial_noise(manifest, seed)
+    settings = (manifest['steps'], manifest['cfg_scale'], manifest['iters'], manifest['shift'], manifest['sampler'])
+    with torch.no_grad():
+        reference = generate(eager.get, [manifest['sample_prompt']], noise, *settings, torch.Generator().manual_seed(seed + 1))
+    results = {}
+    for fmt in formats:
+        image = generate(exported_parts(target, manifest, fmt), [manifest['sample_prompt']], noise, *settings,
+                         torch.Generator().manual_seed(seed + 1))
+        diff = (image - reference).abs().max().item() / reference.abs().max().item()
+        image_psnr = psnr(to_uint8(image), to_uint8(reference))
+        print(f"pipeline {fmt} ({settings[0]} {settings[4]} steps, r={settings[2]}): max diff {diff:.1e} of scale, "
+              f"image PSNR {image_psnr:.1f} dB against PyTorch")
+        if manifest['precision'] == 'fp32' and diff > FP32_TOLERANCE:
+            raise SystemExit(f"error: the {fmt} pipeline differs from PyTorch by {diff:.1e} of the output's scale")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_mobile.py')
+        measured = subprocess.run([sys.executable, script, target, '--format', fmt, '--seed', str(seed)],
+                                  capture_output=True, text=True)
+        if measured.returncode:
+            raise SystemExit(f"error: run_mobile.py failed:\n{measured.stderr[-2000:]}")
+        print(measured.stdout.strip())
+        results[fmt] = dict(relative_diff=diff, psnr_db=image_psnr, run_mobile=measured.stdout.strip())
+    return results
 
 
 def main():
@@ -231,11 +272,12 @@ def main():
     }
     dtype = PRECISIONS[precision]
     formats = ['pte'] + (['onnx'] if onnx and precision == 'fp32' else [])
+    if onnx and precision != 'fp32':
+        print(f"ONNX is exported in fp32 only: {precision} writes .pte files")
     report = []
     for part, methods in parts.items():
         with torch.no_grad():
-            references = {name: [y.float() for y in torch.utils._pytree.tree_leaves(module(*inputs))]
-                          for name, (module, inputs) in methods.items()}
+            references = {name: as_tuple(module(*inputs)) for name, (module, inputs) in methods.items()}
         exported = {name: (in_precision(module, precision),
                            tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs))
                     for name, (module, inputs) in methods.items()}
@@ -261,29 +303,9 @@ def main():
                     text_encoder=model.config.text_encoder, text_tokens=MAX_TOKENS, sampler=sampler,
                     steps=steps or (2 if sampler == 'consistency' else 25), iters=iters, cfg_scale=cfg_scale,
                     shift=1.0, sample_prompt=prompt_text, untrained=bool(model_size), checks=report)
-    with open(os.path.join(target, 'mobile.json'), 'w') as f:
-        json.dump(manifest, f, indent=1)
-
-    # the whole pipeline from the files against the PyTorch one, on the same noise
-    eager = {'text_encoder': encoder, 'generator': model, 'vae_decoder': vae.decode_latent}
-    noise = initial_noise(manifest, seed)
-    settings = (manifest['steps'], cfg_scale, iters, 1.0, sampler)
-    with torch.no_grad():
-        reference = generate(eager.get, [prompt_text], noise, *settings, torch.Generator().manual_seed(seed + 1))
-    for fmt in formats:
-        image = generate(exported_parts(target, manifest, fmt), [prompt_text], noise, *settings,
-                         torch.Generator().manual_seed(seed + 1))
-        diff = (image - reference).abs().max().item() / reference.abs().max().item()
-        print(f"pipeline {fmt} ({manifest['steps']} {sampler} steps, r={iters}): max diff {diff:.1e} of scale, "
-              f"image PSNR {psnr(to_uint8(image), to_uint8(reference)):.1f} dB against PyTorch")
-        if precision == 'fp32' and diff > FP32_TOLERANCE:
-            raise SystemExit(f"error: the {fmt} pipeline differs from PyTorch by {diff:.1e} of the output's scale")
-        # a fresh process, so that its peak memory is the pipeline's alone
-        measured = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_mobile.py'), target, '--format', fmt, '--seed', str(seed)],
-                                  capture_output=True, text=True)
-        if measured.returncode:
-            raise SystemExit(f"error: run_mobile.py failed:\n{measured.stderr[-2000:]}")
-        print(measured.stdout.strip())
+    save_manifest(target, manifest)  # run_mobile.py reads it
+    manifest['pipeline'] = check_pipeline(target, manifest, formats, encoder, model, vae)
+    save_manifest(target, manifest)
     print(f"wrote {target}: " + ', '.join(f"{f} {os.path.getsize(os.path.join(target, f)) / 1e6:.1f} MB"
                                          for f in sorted(os.listdir(target)) if f.endswith(('.pte', '.onnx'))))
 

@@ -17,6 +17,7 @@ The generator sees every token (cross-attention) and their masked mean (adaLN). 
 encoder's name goes into every checkpoint; sample.py refuses to mix encoders.
 """
 import hashlib
+import logging
 import os
 import warnings
 
@@ -27,6 +28,10 @@ MAX_TOKENS = 77  # CLIP's context; longer prompts are truncated with a warning
 MINILM_VERSION = '0.1.0'
 MINILM_SHA256 = '53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db'  # upstream all-MiniLM-L6-v2
 MINILM_VOCAB, CLIP_VOCAB = 30522, 49408
+# With the export extras installed, transformers (and ExecuTorch) import torchao, which warns
+# on a CPU machine that its CUDA kernels do not load and that two enums need no registration
+for _noisy in ('torchao', 'torch.utils._pytree'):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
 def sha256_file(path):
@@ -75,9 +80,9 @@ class TextEncoder(nn.Module):
 
 def load_text_encoder(name='minilm', device='cpu'):
     from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging
-    logging.set_verbosity_error()  # "some weights not used" chatter about heads we do not use
-    logging.disable_progress_bar()
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.set_verbosity_error()  # "some weights not used" chatter about heads we do not use
+    transformers_logging.disable_progress_bar()
     if name == 'minilm':
         path = _minilm_path()
         tokenizer, model, vocab = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), MINILM_VOCAB
