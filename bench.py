@@ -2,7 +2,7 @@
 Measures what the README claims about the generator on this machine, as tables:
 
     python bench.py                          # everything (1 minute on 2 CPU cores)
-    python bench.py --sections=mixer,scan    # some of: params, mixer, scan, latency, flops
+    python bench.py --sections=mixer,scan    # some of: params, mixer, scan, latency, flops, runtime
     python bench.py --threads=1
 
   params   parameters per component of iris_tiny / small / base
@@ -14,6 +14,8 @@ Measures what the README claims about the generator on this machine, as tables:
   latency  one generator forward (batch 1, 77 text tokens) at 256 and 512 px for r = 4, 8,
            16, with the process's peak RSS, and the VAE decoder
   flops    this machine's fp32 matmul peak, and the FLOP/s the generator reaches
+  runtime  (not in the default; needs requirements-export.txt) the ExecuTorch kernels that
+           export_mobile.py works around, each against eager PyTorch
 Timings are medians of several runs after a warm-up. No test asserts on them.
 """
 import copy
@@ -22,6 +24,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import SIZES, Attention, CoreLayer, IrisConfig, count_parameters, linear_scan, iris_tiny
@@ -176,9 +179,44 @@ def bench_flops():
           "the scan and other elementwise work are not counted, so the real rate is a little higher.\n")
 
 
+def run_on_executorch(module, x, partitioners):
+    """-> (output of the ExecuTorch program, its size in bytes)"""
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+    program = to_edge_transform_and_lower(torch.export.export(module.eval(), (x,)), partitioner=partitioners).to_executorch()
+    return Runtime.get().load_program(program.buffer).load_method("forward").execute([x])[0], len(program.buffer)
+
+
+def bench_runtime():
+    from export_mobile import xnnpack_partitioner  # first: it quiets torchao's warnings (text.py)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    print("## ExecuTorch kernels against eager PyTorch (why export_mobile.py does what it does)\n")
+    rows = []
+    gelu, x = nn.GELU(approximate="tanh"), 4 * torch.randn(1, 256, 384)
+    for name, partitioners in (("all of XNNPACK", [XnnpackPartitioner()]), ("export_mobile.py's", [xnnpack_partitioner()])):
+        out, _ = run_on_executorch(gelu, x, partitioners)
+        rows.append([f"GELU(tanh), {name} partitioner", f"{(out - gelu(x)).abs().max().item():.1e}"])
+    for width in (64, 576):
+        norm, x = nn.LayerNorm(width).half(), (3 * torch.randn(2, 256, width) + 1).half()
+        out, _ = run_on_executorch(norm, x, [])
+        reference = F.layer_norm(x.float(), (width,))
+        rows.append([f"fp16 layer_norm, width {width} (eager fp16: {(norm(x).float() - reference).abs().max().item():.1e})",
+                     f"{(out.float() - reference).abs().max().item():.1e}"])
+    norm, x = nn.GroupNorm(32, 256).half(), (3 * torch.randn(1, 256, 64, 64) + 1).half()
+    out, _ = run_on_executorch(norm, x, [])
+    rows.append(["fp16 group_norm, 256 channels", f"{(out.float() - F.group_norm(x.float(), 32)).abs().max().item():.1e}"])
+    table(["kernel", "max abs diff"], rows)
+    convs = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.SiLU(), nn.Conv2d(256, 256, 3, padding=1)).half()
+    x = torch.randn(1, 256, 16, 16).half()
+    weights = sum(p.numel() * p.element_size() for p in convs.parameters())
+    sizes = [run_on_executorch(convs, x, partitioners)[1] for partitioners in ([], [XnnpackPartitioner()])]
+    print(f"two fp16 3x3 convs, 256 channels: {weights / 1e6:.2f} MB of weights; .pte {sizes[0] / 1e6:.2f} MB "
+          f"with portable kernels, {sizes[1] / 1e6:.2f} MB with XNNPACK (which stores them as fp32)\n")
+
+
 if __name__ == "__main__":
     benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan,
-               "latency": bench_latency, "flops": bench_flops}
+               "latency": bench_latency, "flops": bench_flops, "runtime": bench_runtime}
     unknown = set(sections.split(",")) - set(benches)
     if unknown:
         raise SystemExit(f"bench.py: unknown section(s) {', '.join(sorted(unknown))}; choose from {','.join(benches)}")

@@ -87,7 +87,7 @@ class Method(nn.Module):
 
 class Float32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 inside an fp16 model: ExecuTorch's fp16 layer_norm kernel
-    is wrong at our widths (off by 5.5 at width 576 on unit-scale inputs; its group_norm is fine)."""
+    is wrong at our widths (bench.py --sections=runtime; its group_norm is right)."""
 
     def forward(self, x):
         weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
@@ -115,6 +115,14 @@ def in_precision(module, precision):
     return module
 
 
+def xnnpack_partitioner():
+    """XNNPACK's, less its GELU, which ignores approximate='tanh' and computes the erf form
+    (4.7e-4 apart, bench.py --sections=runtime): ExecuTorch's own kernel honours it."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS, GeluConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c is not GeluConfig])
+
+
 def export_pte(methods, path, backend):
     """methods: {name: (module, example inputs)} -> one .pte holding every method."""
     from executorch.exir import to_edge_transform_and_lower
@@ -124,13 +132,7 @@ def export_pte(methods, path, backend):
                              "with fft_impl='dft' (load_generator(out_dir, fft_impl='dft'), as export_mobile.py does)")
     with torch.no_grad():
         programs = {name: torch.export.export(module, inputs) for name, (module, inputs) in methods.items()}
-    partitioners = []
-    if backend == 'xnnpack':
-        from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS, GeluConfig
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        # XNNPACK's GELU ignores approximate='tanh' and computes the erf form (4.7e-4 apart):
-        # leave GELU to ExecuTorch's own kernel, which honours it
-        partitioners = [XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c is not GeluConfig])]
+    partitioners = [xnnpack_partitioner()] if backend == 'xnnpack' else []
     program = to_edge_transform_and_lower(programs, partitioner=partitioners).to_executorch()
     with open(path + '.tmp', 'wb') as f:  # a stopped export leaves no half-written program behind
         program.write_to_file(f)
