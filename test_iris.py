@@ -826,8 +826,8 @@ def test_train_vae_script_end_to_end_then_resume(tmp_path):
 # -----------------------------------------------------------------------------
 # export_mobile.py and run_mobile.py: each export run by its runtime against PyTorch
 
-def _exportable_generator(**overrides):
-    return _wake_up(Iris(_tiny_config(fft_impl='dft', **overrides))).eval().requires_grad_(False)
+def _exportable_generator():
+    return _wake_up(Iris(_tiny_config(fft_impl='dft'))).eval().requires_grad_(False)
 
 
 def _check_generator_export(tmp_path, backend, formats):
