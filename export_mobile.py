@@ -1,6 +1,6 @@
 """
 Export IRIS for phones: the text encoder, the generator and the VAE decoder, each as an
-ExecuTorch program (.pte, XNNPACK delegate) and an ONNX model (opset 18, one file), and
+ExecuTorch program (.pte, XNNPACK delegate) and ONNX (opset 18, weights inside the file), and
 check every export on this machine against PyTorch before trusting it.
 
     pip install -r requirements-export.txt                  # executorch, onnx, onnxruntime
