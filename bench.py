@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import SIZES, Attention, CoreLayer, IrisConfig, count_parameters, linear_scan, iris_tiny
+from run_mobile import peak_rss_mb
 from vae import WaveletVAE
 
 # -----------------------------------------------------------------------------
@@ -58,11 +59,6 @@ def table(header, rows):
     for row in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
     print()
-
-
-def peak_rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def reset_peak_rss():
