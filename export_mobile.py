@@ -94,25 +94,27 @@ class Float32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
-def in_precision(module, precision):
-    """A copy of module for the export: fp16 weights with fp32 LayerNorms; or dynamic int8
-    for every Linear (int8 weights per output channel, activations quantised per call:
-    torchao's 8da8w, ExecuTorch's LLM recipe), embeddings and convolutions left fp32; or
-    the module itself for fp32."""
+def in_precision(methods, precision):
+    """One part's methods, {name: (Method, inputs)}, over a copy of the module they share:
+    fp16 weights with fp32 LayerNorms and fp16 inputs; or dynamic int8 in every Linear
+    (int8 weights per output channel, activations quantised per call: torchao's 8da8w,
+    ExecuTorch's LLM recipe), embeddings and convolutions left fp32; fp32 returns them as they are."""
     if precision == 'fp32':
-        return module
-    module = copy.deepcopy(module)
+        return methods
+    methods = copy.deepcopy(methods)  # one deepcopy: the methods keep sharing one copy of the module
+    module = next(iter(methods.values()))[0].module
     if precision == 'int8':
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerAxis
         quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
                   filter_fn=lambda m, name: isinstance(m, nn.Linear))
-        return module
+        return methods
     module.half()
     for m in module.modules():
         if type(m) is nn.LayerNorm:
             m.__class__ = Float32LayerNorm
-    return module
+    return {name: (method, tuple(x.half() if x.is_floating_point() else x for x in inputs))
+            for name, (method, inputs) in methods.items()}
 
 
 def xnnpack_partitioner():
@@ -280,9 +282,7 @@ def main():
     for part, methods in parts.items():
         with torch.no_grad():
             references = {name: as_tuple(module(*inputs)) for name, (module, inputs) in methods.items()}
-        exported = {name: (in_precision(module, precision),
-                           tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs))
-                    for name, (module, inputs) in methods.items()}
+        exported = in_precision(methods, precision)
         for fmt in formats:
             start = time.time()
             if fmt == 'pte':

@@ -894,14 +894,18 @@ def test_missing_export_package_is_one_clear_line(monkeypatch):
 def test_reduced_precision_copy_for_export_stays_close(precision, tolerance):
     import export_mobile
     model = _exportable_generator()
-    copy_ = export_mobile.in_precision(model, precision)
-    assert next(model.parameters()).dtype == torch.float32 and type(model.core[0].ffn.net[0].weight) is nn.Parameter  # untouched
+    z, t, text, mask = _inputs()
+    methods = export_mobile.in_precision(export_mobile.generator_methods(model, z, t, text, mask), precision)
+    converted = {id(method.module) for method, _ in methods.values()}
+    assert len(converted) == 1 and id(model) not in converted  # one copy, shared by the three methods
+    assert next(model.parameters()).dtype == torch.float32 and type(model.core[0].ffn.net[0].weight) is nn.Parameter
+    copy_ = methods['core'][0].module
     if precision == 'fp16':
         assert not any(type(m) is nn.LayerNorm for m in copy_.modules())  # ExecuTorch's fp16 layer_norm is wrong
+        assert all(x.dtype == torch.float16 for x in methods['core'][1] if x.is_floating_point())
     else:
         assert all(type(m.weight) is not nn.Parameter for m in copy_.modules() if isinstance(m, nn.Linear))
     dtype = torch.float16 if precision == 'fp16' else torch.float32
-    z, t, text, mask = _inputs()
     with torch.no_grad():
         reference = model(z, t, text, mask, 2)
         output = copy_(z.to(dtype), t.to(dtype), text.to(dtype), mask, 2)
