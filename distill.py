@@ -32,8 +32,8 @@ from data import save_grid
 from flow import consistency_loss, text_to_image, time_grid
 from model import load_generator
 from text import load_text_encoder
-from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, save_checkpoint,
-                      setup_distributed, sync_gradients, wrap_distributed)
+from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, mixed_precision,
+                      optimizer_step, resolve_dtype, save_checkpoint, setup_distributed, sync_gradients, wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------
@@ -57,6 +57,7 @@ warmup_steps = 100
 grad_clip = 1.0
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScaler on older ones (T4), fp32 on a CPU
 # -----------------------------------------------------------------------------
 config = configure(globals())
 if init_from not in ('scratch', 'resume'):
@@ -68,6 +69,8 @@ master = rank == 0  # logs, grids and checkpoints
 shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
+dtype = resolve_dtype(dtype, device)
+autocast, scaler = mixed_precision(dtype, device)
 
 teacher, run, teacher_dir = load_generator(teacher_dir, device)
 if run.get('sampler') == 'consistency':
@@ -87,7 +90,7 @@ target = make_ema(student)
 optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
-start_step = load_checkpoint(ckpt_path, student, target, optimizer, data_generator) if init_from == 'resume' else 0
+start_step = load_checkpoint(ckpt_path, student, target, optimizer, data_generator, scaler) if init_from == 'resume' else 0
 train_student = wrap_distributed(student, world_size)
 if master:
     log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'lr'], resume_step=start_step if init_from == 'resume' else None)
@@ -98,10 +101,11 @@ sample_noise = torch.randn(len(run['sample_prompts']), *latents.shape[1:], gener
 
 
 def sample_and_save(step):
-    rows = [text_to_image(target, vae, encoder, run['sample_prompts'], sample_noise, steps, iters=iters,
-                          sampler='consistency', generator=torch.Generator().manual_seed(seed)) for steps in (1, 2, 4)]
+    with autocast:
+        rows = [text_to_image(target, vae, encoder, run['sample_prompts'], sample_noise, steps, iters=iters,
+                              sampler='consistency', generator=torch.Generator().manual_seed(seed)) for steps in (1, 2, 4)]
     save_grid(torch.cat(rows), os.path.join(out_dir, f"samples_{step:06d}.png"), columns=len(run['sample_prompts']))
-    save_checkpoint(ckpt_path, student, target, optimizer, step, saved_config, data_generator)
+    save_checkpoint(ckpt_path, student, target, optimizer, step, saved_config, data_generator, scaler)
 
 
 bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='distill', dynamic_ncols=True,
@@ -116,17 +120,17 @@ for step in bar:
     for micro, share in enumerate(shares):
         rows = caption_ids[index[share]]
         with sync_gradients(train_student, last=micro == len(shares) - 1):
-            loss = consistency_loss(train_student, target, teacher, latents[index[share]].to(device),
-                                    tokens[rows].float().to(device), masks[rows].to(device), null_tokens, null_mask,
-                                    grid[n[share]], grid[n[share] + 1], teacher_cfg, teacher_iters, iters, huber_c)
-            (loss * len(share) * world_size / batch_size).backward()  # DDP's mean over processes completes the batch mean
+            with autocast:  # the forward only: backward runs each op in the dtype its forward chose
+                loss = consistency_loss(train_student, target, teacher, latents[index[share]].to(device),
+                                        tokens[rows].float().to(device), masks[rows].to(device), null_tokens, null_mask,
+                                        grid[n[share]], grid[n[share] + 1], teacher_cfg, teacher_iters, iters, huber_c)
+            # DDP's mean over processes completes the batch mean
+            scaler.scale(loss * len(share) * world_size / batch_size).backward()
         loss_sum += loss.detach().float().cpu() * len(share)
     loss = all_sum(loss_sum) / batch_size
     if not torch.isfinite(loss):
         raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (and resume with --init_from=resume)")
-    torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(student, optimizer, scaler, grad_clip)
     ema_update(target, student, max_steps, target_decay)  # a fixed decay: no warm-up for the target
     if master and ((step + 1) % eval_interval == 0 or step + 1 == max_steps):
         sample_and_save(step + 1)

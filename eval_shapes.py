@@ -26,6 +26,7 @@ from data import COLOURS, POSITIONS, SHAPES, SIZES, make_shapes, save_grid, shap
 from flow import text_to_image
 from model import load_generator
 from text import load_text_encoder
+from training import mixed_precision, resolve_dtype
 from vae import latent_keep_mask, load_vae, reconstruct
 
 # -----------------------------------------------------------------------------
@@ -40,6 +41,7 @@ validate_only = False
 inpaint = True  # also measure inpainting: repaint each held-out shape as another colour and type
 batch_size = 128
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'auto'  # autocast for sampling, as in training: 'auto', 'float32', 'bfloat16' or 'float16'
 # -----------------------------------------------------------------------------
 ATTRIBUTES = ('background', 'colour', 'shape', 'position', 'size')
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
@@ -106,10 +108,11 @@ def row(name, scores, seconds=None):
 def generate(model, vae, encoder, captions, noise, steps, iters, sampler, init=None, keep=None):
     generator = torch.Generator().manual_seed(seed + 1)
     batches = range(0, len(captions), batch_size)
-    return torch.cat([text_to_image(model, vae, encoder, captions[i:i + batch_size], noise[i:i + batch_size], steps,
-                                    cfg_scale, iters, shift, sampler, generator,
-                                    init=None if init is None else init[i:i + batch_size],
-                                    keep=None if keep is None else keep[i:i + batch_size]) for i in batches])
+    with mixed_precision(resolve_dtype(dtype, device), device)[0]:
+        return torch.cat([text_to_image(model, vae, encoder, captions[i:i + batch_size], noise[i:i + batch_size], steps,
+                                        cfg_scale, iters, shift, sampler, generator,
+                                        init=None if init is None else init[i:i + batch_size],
+                                        keep=None if keep is None else keep[i:i + batch_size]) for i in batches])
 
 
 def inpainting_task(a, index, image_size):

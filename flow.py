@@ -57,7 +57,8 @@ def guided_velocity(model, x, t, text, mask, null_text, null_mask, cfg_scale, it
     null_text, null_mask = pad_text(null_text, null_mask, length)
     both_text = torch.cat([text, null_text.expand(len(x), -1, -1)])
     both_mask = torch.cat([mask, null_mask.expand(len(x), -1)])
-    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask, iters).chunk(2)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask, iters)
+    v_cond, v_uncond = v.float().chunk(2)  # combined in fp32 under autocast
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 

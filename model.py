@@ -27,6 +27,7 @@ GRFM, the token mixer, fuses three views of the h x w token grid:
 
 Run `python bench.py` for parameter counts and timings; tests are in test_iris.py.
 """
+import contextlib
 import glob
 import math
 import os
@@ -89,6 +90,13 @@ def _sincos_2d(h, w, dim):
 
 def position_embedding(h, w, dim, device, dtype):
     return _sincos_2d(h, w, dim).to(device=device, dtype=dtype)
+
+
+def full_precision(x):
+    """A region that autocast must leave in fp32 (see its callers); a no-op when autocast is
+    off, so torch.export never sees it."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def modulate(x, shift, scale):
@@ -182,22 +190,25 @@ class FourierMixer(nn.Module):
     def forward(self, x):
         # x: (B, h, w, D) -> (B, h, w, D)
         B, h, w, D = x.shape
-        if self.fft_impl == "torch":
-            spectrum = torch.view_as_real(torch.fft.rfft2(x.float(), dim=(1, 2), norm="ortho"))
-        else:
-            spectrum = torch.stack(rfft2_dft(x.float()), dim=-1)
-        freq_shape = spectrum.shape                                  # (B, h, w//2+1, D, 2)
-        # (nb, M, 2 bs): one batched matmul per layer over all frequencies and batch items
-        tokens = spectrum.reshape(-1, self.blocks, 2 * self.block_size).transpose(0, 1)
-        w1, b1 = self._as_real(self.w1.float(), self.b1.float())  # the spectrum stays fp32 in an fp16 model
-        w2, b2 = self._as_real(self.w2.float(), self.b2.float())
-        tokens = F.relu(torch.baddbmm(b1, tokens, w1))
-        tokens = F.softshrink(torch.baddbmm(b2, tokens, w2), self.softshrink)
-        spectrum = tokens.transpose(0, 1).reshape(freq_shape)
-        if self.fft_impl == "torch":
-            out = torch.fft.irfft2(torch.view_as_complex(spectrum.contiguous()), s=(h, w), dim=(1, 2), norm="ortho")
-        else:
-            out = irfft2_dft(spectrum[..., 0], spectrum[..., 1], w)
+        # The spectrum stays fp32, under autocast and in an fp16 model: view_as_complex and the
+        # FFTs take no bf16, and the ortho FFT's sums over the grid lose low-precision mantissa bits.
+        with full_precision(x):
+            if self.fft_impl == "torch":
+                spectrum = torch.view_as_real(torch.fft.rfft2(x.float(), dim=(1, 2), norm="ortho"))
+            else:
+                spectrum = torch.stack(rfft2_dft(x.float()), dim=-1)
+            freq_shape = spectrum.shape                                  # (B, h, w//2+1, D, 2)
+            # (nb, M, 2 bs): one batched matmul per layer over all frequencies and batch items
+            tokens = spectrum.reshape(-1, self.blocks, 2 * self.block_size).transpose(0, 1)
+            w1, b1 = self._as_real(self.w1.float(), self.b1.float())
+            w2, b2 = self._as_real(self.w2.float(), self.b2.float())
+            tokens = F.relu(torch.baddbmm(b1, tokens, w1))
+            tokens = F.softshrink(torch.baddbmm(b2, tokens, w2), self.softshrink)
+            spectrum = tokens.transpose(0, 1).reshape(freq_shape)
+            if self.fft_impl == "torch":
+                out = torch.fft.irfft2(torch.view_as_complex(spectrum.contiguous()), s=(h, w), dim=(1, 2), norm="ortho")
+            else:
+                out = irfft2_dft(spectrum[..., 0], spectrum[..., 1], w)
         return out.to(x.dtype)
 
 
@@ -301,13 +312,16 @@ class RecurrentMixer(nn.Module):
         # x: (B, N, D), N in raster order
         B, N, D = x.shape
         gates = torch.einsum("bnhi,hio->bnho", x.view(B, N, self.heads, -1), self.gate_weight) + self.gate_bias
-        recurrence_gate, input_gate = torch.sigmoid(gates).chunk(2, dim=-1)
-        log_a = -self.c * F.softplus(-self.log_lambda) * recurrence_gate.reshape(B, N, D)  # log sigmoid(L)^(c r)
+        # The recurrence runs in fp32 whatever the autocast dtype: h_t sums products of up to
+        # N decays near 1, and bf16's 8-bit mantissa rounds 0.999 to 1.0.
+        recurrence_gate, input_gate = torch.sigmoid(gates.float()).chunk(2, dim=-1)
+        log_a = -self.c * F.softplus(-self.log_lambda.float()) * recurrence_gate.reshape(B, N, D)  # log sigmoid(L)^(cr)
         a = torch.exp(log_a)
-        b = torch.sqrt((-torch.expm1(2 * log_a)).clamp_min(1e-8)) * (input_gate.reshape(B, N, D) * x)
+        b = torch.sqrt((-torch.expm1(2 * log_a)).clamp_min(1e-8)) * (input_gate.reshape(B, N, D) * x.float())
         half = D // 2
-        return torch.cat([linear_scan(a[..., :half], b[..., :half]),
-                          linear_scan(a[..., half:], b[..., half:], reverse=True)], dim=-1)
+        h = torch.cat([linear_scan(a[..., :half], b[..., :half]),
+                       linear_scan(a[..., half:], b[..., half:], reverse=True)], dim=-1)
+        return h.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,7 +375,7 @@ class GRFM(nn.Module):
         # x: (B, N, D), N = h*w tokens in raster order
         B, N, D = x.shape
         grid = x.view(B, *hw, D)
-        g = torch.sigmoid(self.gate(x))
+        g = torch.sigmoid(self.gate(x)).to(x.dtype)  # autocast returns the gate in bf16/fp16; lerp wants one dtype
         fourier = self.fourier(grid).reshape(B, N, D)
         spatial = self.spatial(grid).reshape(B, N, D)
         mixed = torch.lerp(self.recurrent(x), fourier, g) + self.alpha * spatial  # g*F + (1-g)*R, one kernel

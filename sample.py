@@ -26,6 +26,7 @@ from data import save_grid, to_float, to_square_rgb
 from flow import text_to_image
 from model import load_generator
 from text import load_text_encoder
+from training import mixed_precision, resolve_dtype
 from vae import check_image_size, latent_keep_mask, load_vae
 
 # -----------------------------------------------------------------------------
@@ -45,6 +46,7 @@ strength = -1.0  # how far init_image is noised: 0 keeps it, 1 ignores it; -1 = 
 mask = ''  # inpainting: an image the size of init_image, white where to repaint, black where to keep
 text_encoder = ''  # '' = the checkpoint's; a different one is refused
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'auto'  # 'auto' (bf16 on sm80+ GPUs, fp16 on older ones, fp32 on a CPU), 'float32', 'bfloat16' or 'float16'
 # -----------------------------------------------------------------------------
 configure(globals())
 
@@ -95,6 +97,7 @@ if strength == -1:
     strength = 1.0 if mask or not init_image else 0.75
 elif not 0 <= strength <= 1:
     raise SystemExit(f"error: --strength must be between 0 (keep the image) and 1 (ignore it), got {strength}")
+autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)
 size = size or run['image_size']
 try:
     check_image_size(size, size, 16 * model.config.patch_size)
@@ -110,8 +113,9 @@ prompts = [p for p in prompts for _ in range(num_samples)]
 noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
 sampler = run.get('sampler', 'euler')  # a distill.py student samples in 1-4 consistency steps
-images = text_to_image(model, vae, encoder, prompts, noise, steps, cfg_scale, iters, shift, sampler,
-                       torch.Generator().manual_seed(seed + 1), init, strength, keep)
+with autocast:
+    images = text_to_image(model, vae, encoder, prompts, noise, steps, cfg_scale, iters, shift, sampler,
+                           torch.Generator().manual_seed(seed + 1), init, strength, keep)
 if init_image:
     images = torch.cat([picture, images])  # before, then after
 output = output or os.path.join(out_dir, 'sample.png')

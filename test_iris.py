@@ -6,6 +6,7 @@ written out, a loss that must fall on a real batch, a checkpoint that must resto
 bit-exactly), on data the tests make themselves: nothing is downloaded.
 """
 import copy
+import errno
 import json
 import os
 import shutil
@@ -29,11 +30,26 @@ from flow import consistency_fn, consistency_loss, consistency_sample, euler_sam
 from model import (SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SpatialMixer, count_parameters,
                    irfft2_dft, linear_scan, rfft2_dft, wake_up, window_attention)
 from text import load_text_encoder
-from training import ema_update, load_checkpoint, make_ema, read_checkpoint, save_checkpoint
+from training import (ema_update, load_checkpoint, make_ema, mixed_precision, optimizer_step, read_checkpoint,
+                      save_checkpoint)
 from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
 from wavelet import dwt, idwt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Every precision a GPU trains in, run here through CPU autocast (and the GradScaler for fp16):
+# the same lines of training.py a T4 (fp16) or an A100 (bf16) runs
+DTYPES = ['float32', 'bfloat16', 'float16']
+
+
+def _train_step(model, optimizer, precision, compute_loss):
+    """One step as the training scripts take it: the loss under autocast, the scaled backward,
+    then training.optimizer_step. -> the loss."""
+    autocast, scaler = precision
+    with autocast:
+        loss = compute_loss()
+    scaler.scale(loss).backward()
+    optimizer_step(model, optimizer, scaler, grad_clip=float('inf'))
+    return loss.item()
 
 # -----------------------------------------------------------------------------
 # wavelet.py
@@ -82,21 +98,19 @@ def test_vae_rejects_a_size_that_is_not_a_multiple_of_16():
         WaveletVAE(channels=(8, 16, 32)).encode(torch.zeros(1, 3, 40, 48))
 
 
-def test_vae_training_steps_lower_the_loss_on_a_real_batch():
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_vae_training_steps_lower_the_loss_on_a_real_batch(dtype):
     torch.manual_seed(0)
     images, _ = make_shapes(16, 32, seed=3)
     x = to_float(images)
     vae = WaveletVAE(channels=(16, 32, 32))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(40):
+
+    def loss():
         wavelet_hat, mean, logvar = vae(x)
-        loss, _ = vae_loss(wavelet_hat, x, mean, logvar)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+        return vae_loss(wavelet_hat.float(), x, mean.float(), logvar.float())[0]
+    losses = [_train_step(vae, optimizer, mixed_precision(dtype, 'cpu'), loss) for _ in range(40)]
+    assert np.isfinite(losses).all() and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
 
 
 def test_psnr_of_a_perfect_and_a_known_reconstruction():
@@ -257,6 +271,21 @@ def test_gradients_reach_every_parameter(backprop_iters):
     assert not no_grad
 
 
+@pytest.mark.parametrize('dtype,tolerance', [('bfloat16', 3e-2), ('float16', 5e-3)])  # measured: 1.0e-2, 1.3e-3
+@pytest.mark.parametrize('fft_impl', ['torch', 'dft'])
+def test_autocast_output_stays_close_to_fp32_on_the_same_weights(dtype, tolerance, fft_impl):
+    # a 6x6 grid pads the Coda's 4x4 windows; backprop_iters=2 of r=3 runs one core
+    # iteration without grad; every GRFM pathway is awake
+    model = _wake_up(Iris(_tiny_config(fft_impl=fft_impl, backprop_iters=2)))
+    inputs = _inputs(side=6)
+    reference = model(*inputs, iters=3)
+    with mixed_precision(dtype, 'cpu')[0]:
+        out = model(*inputs, iters=3)
+    assert out.dtype == getattr(torch, dtype)  # autocast really ran in low precision
+    error = ((out.float() - reference).abs().max() / reference.abs().max()).item()
+    assert error < tolerance, error
+
+
 def test_outputs_finite_at_one_and_sixteen_iterations():
     model = _wake_up(Iris(_tiny_config())).eval()
     with torch.no_grad():
@@ -356,23 +385,27 @@ def test_guidance_combines_the_two_branches():
     torch.testing.assert_close(guided_velocity(model, x, t, text, mask, null, null_mask, 3.0, 1), v_uncond + 3 * (v_cond - v_uncond))
 
 
-def test_flow_training_steps_lower_the_loss_on_a_real_batch():
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype):
+    # 64 px -> a 4x4 latent, which 3x3 Coda windows must pad; r = 3 with backprop through 2
     torch.manual_seed(0)
     vae = WaveletVAE(channels=(8, 16, 16))
-    images, captions = make_shapes(32, 32)
+    images, captions = make_shapes(32, 64)
     x0 = vae.encode_latent(to_float(images)).detach()
     x0 = (x0 - x0.mean()) / x0.std()
     text, mask = _Offset()(captions)
-    model = Iris(_tiny_config(text_dim=4))
+    model = Iris(_tiny_config(text_dim=4, backprop_iters=2, window=3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(60):
-        loss = flow_loss(model, x0, text, mask, 2)[0].mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses  # 1.94 -> 1.38 here
+    precision = mixed_precision(dtype, 'cpu')
+    t, eps = torch.sigmoid(torch.randn(32)), torch.randn_like(x0)  # a fixed draw to measure on
+
+    def held_loss():
+        with torch.no_grad(), precision[0]:
+            return flow_loss(model, x0, text, mask, 3, t=t, eps=eps)[0].mean().item()
+    before = held_loss()
+    losses = [_train_step(model, optimizer, precision, lambda: flow_loss(model, x0, text, mask, 3)[0].mean())
+              for _ in range(60)]
+    assert np.isfinite(losses).all() and held_loss() < 0.8 * before, (before, held_loss())  # 2.01 -> 1.49 in each dtype
 
 
 @pytest.fixture(scope='module')
@@ -438,7 +471,8 @@ def test_consistency_boundary_condition_is_exact():
     assert not torch.equal(consistency_fn(model, z, torch.full((2,), 0.5), text, mask, 2), z)
 
 
-def test_distillation_steps_lower_the_consistency_loss():
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_distillation_steps_lower_the_consistency_loss(dtype):
     torch.manual_seed(0)
     images, captions = make_shapes(32, 32)
     x0 = WaveletVAE(channels=(8, 16, 16)).encode_latent(to_float(images)).detach()
@@ -456,26 +490,27 @@ def test_distillation_steps_lower_the_consistency_loss():
         torch.manual_seed(seed)
         return consistency_loss(student, target, teacher, x0, text, mask, null_text, null_mask, grid[n], grid[n + 1],
                                 3.0, 2, 2, huber_c=0.01)
-    with torch.no_grad():
+    precision = mixed_precision(dtype, 'cpu')
+    with torch.no_grad(), precision[0]:
         before = sum(loss(seed).item() for seed in range(4))
     for step in range(40):
-        optimizer.zero_grad()
-        loss(100 + step).backward()
-        optimizer.step()
+        _train_step(student, optimizer, precision, lambda: loss(100 + step))
         ema_update(target, student, 1000, 0.95)
-    with torch.no_grad():
+    with torch.no_grad(), precision[0]:
         after = sum(loss(seed).item() for seed in range(4))
-    assert after < 0.7 * before, (before, after)
+    assert np.isfinite(after) and after < 0.7 * before, (before, after)
 
 
 def test_distill_script_then_one_step_sampling(tiny_runs):
     result = _run(['distill.py', os.path.join(HERE, 'config', 'shapes.py'), '--teacher_dir=out-flow', '--cache_dir=cache',
-                   '--out_dir=out-cd', '--batch_size=8', '--max_steps=3', '--eval_interval=2', '--iters=2'], tiny_runs)
+                   '--out_dir=out-cd', '--batch_size=8', '--max_steps=3', '--eval_interval=2', '--iters=2',
+                   '--dtype=float16'], tiny_runs)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tiny_runs / 'out-cd'
     assert {'ckpt.safetensors', 'log.csv', 'samples_000002.png', 'samples_000003.png'} <= set(os.listdir(out))
     assert Image.open(out / 'samples_000003.png').size == (8 * 32, 3 * 32)  # rows: 1, 2 and 4 steps
-    result = _run(['sample.py', '--out_dir=out-cd', '--steps=1', '--prompt=a red circle', '--output=one.png'], tiny_runs)
+    result = _run(['sample.py', '--out_dir=out-cd', '--steps=1', '--prompt=a red circle', '--output=one.png',
+                   '--dtype=bfloat16'], tiny_runs)
     assert result.returncode == 0, result.stderr[-2000:]
     assert '1 consistency steps' in result.stdout and Image.open(tiny_runs / 'one.png').size == (32, 32)
     result = _run(['distill.py', '--teacher_dir=out-cd', '--out_dir=out-cd2'], tiny_runs)
@@ -551,21 +586,24 @@ def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
     assert result.returncode != 0 and 'needs the --init_image' in result.stderr
 
 
-def test_resume_from_a_checkpoint_is_bit_exact(tiny_runs):
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])  # fp16 also carries the GradScaler's state
+def test_resume_from_a_checkpoint_is_bit_exact(tiny_runs, dtype):
     # straight to step 4 (checkpoints at 2 and 4), against: the step-2 checkpoint resumed to 4
-    args = ['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=4', '--eval_interval=2']
-    result = _run(args + ['--out_dir=out-straight'], tiny_runs)
+    args = ['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=4', '--eval_interval=2',
+            f'--dtype={dtype}']
+    result = _run(args + [f'--out_dir=out-straight-{dtype}'], tiny_runs)
     assert result.returncode == 0, result.stderr[-2000:]
-    straight = tiny_runs / 'out-straight'
+    straight = tiny_runs / f'out-straight-{dtype}'
     assert sorted(f for f in os.listdir(straight) if f.startswith('ckpt_')) == ['ckpt_000002.safetensors', 'ckpt_000004.safetensors']
-    resumed = tiny_runs / 'out-resumed'
+    resumed = tiny_runs / f'out-resumed-{dtype}'
     resumed.mkdir()
     shutil.copy(straight / 'ckpt_000002.safetensors', resumed / 'ckpt.safetensors')
-    result = _run(args + ['--out_dir=out-resumed', '--init_from=resume'], tiny_runs)
+    result = _run(args + [f'--out_dir=out-resumed-{dtype}', '--init_from=resume'], tiny_runs)
     assert result.returncode == 0, result.stderr[-2000:]
     expected, _ = read_checkpoint(str(straight / 'ckpt.safetensors'))
     got, meta = read_checkpoint(str(resumed / 'ckpt.safetensors'))
-    assert meta['step'] == 4 and expected.keys() == got.keys()
+    assert meta['step'] == 4 and expected.keys() == got.keys() and meta['scaler'] == read_checkpoint(
+        str(straight / 'ckpt.safetensors'), prefixes=())[1]['scaler']
     assert all(torch.equal(expected[k], got[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], got[k])]
 
 
@@ -604,18 +642,27 @@ def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
     for bad, message in [(['--lr=1e30', '--warmup_steps=1', '--grad_clip=1e30'], 'loss is inf at step 1; lower --lr'),
                          (['--batch_size=4096'], 'larger than the 64 training images'),
                          (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
-                         (['--loss_weighting=sd3'], "must be 'none' or 'seed'")]:
+                         (['--loss_weighting=sd3'], "must be 'none' or 'seed'"),
+                         (['--dtype=float8'], "dtype must be one of auto, float32, bfloat16, float16")]:
         result = _run(flow + bad, tiny_runs)
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-1500:]
 
 
-def test_keep_last_checkpoints(tmp_path):
+@pytest.mark.parametrize('hard_links', [True, False])
+def test_keep_last_checkpoints(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # Google Drive's mount in Colab, and other file systems that refuse them
+        def refuse(src, dst):
+            raise OSError(errno.EPERM, 'Operation not permitted', src)
+        monkeypatch.setattr(os, 'link', refuse)
     model = WaveletVAE(channels=(8, 16, 16))
     path = str(tmp_path / 'ckpt.safetensors')
     for step in range(1, 6):
         save_checkpoint(path, model, make_ema(model), torch.optim.AdamW(model.parameters()), step, {}, torch.Generator(), keep_last=2)
     assert sorted(os.listdir(tmp_path)) == ['ckpt.safetensors', 'ckpt_000004.safetensors', 'ckpt_000005.safetensors', 'config.json']
     assert read_checkpoint(str(tmp_path / 'ckpt_000004.safetensors'), prefixes=())[1]['step'] == 4
+    newest = tmp_path / 'ckpt_000005.safetensors'
+    assert newest.read_bytes() == (tmp_path / 'ckpt.safetensors').read_bytes()
+    assert os.stat(newest).st_nlink == (2 if hard_links else 1)
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
@@ -771,15 +818,20 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     wavelet_hat, mean, logvar = model(x)
     vae_loss(wavelet_hat, x, mean, logvar)[0].backward()
     optimizer.step()
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scale is made on first use
+    scaler.update(new_scale=256.0)  # as after two overflowed fp16 steps
     path = str(tmp_path / 'ckpt.safetensors')
-    save_checkpoint(path, model, ema, optimizer, 7, {'lr': 1.0}, generator)
+    save_checkpoint(path, model, ema, optimizer, 7, {'lr': 1.0}, generator, scaler)
     expected_draws = (torch.rand(3), torch.rand(3, generator=generator))
 
     restored = WaveletVAE(channels=(8, 16, 32))
     restored_ema = make_ema(restored)
     restored_optimizer = torch.optim.AdamW(restored.parameters())
     restored_generator = torch.Generator()
-    assert load_checkpoint(path, restored, restored_ema, restored_optimizer, restored_generator) == 7
+    restored_scaler = torch.amp.GradScaler('cpu')
+    assert load_checkpoint(path, restored, restored_ema, restored_optimizer, restored_generator, restored_scaler) == 7
+    assert restored_scaler.state_dict() == scaler.state_dict() and restored_scaler.get_scale() == 256.0
     for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(optimizer.state_dict()['state'][0]['exp_avg_sq'], restored_optimizer.state_dict()['state'][0]['exp_avg_sq'])
@@ -800,9 +852,10 @@ def _run(args, cwd):
 def test_train_vae_script_end_to_end_then_resume(tmp_path):
     tiny = ['--image_size=32', '--num_images=64', '--num_holdout=8', '--channels=(8, 16, 16)',
             '--batch_size=8', '--eval_interval=10', '--out_dir=run']
-    result = _run(['train_vae.py', os.path.join(HERE, 'config', 'shapes.py'), *tiny, '--max_steps=20'], tmp_path)
+    result = _run(['train_vae.py', os.path.join(HERE, 'config', 'shapes.py'), *tiny, '--max_steps=20', '--dtype=bfloat16'],
+                  tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert 'held-out PSNR' in result.stdout
+    assert 'held-out PSNR' in result.stdout and 'bfloat16 on cpu' in result.stdout
     out = tmp_path / 'run'
     assert {'ckpt.safetensors', 'config.json', 'log.csv', 'recon_000010.png', 'recon_000020.png'} <= set(os.listdir(out))
     tensors, meta = read_checkpoint(str(out / 'ckpt.safetensors'), prefixes=('ema.',))

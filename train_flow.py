@@ -28,8 +28,8 @@ from data import save_grid
 from flow import flow_loss, pad_text, text_to_image
 from model import SIZES, count_parameters
 from text import load_text_encoder
-from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, save_checkpoint,
-                      setup_distributed, sync_gradients, wrap_distributed)
+from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, mixed_precision,
+                      optimizer_step, resolve_dtype, save_checkpoint, setup_distributed, sync_gradients, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -73,6 +73,7 @@ grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScaler on older ones (T4), fp32 on a CPU
 compile = False
 # -----------------------------------------------------------------------------
 config = configure(globals())
@@ -93,7 +94,8 @@ master = rank == 0  # logs, grids and checkpoints; every process draws the same 
 shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
-autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
+dtype = resolve_dtype(dtype, device)
+autocast, scaler = mixed_precision(dtype, device)
 
 encoder = load_text_encoder(text_encoder, device)
 vae = load_vae(vae_dir, device)
@@ -112,11 +114,12 @@ model = SIZES[model_size](**sizes, patch_size=patch_size, text_dim=encoder.width
                           backprop_iters=backprop_iters).to(device)
 ema = make_ema(model)
 if master:
-    print(f"generator {model_size} {sizes or ''}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items()))
+    print(f"generator {model_size} {sizes or ''}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
+          + f"; {dtype} on {device}")
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
-start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator) if init_from == 'resume' else 0
+start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator, scaler) if init_from == 'resume' else 0
 train_model = wrap_distributed(model, world_size)
 train_model = torch.compile(train_model) if compile else train_model
 bands = ['loss_t0', 'loss_t1', 'loss_t2', 'loss_t3']  # mean loss for t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
@@ -130,7 +133,8 @@ def sample_and_save(step):
     with autocast:
         images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, sample_steps, cfg_scale, sample_iters)
     save_grid(images, os.path.join(out_dir, f"samples_{step:06d}.png"))
-    save_checkpoint(ckpt_path, model, ema, optimizer, step, config | dict(sample_prompts=sample_prompts), data_generator)
+    save_checkpoint(ckpt_path, model, ema, optimizer, step, config | dict(sample_prompts=sample_prompts), data_generator,
+                    scaler)
 
 
 bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='flow', dynamic_ncols=True, disable=not master)
@@ -150,11 +154,13 @@ for step in bar:
     eps = torch.randn(batch_size, *latents.shape[1:])
     loss_sum = torch.zeros(())
     for micro, share in enumerate(shares):
-        with sync_gradients(train_model, last=micro == len(shares) - 1), autocast:
-            per_sample, _ = flow_loss(train_model, latents[index[share]].to(device), text[share].to(device),
-                                      mask[share].to(device), iters, loss_weighting, t[share].to(device), eps[share].to(device))
+        with sync_gradients(train_model, last=micro == len(shares) - 1):
+            with autocast:  # the forward only: backward runs each op in the dtype its forward chose
+                per_sample, _ = flow_loss(train_model, latents[index[share]].to(device), text[share].to(device),
+                                          mask[share].to(device), iters, loss_weighting, t[share].to(device),
+                                          eps[share].to(device))
             # sum / batch_size here, and DDP's mean over processes, give the mean over the whole batch
-            (per_sample.sum() * world_size / batch_size).backward()
+            scaler.scale(per_sample.sum() * world_size / batch_size).backward()
         loss_sum += per_sample.detach().float().sum().cpu()
         band = (t[share] * 4).long().clamp(max=3)
         band_sum.index_add_(0, band, per_sample.detach().float().cpu())
@@ -163,9 +169,7 @@ for step in bar:
     if not torch.isfinite(loss):
         raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
                          f"(and resume from the last checkpoint with --init_from=resume)")
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(model, optimizer, scaler, grad_clip)
     ema_update(ema, model, step, ema_decay)
     if master and ((step + 1) % eval_interval == 0 or step + 1 == max_steps):
         sample_and_save(step + 1)

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from configurator import configure
 from data import load_data, save_grid, to_float
-from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, save_checkpoint,
-                      setup_distributed, sync_gradients, wrap_distributed)
+from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, mixed_precision,
+                      optimizer_step, resolve_dtype, save_checkpoint, setup_distributed, sync_gradients, wrap_distributed)
 from vae import WaveletVAE, check_image_size, psnr, reconstruct, vae_loss
 
 # -----------------------------------------------------------------------------
@@ -57,6 +57,7 @@ grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScaler on older ones (T4), fp32 on a CPU
 compile = False
 # -----------------------------------------------------------------------------
 config = configure(globals())
@@ -71,15 +72,15 @@ master = rank == 0  # logs, grids and checkpoints
 shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
-autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.startswith('cuda'))
+dtype = resolve_dtype(dtype, device)
+autocast, scaler = mixed_precision(dtype, device)
 
 
 @torch.no_grad()
 def measure_latent_stats(model, images, batch=64, limit=4096):
-    means = []
+    means = []  # in fp32, as cache.py encodes the training set with them
     for i in range(0, min(len(images), limit), batch):
-        with autocast:
-            means.append(model.encode(to_float(images[i:i + batch]).to(device))[0].float())
+        means.append(model.encode(to_float(images[i:i + batch]).to(device))[0])
     z = torch.cat(means).transpose(0, 1).flatten(1)  # (16, everything)
     return z.mean(dim=1), z.std(dim=1)
 
@@ -92,11 +93,11 @@ if batch_size > len(train_images):
 model = WaveletVAE(channels, latent_channels, blocks_per_stage).to(device, memory_format=torch.channels_last)  # ~15% faster convs on CPU
 ema = make_ema(model)
 print(f"WaveletVAE: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M, "
-      f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M parameters")
+      f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M parameters; {dtype} on {device}")
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
-start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator) if init_from == 'resume' else 0
+start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator, scaler) if init_from == 'resume' else 0
 train_step = wrap_distributed(model, world_size)
 train_step = torch.compile(train_step) if compile else train_step
 if master:
@@ -107,7 +108,7 @@ if master:
 def evaluate_and_save(step):
     recon = reconstruct(ema, holdout_images)
     save_grid(torch.cat([holdout_images[:8], recon[:8]]), os.path.join(out_dir, f"recon_{step:06d}.png"))
-    save_checkpoint(ckpt_path, model, ema, optimizer, step, config, data_generator)
+    save_checkpoint(ckpt_path, model, ema, optimizer, step, config, data_generator, scaler)
     return psnr(recon, holdout_images)
 
 
@@ -124,15 +125,14 @@ for step in bar:
                 wavelet_hat, mean, logvar = train_step(x[share])
             loss, parts = vae_loss(wavelet_hat.float(), x[share], mean.float(), logvar.float(), wavelet_weight,
                                    high_freq_weight, kl_weight, mse_weight)
-            (loss * len(share) * world_size / batch_size).backward()  # DDP's mean over processes completes the batch mean
+            # DDP's mean over processes completes the batch mean
+            scaler.scale(loss * len(share) * world_size / batch_size).backward()
         loss_sum += loss.detach().float().cpu() * len(share)
     loss = all_sum(loss_sum) / batch_size
     if not torch.isfinite(loss):
         raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
                          f"(and resume from the last checkpoint with --init_from=resume)")
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(model, optimizer, scaler, grad_clip)
     ema_update(ema, model, step, ema_decay)
     if master and (step + 1) % eval_interval == 0 and step + 1 < max_steps:  # the last one follows the latent stats
         score = evaluate_and_save(step + 1)

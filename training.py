@@ -8,6 +8,9 @@ hyper-parameters as JSON in the file's metadata. It is written to a temporary fi
 fsynced and renamed over the old one, so a crash mid-save leaves the previous checkpoint
 intact; the last few stay beside it as ckpt_<step>.safetensors. A config.json beside it
 repeats the settings for people to read.
+
+Mixed precision (the `dtype` setting of every training script) is here too: one autocast
+and one GradScaler, the same on a GPU and a CPU.
 """
 import contextlib
 import copy
@@ -15,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import torch
 from safetensors import safe_open
@@ -60,6 +64,45 @@ def all_sum(x):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(x)
     return x
+
+
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+
+
+def resolve_dtype(dtype, device):
+    """'auto' -> 'bfloat16' on GPUs with native bf16 (compute capability 8.0+: A100, L4, H100),
+    'float16' on older ones (T4, V100: is_bf16_supported() says True there, but through
+    emulation at fp32 speed or slower), 'float32' on a CPU."""
+    if dtype not in DTYPES:
+        raise SystemExit(f"error: dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if dtype != 'auto':
+        return dtype
+    if not device.startswith('cuda'):
+        return 'float32'
+    return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
+
+
+def mixed_precision(dtype, device):
+    """-> (autocast context, GradScaler) for a resolved dtype, on a GPU or a CPU alike, so the
+    CPU runs every line a GPU will. The scaler is on for fp16 only, whose 5-bit exponent
+    flushes small gradients to zero; bf16 has fp32's range and needs none."""
+    device_type = torch.device(device).type
+    autocast = torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=dtype != 'float32')
+    return autocast, torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale the gradients (fp16), clip, step and zero them. The scaler skips a step whose
+    gradients overflowed and halves its scale: normal now and then, divergence when the
+    scale has collapsed."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if scaler.is_enabled() and scaler.get_scale() < 2.0 ** -8:
+        raise SystemExit(f"error: the fp16 loss scale fell to {scaler.get_scale():.1e}: the gradients overflow at every "
+                         f"scale; lower --lr or use --dtype=bfloat16 or float32 (and resume with --init_from=resume)")
 
 
 def lr_at(step, max_steps, warmup_steps, lr, min_lr):
@@ -126,9 +169,10 @@ def model_config(model):
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
 
 
-def save_checkpoint(path, model, ema, optimizer, step, config, data_generator, keep_last=3):
+def save_checkpoint(path, model, ema, optimizer, step, config, data_generator, scaler=None, keep_last=3):
     """Write everything a run needs to continue to `path`, atomically, and keep the last
-    `keep_last` checkpoints beside it as ckpt_<step>.safetensors (hard links, no copies)."""
+    `keep_last` checkpoints beside it as ckpt_<step>.safetensors (hard links where the file
+    system allows them, copies where it does not: Google Drive's mount, say)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     optim = optimizer.state_dict()
@@ -138,7 +182,8 @@ def save_checkpoint(path, model, ema, optimizer, step, config, data_generator, k
     tensors['rng.data'] = data_generator.get_state()
     if torch.cuda.is_available():
         tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    meta = dict(step=step, config=config, model_config=model_config(model), optim_groups=optim['param_groups'])
+    meta = dict(step=step, config=config, model_config=model_config(model), optim_groups=optim['param_groups'],
+                scaler=scaler.state_dict() if scaler else {})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     tmp = path + '.tmp'
     save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
@@ -147,7 +192,11 @@ def save_checkpoint(path, model, ema, optimizer, step, config, data_generator, k
     numbered = os.path.join(folder, f"{stem}_{step:06d}.safetensors")
     if os.path.exists(numbered):
         os.remove(numbered)
-    os.link(path, numbered)
+    try:
+        os.link(path, numbered)
+    except OSError:
+        shutil.copyfile(path, numbered + '.tmp')
+        _fsync_replace(numbered + '.tmp', numbered)
     history = sorted(f for f in os.listdir(folder) if f.startswith(stem + '_') and f.endswith('.safetensors'))
     for old in history[:-keep_last]:
         os.remove(os.path.join(folder, old))
@@ -171,7 +220,7 @@ def submodule_state(tensors, prefix):
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_checkpoint(path, model, ema, optimizer, data_generator):
+def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     """Restore everything save_checkpoint wrote; return the step to continue from."""
     tensors, meta = read_checkpoint(path)
     if meta.get('model_config') != model_config(model):
@@ -186,6 +235,8 @@ def load_checkpoint(path, model, ema, optimizer, data_generator):
         i, name = k.split('.', 1)
         state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({'state': state, 'param_groups': meta['optim_groups']})
+    if scaler and scaler.is_enabled() and meta.get('scaler'):  # an fp16 run's loss scale (fp32/bf16 runs have none)
+        scaler.load_state_dict(meta['scaler'])
     torch.set_rng_state(tensors['rng.torch'])
     data_generator.set_state(tensors['rng.data'])
     cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
