@@ -2,8 +2,9 @@
 Measures what the README claims about the generator on this machine, as tables:
 
     python bench.py                          # everything (1 minute on 2 CPU cores)
-    python bench.py --sections=mixer,scan    # some of: params, mixer, scan, latency, flops, runtime
+    python bench.py --sections=mixer,scan    # some of: params, mixer, scan, latency, flops, memory, compile, runtime
     python bench.py --threads=1
+    python bench.py --sections=memory --config=config/pokemon_long.py
 
   params   parameters per component of iris_tiny / small / base
   mixer    forward+backward time of one GRFM core layer against the same layer with full
@@ -14,6 +15,12 @@ Measures what the README claims about the generator on this machine, as tables:
   latency  one generator forward (batch 1, 77 text tokens) at 256 and 512 px for r = 4, 8,
            16, with the process's peak RSS, and the VAE decoder
   flops    this machine's fp32 matmul peak, and the FLOP/s the generator reaches
+  memory   (not in the default; 1 minute) one training step of each stage of --config, as a GPU
+           would run it (autocast in --dtype): the memory it holds (weights, gradients,
+           AdamW, EMA, the activations autograd saves), its FLOPs and op count, and from
+           those an estimate of its time on a T4 (assumptions printed with it)
+  compile  (not in the default; 5 minutes) train_flow.py's step on config/shapes.py, eager
+           against torch.compile (inductor), in fp32, bf16 and fp16 autocast
   runtime  (not in the default; needs requirements-export.txt) the ExecuTorch kernels that
            export_mobile.py works around, each against eager PyTorch
 Timings are medians of several runs after a warm-up. No test asserts on them.
@@ -25,11 +32,15 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from configurator import configure, read_config_file
+from flow import flow_loss
 from model import SIZES, Attention, CoreLayer, IrisConfig, count_parameters, linear_scan, iris_tiny
 from run_mobile import peak_rss_mb
-from vae import WaveletVAE
+from training import make_ema, mixed_precision, optimizer_step
+from vae import WaveletVAE, vae_loss
 
 # -----------------------------------------------------------------------------
 sections = "params,mixer,scan,latency,flops"
@@ -37,8 +48,12 @@ threads = 2
 dim = 384            # width of the mixer comparison (iris_tiny's)
 repeats = 5
 seed = 0
+config = "config/pokemon.py"  # the run the memory section measures (several files: comma-separated, in order)
+# the memory section's autocast. A T4 trains in fp16, but CPU autocast casts the same ops for bf16
+# and fp16 (one list), both 2 bytes: bf16 measures fp16's bytes, FLOPs and ops here, and fp16
+# convolutions run ~150x slower than bf16 on this CPU
+dtype = "bfloat16"
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
 configure(globals())
 torch.set_num_threads(threads)
 torch.manual_seed(seed)
@@ -175,6 +190,149 @@ def bench_flops():
           "the scan and other elementwise work are not counted, so the real rate is a little higher.\n")
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a region dispatches: on a GPU each is roughly one kernel launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure_training_step(model, step):
+    """One training step's memory and work: step() runs a forward under autocast and returns
+    the loss. -> dict of bytes (weights, gradients, AdamW, EMA, saved activations), FLOPs, ops."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):  # every tensor autograd keeps for backward, once per storage, weights aside
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    flops, ops = FlopCounterMode(display=False), OpCounter()
+    with flops, ops:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = step()
+        loss.backward()
+    n = sum(p.numel() for p in model.parameters())
+    return dict(weights=4 * n, gradients=4 * n, adamw=8 * n, ema=4 * n, activations=sum(saved.values()),
+                flops=flops.get_total_flops(), ops=ops.count)
+
+
+# T4 assumptions for the estimate: what a well-fed T4 sustains, not its data-sheet peak (65 TFLOP/s
+# fp16, 320 GB/s); saved activations are written once and read twice (backward, recompute-free);
+# PyTorch eager spends ~10 us of launch and Python overhead per op at these sizes.
+T4_FLOPS, T4_BANDWIDTH, T4_SECONDS_PER_OP = 20e12, 250e9, 10e-6
+
+
+def t4_seconds(m):
+    return m["flops"] / T4_FLOPS + 3 * m["activations"] / T4_BANDWIDTH + m["ops"] * T4_SECONDS_PER_OP
+
+
+def config_settings(script):
+    """What --config's files set for a script, applied in order as the configurator would."""
+    settings = {}
+    for path in config.split(","):
+        settings |= read_config_file(path, script)
+    return settings
+
+
+def config_setting(settings, key, script):
+    if key not in settings:
+        raise SystemExit(f"bench.py: {config} sets no '{key}' for {script}.py; the memory section needs it there")
+    return settings[key]
+
+
+def bench_memory():
+    from text import load_text_encoder
+    print(f"## One training step of {config} in {dtype} autocast, measured on this CPU\n")
+    autocast, _ = mixed_precision(dtype, "cpu")
+    rows, total_minutes = [], 0.0
+    vae_settings = config_settings("train_vae")
+    size, batch = (config_setting(vae_settings, k, "train_vae") for k in ("image_size", "batch_size"))
+    vae = WaveletVAE(config_setting(vae_settings, "channels", "train_vae"), 16,
+                     config_setting(vae_settings, "blocks_per_stage", "train_vae"))
+    x = torch.rand(batch, 3, size, size) * 2 - 1
+
+    def vae_step():
+        with autocast:
+            wavelet_hat, mean, logvar = vae(x)
+        return vae_loss(wavelet_hat.float(), x, mean.float(), logvar.float())[0]
+    measured = [("train_vae", vae, measure_training_step(vae, vae_step), config_setting(vae_settings, "max_steps", "train_vae"),
+                 f"{batch} x {size}px")]
+
+    flow_settings = config_settings("train_flow")
+    size, batch, patch, train_iters, backprop_iters = (config_setting(flow_settings, k, "train_flow") for k in (
+        "image_size", "batch_size", "patch_size", "train_iters", "backprop_iters"))
+    encoder = load_text_encoder(flow_settings.get("text_encoder", "minilm"))
+    model = SIZES[config_setting(flow_settings, "model_size", "train_flow")](patch_size=patch, text_dim=encoder.width,
+                                                                            backprop_iters=backprop_iters)
+    z, t = torch.randn(batch, 16, size // 16, size // 16), torch.rand(batch)
+    text, mask = torch.randn(batch, 77, encoder.width), torch.ones(batch, 77, dtype=torch.bool)  # the longest prompts
+
+    def flow_step(r):
+        with autocast:
+            return flow_loss(model, z, text, mask, r, t=t, eps=torch.randn_like(z))[0].mean()
+    # memory at the largest r (flat in r with backprop_iters); FLOPs and ops grow linearly in r,
+    # so the step at the mean r drawn is the line through the smallest and the largest
+    low, high = (measure_training_step(model, lambda: flow_step(r)) for r in (min(train_iters), max(train_iters)))
+    share = (sum(train_iters) / len(train_iters) - min(train_iters)) / max(1, max(train_iters) - min(train_iters))
+    flow = dict(high, **{k: low[k] + share * (high[k] - low[k]) for k in ("flops", "ops")})
+    flow["frozen"] = 4 * sum(p.numel() for m in (vae, encoder) for p in m.parameters())  # VAE and text encoder
+    measured.append(("train_flow", model, flow, config_setting(flow_settings, "max_steps", "train_flow"),
+                     f"{batch} x {(size // 16 // patch) ** 2} tokens, r={min(train_iters)}..{max(train_iters)}"))
+    for script, module, m, steps, shape in measured:
+        held = sum(v for k, v in m.items() if k not in ("flops", "ops"))
+        seconds = t4_seconds(m)
+        total_minutes += steps * seconds / 60
+        rows.append([script, shape, f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M",
+                     f"{(m['weights'] + m['gradients'] + m['adamw'] + m['ema']) / 2**30:.2f}",
+                     f"{m['activations'] / 2**30:.2f}", f"{held / 2**30:.2f}", f"{m['flops'] / 1e12:.2f}", f"{m['ops']:.0f}",
+                     f"{1e3 * seconds:.0f}", steps, f"{steps * seconds / 60:.0f}"])
+    table(["stage", "batch", "params", "weights+grads+AdamW+EMA GiB", "activations GiB", "total GiB", "TFLOPs/step",
+           "ops/step", "T4 ms/step (est.)", "steps", "T4 min (est.)"], rows)
+    print(f"T4 estimate = FLOPs / {T4_FLOPS / 1e12:.0f} TFLOP/s + 3 x activation bytes / {T4_BANDWIDTH / 1e9:.0f} GB/s "
+          f"+ ops x {T4_SECONDS_PER_OP * 1e6:.0f} us: {total_minutes:.0f} min for both stages. Not counted: CUDA's own\n"
+          f"~0.4 GiB, the allocator's slack, sample grids and checkpoints. A T4 has 15 GiB.\n")
+
+
+def bench_compile():
+    print("## train_flow.py's step on config/shapes.py: eager against torch.compile (inductor), ms\n")
+    settings = read_config_file("config/shapes.py", "train_flow")
+    size, batch = settings["image_size"], settings["batch_size"]
+    r = settings["train_iters"][len(settings["train_iters"]) // 2]
+    z, t = torch.randn(batch, 16, size // 16, size // 16), torch.rand(batch)
+    text, mask = torch.randn(batch, 12, 384), torch.ones(batch, 12, dtype=torch.bool)  # a shapes caption's length
+    rows = []
+    for name in ("float32", "bfloat16", "float16"):
+        times = []
+        for compiled in (False, True):
+            torch.manual_seed(seed)
+            model = iris_tiny(dim=settings["dim"], heads=settings["heads"], core_layers=settings["core_layers"],
+                              patch_size=settings["patch_size"])
+            step_model = torch.compile(model) if compiled else model
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            autocast, scaler = mixed_precision(name, "cpu")
+
+            def train_step():
+                with autocast:
+                    loss = flow_loss(step_model, z, text, mask, r, t=t, eps=torch.randn_like(z))[0].mean()
+                scaler.scale(loss).backward()
+                optimizer_step(model, optimizer, scaler, 1.0)
+            start = time.perf_counter()
+            train_step()  # the first step compiles
+            first = time.perf_counter() - start
+            times.append((1e3 * median_time(train_step), first))
+        (eager, _), (fast, compile_s) = times
+        rows.append([name, f"{eager:.0f}", f"{fast:.0f}", f"{eager / fast:.2f}x", f"{compile_s:.0f}"])
+    table(["dtype", "eager", "compiled", "speed-up", "compile s"], rows)
+    print(f"batch {batch}, {(size // 16 // settings['patch_size']) ** 2} tokens, r = {r}; each r compiles once\n")
+
+
 def run_on_executorch(module, x, partitioners):
     """-> (output of the ExecuTorch program, its size in bytes)"""
     from executorch.exir import to_edge_transform_and_lower
@@ -211,8 +369,8 @@ def bench_runtime():
 
 
 if __name__ == "__main__":
-    benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan,
-               "latency": bench_latency, "flops": bench_flops, "runtime": bench_runtime}
+    benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan, "latency": bench_latency,
+               "flops": bench_flops, "memory": bench_memory, "compile": bench_compile, "runtime": bench_runtime}
     unknown = set(sections.split(",")) - set(benches)
     if unknown:
         raise SystemExit(f"bench.py: unknown section(s) {', '.join(sorted(unknown))}; choose from {','.join(benches)}")

@@ -65,15 +65,20 @@ def configure(script_globals, argv=None):
                 text = argv.pop(0)
             script_globals[key] = _checked(key, _parse(text), defaults, f"--{key}", script)
         else:
-            try:
-                with open(arg) as f:
-                    source = f.read()
-            except OSError as e:
-                raise SystemExit(f"error: cannot read config file '{arg}' ({e.strerror}); pass a path like config/shapes.py or --key=value")
-            overrides = {'script': script}
-            exec(compile(source, arg, 'exec'), {}, overrides)
-            for key, value in overrides.items():
-                if key == 'script' or key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-                    continue  # a config file may import math or define a helper
+            for key, value in read_config_file(arg, script).items():
                 script_globals[key] = _checked(key, value, defaults, arg, script)
     return _settings(script_globals)
+
+
+def read_config_file(path, script):
+    """The settings a config file makes for `script` (a script's name, e.g. 'train_flow')."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise SystemExit(f"error: cannot read config file '{path}' ({e.strerror}); pass a path like config/shapes.py or --key=value")
+    overrides = {'script': script}
+    exec(compile(source, path, 'exec'), {}, overrides)
+    # a config file may import math or define a helper: those are not settings
+    return {key: value for key, value in overrides.items() if key != 'script' and not key.startswith('_')
+            and not isinstance(value, (types.ModuleType, types.FunctionType, type))}

@@ -569,7 +569,7 @@ class Iris(nn.Module):
         iterations r. Returns the velocity, shaped like z. export_mobile.py exports the
         three stages separately, so that a phone picks r at run time too."""
         self.check_latent_size(*z.shape[-2:])
-        if not bool(text_mask.any(dim=1).all()):
+        if not torch.compiler.is_compiling() and not bool(text_mask.any(dim=1).all()):  # reading it breaks the graph
             raise ValueError("a prompt has no unmasked text token; encode '' (not nothing) for the unconditional branch")
         hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)
         e, c_base, context = self.prelude_forward(z, t, text, text_mask)

@@ -23,7 +23,7 @@ from PIL import Image
 
 import cache
 from cache import load_training_set
-from configurator import configure
+from configurator import configure, read_config_file
 from data import load_data, load_hub, load_imagefolder, make_shapes, shape_attributes, to_float, to_uint8
 from eval_shapes import adherence, analyse
 from flow import consistency_fn, consistency_loss, consistency_sample, euler_sample, flow_loss, guided_velocity, time_grid
@@ -501,6 +501,17 @@ def test_distillation_steps_lower_the_consistency_loss(dtype):
     assert np.isfinite(after) and after < 0.7 * before, (before, after)
 
 
+@pytest.mark.slow  # inductor compiles each r once: about 80 s per dtype on 2 cores
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_train_flow_compiles_with_inductor_in_every_dtype(tiny_runs, dtype):
+    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=4', '--compile=True',
+                   f'--dtype={dtype}', f'--out_dir=out-compiled-{dtype}'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [float(line.split(',')[1]) for line in (tiny_runs / f'out-compiled-{dtype}' / 'log.csv').read_text().splitlines()[1:]]
+    assert len(losses) == 2 and np.isfinite(losses).all()  # rows for step 0 and the last step
+    assert (tiny_runs / f'out-compiled-{dtype}' / 'samples_000004.png').exists()
+
+
 def test_distill_script_then_one_step_sampling(tiny_runs):
     result = _run(['distill.py', os.path.join(HERE, 'config', 'shapes.py'), '--teacher_dir=out-flow', '--cache_dir=cache',
                    '--out_dir=out-cd', '--batch_size=8', '--max_steps=3', '--eval_interval=2', '--iters=2',
@@ -731,6 +742,23 @@ def test_config_file_with_an_unknown_key_is_an_error(tmp_path):
     config_file.write_text('learning_rate = 1e-3\n')
     with pytest.raises(SystemExit, match=f"no setting 'learning_rate' .*{config_file}"):
         configure(_script_globals(), [str(config_file)])
+
+def _script_settings(script):
+    """The names a script assigns at module level: its settings block and what follows."""
+    import ast
+    with open(os.path.join(HERE, f'{script}.py')) as f:
+        tree = ast.parse(f.read())
+    return {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+            if isinstance(target, ast.Name)}
+
+
+@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py'])
+def test_every_config_file_sets_only_settings_each_stage_has(config):
+    for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes'):
+        unknown = set(read_config_file(os.path.join(HERE, 'config', config), script)) - _script_settings(script)
+        assert not unknown, (config, script, unknown)
+    assert read_config_file(os.path.join(HERE, 'config', config), 'distill')  # every setup distils too
+
 
 # -----------------------------------------------------------------------------
 # data.py

@@ -1,5 +1,10 @@
-# The seed's setup: Pokemon BLIP captions (833 images) at 256x256 on one free T4 GPU.
+# The seed's setup as a quickstart: Pokemon BLIP captions (833 images) at 256x256 on one free
+# T4 (fp16 + GradScaler, chosen by dtype='auto'). VAE + generator estimated at ~24 min there
+# (`python bench.py --sections=memory`; README, "Run on a free T4"):
 #   python train_vae.py config/pokemon.py && python train_flow.py config/pokemon.py && python sample.py config/pokemon.py
+#   python distill.py config/pokemon.py && python sample.py config/pokemon.py --out_dir=out-pokemon-cd --steps=2
+#   python export_mobile.py config/pokemon.py --precision=fp16
+# A better model within one free Colab runtime: add config/pokemon_long.py after this file.
 # Offline, put the images in a folder with a metadata.jsonl and add --data_dir=PATH.
 if script in ('train_vae', 'train_flow'):
     dataset = 'reach-vb/pokemon-blip-captions'
@@ -11,10 +16,10 @@ if script == 'train_vae':
     channels = (64, 128, 256)
     blocks_per_stage = 2
     batch_size = 16
-    max_steps = 20000
+    max_steps = 5000
     lr = 4e-4
     min_lr = 4e-5
-    warmup_steps = 500
+    warmup_steps = 200
     eval_interval = 1000
 
 if script in ('train_flow', 'sample', 'export_mobile'):
@@ -22,10 +27,20 @@ if script in ('train_flow', 'sample', 'export_mobile'):
 if script == 'train_flow':
     vae_dir = 'out-pokemon-vae'
     model_size = 'small'  # 47M; patch 2 -> 64 tokens at 256 px
+    patch_size = 2
+    train_iters = (4, 6, 8)  # every core iteration is ~40% of a step's kernel launches on a GPU
+    backprop_iters = 4  # memory stays flat in r
     batch_size = 32
-    max_steps = 30000
-    lr = 1e-4
-    min_lr = 1e-5
-    warmup_steps = 1000
-    eval_interval = 1000
-    backprop_iters = 4  # memory stays flat in r on a 16 GB T4
+    max_steps = 3000
+    lr = 3e-4
+    min_lr = 3e-5
+    warmup_steps = 200
+    eval_interval = 500
+
+if script == 'distill':
+    out_dir = 'out-pokemon-cd'
+    teacher_dir = 'out-pokemon-flow'
+    iters = 4
+    batch_size = 32
+    max_steps = 1000
+    eval_interval = 250
