@@ -659,6 +659,23 @@ def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-1500:]
 
 
+def test_fp16_skips_an_overflowed_step_and_stops_when_the_scale_collapses():
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, scaler = mixed_precision('float16', 'cpu')
+    scaler.scale(torch.ones(()))  # the scale is made on first use: 2^16
+
+    def overflowed_step():
+        model.weight.grad, model.bias.grad = torch.full((1, 2), float('inf')), torch.zeros(1)
+        optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+    weight = model.weight.detach().clone()
+    overflowed_step()  # skipped and halved, not an error
+    assert torch.equal(model.weight, weight) and scaler.get_scale() == 2.0 ** 15
+    with pytest.raises(SystemExit, match='loss scale fell to 2.0e-03: the gradients overflow at every scale'):
+        for _ in range(30):
+            overflowed_step()
+
+
 @pytest.mark.parametrize('hard_links', [True, False])
 def test_keep_last_checkpoints(tmp_path, monkeypatch, hard_links):
     if not hard_links:  # Google Drive's mount in Colab, and other file systems that refuse them
