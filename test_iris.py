@@ -25,6 +25,7 @@ import cache
 from cache import load_training_set
 from configurator import configure, read_config_file
 from data import load_data, load_hub, load_imagefolder, make_shapes, shape_attributes, to_float, to_uint8
+from eval_real import frechet_distance, ssim
 from eval_shapes import adherence, analyse
 from flow import consistency_fn, consistency_loss, consistency_sample, euler_sample, flow_loss, guided_velocity, time_grid
 from model import (SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SpatialMixer, count_parameters,
@@ -769,12 +770,39 @@ def _script_settings(script):
             if isinstance(target, ast.Name)}
 
 
-@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py'])
+@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py'])
 def test_every_config_file_sets_only_settings_each_stage_has(config):
-    for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes'):
+    for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes', 'eval_real'):
         unknown = set(read_config_file(os.path.join(HERE, 'config', config), script)) - _script_settings(script)
         assert not unknown, (config, script, unknown)
     assert read_config_file(os.path.join(HERE, 'config', config), 'distill')  # every setup distils too
+
+
+# -----------------------------------------------------------------------------
+# eval_real.py: the metrics against closed forms
+
+
+def test_ssim_is_one_on_itself_and_the_closed_form_on_flat_images():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    assert abs(ssim(x, x) - 1) < 1e-12
+    noisy = (x.float() + 40 * torch.randn(x.shape)).clamp(0, 255).to(torch.uint8)
+    assert ssim(noisy, x) < 0.9
+    a, b = torch.full((1, 3, 16, 16), 100, dtype=torch.uint8), torch.full((1, 3, 16, 16), 140, dtype=torch.uint8)
+    c1 = (0.01 * 255) ** 2  # flat images: no variance, so SSIM is its luminance term alone
+    assert abs(ssim(a, b) - (2 * 100 * 140 + c1) / (100 ** 2 + 140 ** 2 + c1)) < 1e-12
+
+
+def test_frechet_distance_matches_the_two_by_two_closed_form():
+    torch.manual_seed(0)
+    a = torch.randn(500, 2) @ torch.tensor([[1.0, 0.5], [0.0, 2.0]])
+    b = torch.randn(400, 2) @ torch.tensor([[0.7, -0.3], [0.2, 1.0]]) + torch.tensor([1.0, -2.0])
+    cov_a, cov_b = torch.cov(a.T.double()), torch.cov(b.T.double())
+    product = cov_a @ cov_b  # its eigenvalues are positive: Tr sqrt = sqrt(tr + 2 sqrt(det)) for 2x2
+    trace_root = torch.sqrt(product.trace() + 2 * torch.sqrt(torch.linalg.det(product)))
+    expected = (a.double().mean(0) - b.double().mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
+    assert abs(frechet_distance(a, b) - expected.item()) < 1e-9
+    assert abs(frechet_distance(a, a)) < 1e-9
 
 
 # -----------------------------------------------------------------------------
@@ -807,6 +835,21 @@ def _write_folder(folder):
     rows += [{'file_name': 'corrupt.png', 'text': 'x'}, {'file_name': 'empty.jpg', 'text': 'y'}]
     (folder / 'metadata.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     return captions
+
+
+def test_twemoji_prepare_is_deterministic_and_keeps_each_emoji_in_one_split(tmp_path):
+    for out in ('a', 'b'):
+        result = _run(['data/twemoji/prepare.py', '--size=32', '--source=png', f'--out={tmp_path / out}'], tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*') if p.is_file())
+    assert len(files) > 3000 and all((tmp_path / 'a' / f).read_bytes() == (tmp_path / 'b' / f).read_bytes() for f in files)
+    splits = {}
+    for split in ('train', 'test'):
+        images, captions = load_imagefolder(str(tmp_path / 'a' / split), 32)
+        assert images.shape[1:] == (3, 32, 32) and (images[:, :, 0, 0] == 255).all(1).float().mean() > 0.5  # on white
+        splits[split] = {caption.split(', ')[0] for caption in captions}  # the emoji without its skin tone
+    assert 'grinning face' in splits['train'] | splits['test'] and not splits['train'] & splits['test']
+    assert 'CC BY 4.0' in (tmp_path / 'a' / 'LICENSE.txt').read_text()
 
 
 def test_imagefolder_loader_converts_odd_images_and_skips_corrupt_ones(tmp_path):

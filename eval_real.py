@@ -1,0 +1,228 @@
+"""
+What an IRIS run learned of real images, measured on the test split it never saw
+(config/emoji.py's Twemoji, or any imagefolder whose metadata.jsonl gives each image a
+"group"):
+
+    python eval_real.py config/emoji.py                           # the train_flow.py run, 25 steps
+    python eval_real.py config/emoji.py --out_dir=out-emoji-cd    # its distilled student, 1, 2 and 4 steps
+
+1. The VAE: PSNR and SSIM (Wang et al. 2004) of the test images after the round trip.
+2. The generator's held-out rectified-flow loss, SD3's validation loss: the test latents
+   and captions at fixed noise, at the middle of each quarter of t, for r = 2, 4, 8, 16.
+3. Conditioning, with no pretrained weights: a small CNN learns the training split's
+   Unicode groups (smileys, people, animals & nature, ...) here, then reads the real test
+   images (its ceiling) and images generated from the same test captions. Also the Fréchet
+   distance between real and generated test images in that CNN's features: a "classifier
+   Fréchet distance", not FID (no Inception network), comparable only within this eval.
+4. Copying: each generated image's nearest training image in those features, against the
+   real test images' own nearest training images.
+It writes eval_real.png in out_dir: rows of test captions' real image, generated image and
+the nearest training image to it.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configurator import configure
+from data import load_imagefolder, save_grid, to_float
+from flow import flow_loss, text_to_image
+from model import load_generator
+from text import load_text_encoder
+from training import mixed_precision, resolve_dtype
+from vae import load_vae, psnr, reconstruct
+
+# -----------------------------------------------------------------------------
+out_dir = ''  # a train_flow.py / distill.py run; '' = the newest generator checkpoint under out*/
+test_dir = ''  # '' = the run's data_dir with 'train' replaced by 'test'
+steps_list = (25,)  # sampling steps to measure; a distilled student: (1, 2, 4)
+iters = 0  # core iterations for sampling (0 = the run's sample_iters)
+loss_iters = (2, 4, 8, 16)  # r for the held-out flow loss
+cfg_scale = 4.0
+classifier_size = 64  # the CNN reads images at this side
+classifier_steps = 1500
+batch_size = 64
+seed = 0
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'auto'  # autocast for sampling: 'auto', 'float32', 'bfloat16' or 'float16'
+# -----------------------------------------------------------------------------
+
+
+def ssim(images, references, window=11, sigma=1.5):
+    """Mean SSIM of uint8 (N, 3, H, W) batches: Gaussian-weighted local means, variances and
+    covariance per channel, with the paper's constants for 8-bit images."""
+    x, y = images.double(), references.double()
+    g = torch.exp(-(torch.arange(window, dtype=torch.float64) - window // 2) ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum())
+    kernel = (g[:, None] * g[None, :]).expand(3, 1, window, window)
+    blur = lambda t: F.conv2d(t, kernel, groups=3)  # noqa: E731 ('valid': no padding artefacts)
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean().item()
+
+
+def frechet_distance(a, b):
+    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (N, D), in float64.
+    Tr (S_a S_b)^(1/2) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), which is symmetric."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+class GroupClassifier(nn.Module):
+    """Four stride-2 conv blocks and a linear head; features() is the pooled 128-d vector."""
+
+    def __init__(self, groups):
+        super().__init__()
+        layers, width = [], 3
+        for out in (32, 64, 128, 128):
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.SiLU()]
+            width = out
+        self.body, self.head = nn.Sequential(*layers), nn.Linear(width, groups)
+
+    def features(self, x):
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def classifier_input(images):
+    return F.interpolate(to_float(images), size=classifier_size, mode='area')
+
+
+def train_classifier(images, labels, groups):
+    torch.manual_seed(seed)
+    model = GroupClassifier(groups)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    x = classifier_input(images)
+    for step in range(classifier_steps):
+        index = torch.randint(len(x), (batch_size,))
+        batch = x[index]
+        batch = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, batch, batch.flip(-1))  # mirror
+        loss = F.cross_entropy(model(batch), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def read(classifier, images):
+    """-> (predicted group, features) for uint8 images."""
+    features = torch.cat([classifier.features(classifier_input(images[i:i + 256])) for i in range(0, len(images), 256)])
+    return classifier.head(features).argmax(-1), features
+
+
+def accuracy(predicted, labels):
+    """Plain accuracy and the mean of the per-group recalls (the groups are unbalanced)."""
+    recalls = [(predicted[labels == g] == g).float().mean() for g in labels.unique()]
+    return (predicted == labels).float().mean().item(), torch.stack(recalls).mean().item()
+
+
+def nearest_distance(features, reference):
+    """For each row of features, the L2 distance to its nearest row of reference, and which."""
+    distance = torch.cdist(features, reference)
+    return distance.min(dim=1)
+
+
+def load_split(folder, image_size):
+    images, captions = load_imagefolder(folder, image_size)
+    with open(os.path.join(folder, 'metadata.jsonl')) as f:
+        group_of = {row['text']: row.get('group') for row in map(json.loads, f)}
+    return images, captions, [group_of.get(c) for c in captions]
+
+
+@torch.no_grad()
+def held_out_flow_loss(model, latents, tokens, mask):
+    """Mean loss at t = 1/8, 3/8, 5/8, 7/8 with one fixed noise per image, per r."""
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    rows = {}
+    for r in loss_iters:
+        bands = []
+        for t in (0.125, 0.375, 0.625, 0.875):
+            losses = [flow_loss(model, latents[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size], r,
+                                t=torch.full((len(latents[i:i + batch_size]),), t, device=device),
+                                eps=noise[i:i + batch_size])[0] for i in range(0, len(latents), batch_size)]
+            bands.append(torch.cat(losses).mean().item())
+        rows[r] = bands
+    return rows
+
+
+if __name__ == '__main__':
+    configure(globals())
+    model, run, out_dir = load_generator(out_dir, device)
+    test_dir = test_dir or os.path.join(os.path.dirname(run['data_dir'].rstrip('/')), 'test')
+    if not run.get('data_dir') or not os.path.isfile(os.path.join(test_dir, 'metadata.jsonl')):
+        raise SystemExit(f"error: no test split at '{test_dir}' for {out_dir}; train on an imagefolder with a sibling "
+                         f"'test' folder (python data/twemoji/prepare.py) or pass --test_dir")
+    size = run['image_size']
+    train_images, _, train_groups = load_split(run['data_dir'], size)
+    test_images, test_captions, test_groups = load_split(test_dir, size)
+    if None in train_groups or None in test_groups:
+        raise SystemExit("error: every metadata.jsonl line needs a \"group\" for the classifier")
+    names = sorted(set(train_groups))
+    train_labels = torch.tensor([names.index(g) for g in train_groups])
+    test_labels = torch.tensor([names.index(g) if g in names else -1 for g in test_groups])
+    vae = load_vae(run['vae_dir'], device)
+    encoder = load_text_encoder(model.config.text_encoder, device)
+    autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)
+    print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test images at {size} px\n")
+
+    recon = reconstruct(vae, test_images)
+    print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, SSIM {ssim(recon, test_images):.4f}\n")
+
+    with torch.no_grad():
+        latents = torch.cat([vae.encode_latent(to_float(test_images[i:i + batch_size]).to(device))
+                             for i in range(0, len(test_images), batch_size)])
+    tokens, mask = encoder(test_captions)
+    with autocast:
+        losses = held_out_flow_loss(model, latents, tokens.to(device), mask.to(device))
+    print("| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean |\n|---|---|---|---|---|---|")
+    for r, bands in losses.items():
+        print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} |")
+
+    classifier = train_classifier(train_images, train_labels, len(names))
+    _, train_features = read(classifier, train_images)
+    predicted, real_features = read(classifier, test_images)
+    real_nearest, _ = nearest_distance(real_features, train_features)
+    real_accuracy = accuracy(predicted, test_labels)
+    print(f"\ngroup classifier ({len(names)} groups; {100 * (test_labels == test_labels.mode().values).float().mean():.1f}% "
+          f"of the test split is its largest group)\n")
+    print("| images | accuracy | mean group recall | of real accuracy | classifier Fréchet distance | nearest training "
+          "image, median distance |\n|---|---|---|---|---|---|")
+    print(f"| real test images | {100 * real_accuracy[0]:.1f} | {100 * real_accuracy[1]:.1f} | 100% | 0 | "
+          f"{real_nearest.median():.3f} |")
+    sampler = run.get('sampler', 'euler')
+    iters = iters or run['sample_iters']
+    noise = torch.randn(len(test_captions), model.config.latent_channels, size // 16, size // 16,
+                        generator=torch.Generator().manual_seed(seed)).to(device)
+    for steps in steps_list:
+        with autocast:
+            generated = torch.cat([text_to_image(model, vae, encoder, test_captions[i:i + batch_size],
+                                                 noise[i:i + batch_size], steps, cfg_scale, iters, sampler=sampler,
+                                                 generator=torch.Generator().manual_seed(seed + 1))
+                                   for i in range(0, len(test_captions), batch_size)])
+        predicted, features = read(classifier, generated)
+        nearest, which = nearest_distance(features, train_features)
+        acc = accuracy(predicted, test_labels)
+        print(f"| {steps} {sampler} steps, r = {iters} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | "
+              f"{100 * acc[0] / real_accuracy[0]:.0f}% | {frechet_distance(real_features, features):.3f} | "
+              f"{nearest.median():.3f} |")
+        if steps == steps_list[-1]:
+            shown = torch.arange(0, len(test_images), max(1, len(test_images) // 6))[:6]  # 6 columns: under 200 KB
+            save_grid(torch.cat([test_images[shown], generated[shown], train_images[which[shown]]]),
+                      os.path.join(out_dir, 'eval_real.png'), columns=6)
+            with open(os.path.join(out_dir, 'eval_real.txt'), 'w') as f:
+                f.write('\n'.join(test_captions[i] for i in shown) + '\n')
+    print(f"\nrows of {out_dir}/eval_real.png: real test image, generated from its caption "
+          f"({out_dir}/eval_real.txt), nearest training image")
