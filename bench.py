@@ -39,7 +39,7 @@ from configurator import configure, read_config_file
 from flow import flow_loss
 from model import SIZES, Attention, CoreLayer, IrisConfig, count_parameters, linear_scan, iris_tiny
 from run_mobile import peak_rss_mb
-from training import make_ema, mixed_precision, optimizer_step
+from training import mixed_precision, optimizer_step
 from vae import WaveletVAE, vae_loss
 
 # -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from vae import load_vae, psnr, reconstruct
 
 # -----------------------------------------------------------------------------
 out_dir = ''  # a train_flow.py / distill.py run; '' = the newest generator checkpoint under out*/
-test_dir = ''  # '' = the run's data_dir with 'train' replaced by 'test'
+test_dir = ''  # '' = the folder 'test' beside the run's data_dir (prepare.py's layout)
 steps_list = (25,)  # sampling steps to measure; a distilled student: (1, 2, 4)
 iters = 0  # core iterations for sampling (0 = the run's sample_iters)
 loss_iters = (2, 4, 8, 16)  # r for the held-out flow loss
@@ -160,9 +160,10 @@ def held_out_flow_loss(model, latents, tokens, mask):
 
 if __name__ == '__main__':
     configure(globals())
+    autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)  # a bad --dtype stops here, before any work
     model, run, out_dir = load_generator(out_dir, device)
-    test_dir = test_dir or os.path.join(os.path.dirname(run['data_dir'].rstrip('/')), 'test')
-    if not run.get('data_dir') or not os.path.isfile(os.path.join(test_dir, 'metadata.jsonl')):
+    test_dir = test_dir or os.path.join(os.path.dirname(run.get('data_dir', '').rstrip('/')), 'test')
+    if not os.path.isfile(os.path.join(test_dir, 'metadata.jsonl')):
         raise SystemExit(f"error: no test split at '{test_dir}' for {out_dir}; train on an imagefolder with a sibling "
                          f"'test' folder (python data/twemoji/prepare.py) or pass --test_dir")
     size = run['image_size']
@@ -175,7 +176,6 @@ if __name__ == '__main__':
     test_labels = torch.tensor([names.index(g) if g in names else -1 for g in test_groups])
     vae = load_vae(run['vae_dir'], device)
     encoder = load_text_encoder(model.config.text_encoder, device)
-    autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)
     print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test images at {size} px\n")
 
     recon = reconstruct(vae, test_images)
