@@ -25,6 +25,7 @@ import cache
 from cache import load_training_set
 from configurator import configure, read_config_file
 from data import load_data, load_hub, load_imagefolder, make_shapes, shape_attributes, to_float, to_uint8
+import eval_real
 from eval_real import frechet_distance, ssim
 from eval_shapes import adherence, analyse
 from flow import consistency_fn, consistency_loss, consistency_sample, euler_sample, flow_loss, guided_velocity, time_grid
@@ -803,6 +804,21 @@ def test_frechet_distance_matches_the_two_by_two_closed_form():
     expected = (a.double().mean(0) - b.double().mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
     assert abs(frechet_distance(a, b) - expected.item()) < 1e-9
     assert abs(frechet_distance(a, a)) < 1e-9
+
+
+def test_group_classifier_learns_a_rare_group_and_balanced_accuracy_weighs_groups_equally(monkeypatch):
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, -1])  # -1: a group the classifier never learned, left out
+    predicted = torch.tensor([0, 0, 0, 0, 1, 0, 0])
+    balanced, plain = eval_real.accuracy(predicted, labels)
+    assert balanced == (1.0 + 0.5) / 2 and abs(plain - 5 / 7) < 1e-7
+    monkeypatch.setattr(eval_real, 'classifier_steps', 100)
+    monkeypatch.setattr(eval_real, 'classifier_size', 16)
+    colours = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=torch.uint8)
+    groups = torch.tensor([0] * 400 + [1] * 2 + [2] * 2)  # 200:1:1, like People & Body against the rest
+    images = torch.full((len(groups), 3, 32, 32), 255, dtype=torch.uint8)
+    images[:, :, 8:24, 8:24] = colours[groups][:, :, None, None]  # a coloured square on white
+    classifier = eval_real.train_classifier(images, groups, 3)
+    assert eval_real.accuracy(eval_real.read(classifier, images)[0], groups)[0] == 1.0
 
 
 # -----------------------------------------------------------------------------
