@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import configure, read_config_file
 from flow import flow_loss
-from model import SIZES, Attention, CoreLayer, IrisConfig, count_parameters, linear_scan, iris_tiny
+from model import SIZES, CoreLayer, IrisConfig, SelfAttentionMixer, count_parameters, linear_scan, iris_tiny
 from run_mobile import peak_rss_mb
 from training import mixed_precision, optimizer_step
 from vae import WaveletVAE, vae_loss
@@ -81,17 +81,6 @@ def reset_peak_rss():
         f.write("5")
 
 
-class SelfAttentionMixer(nn.Module):
-    """Full self-attention with GRFM's call signature, for a like-for-like swap."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.attention = Attention(dim, heads)
-
-    def forward(self, x, hw):
-        return self.attention(x)
-
-
 def bench_params():
     print("## Parameters (generator, millions)\n")
     rows = []
@@ -110,12 +99,13 @@ def bench_mixer():
     attention_layer = copy.deepcopy(grfm_layer)
     attention_layer.mixer = SelfAttentionMixer(dim, cfg.heads)
     c = torch.randn(1, dim)
-    context, mask = torch.randn(1, 77, dim), torch.ones(1, 1, 1, 77, dtype=torch.bool)
+    text_kv = grfm_layer.cross_attention.key_values(torch.randn(1, 77, dim)).detach()
+    mask = torch.ones(1, 1, 1, 77, dtype=torch.bool)
     rows = []
     for side in (8, 16, 32, 64):
         hw, n = (side, side), side * side
         x = torch.randn(1, n, dim, requires_grad=True)
-        layer_ms = [1e3 * median_time(lambda: layer(x, c, hw, context, mask).sum().backward())
+        layer_ms = [1e3 * median_time(lambda: layer(x, c, hw, text_kv, mask).sum().backward())
                     for layer in (grfm_layer, attention_layer)]
         mixer_ms = [1e3 * median_time(lambda: layer.mixer(x, hw).sum().backward())
                     for layer in (grfm_layer, attention_layer)]

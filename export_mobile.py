@@ -11,8 +11,8 @@ check every export on this machine against PyTorch before trusting it.
 
 What is exported, at a fixed image size and batch (ExecuTorch plans memory ahead):
     text_encoder  input_ids, attention_mask (1, 77) -> tokens (1, 77, W); tokenizer.json beside it
-    generator     prelude (z, t, text, mask) -> e, c, context
-                  core (s, e, c, i / r, context, mask) -> s          the app runs it r times
+    generator     prelude (z, t, text, mask) -> e, c, text_kv
+                  core (s, e, c, i / r, text_kv, mask) -> s          the app runs it r times
                   coda (s, c) -> velocity                            (ONNX: one file per method)
     vae_decoder   z (1, 16, S/16, S/16) -> image (1, 3, S, S) in [-1, 1]
 The generator's batch is 2 for a train_flow.py run (guidance runs both prompts at once)
@@ -180,10 +180,10 @@ def generator_methods(model, z, t, text, mask):
     hw = (z.shape[-2] // model.config.patch_size, z.shape[-1] // model.config.patch_size)
     progress = torch.full((len(z),), 0.5)  # half-way through the core iterations
     with torch.no_grad():
-        e, c_base, context = (x.contiguous() for x in model.prelude_forward(z, t, text, mask))
-        s = model.core_iteration(e, e, c_base, progress, context, mask, hw).contiguous()
+        e, c_base, text_kv = (x.contiguous() for x in model.prelude_forward(z, t, text, mask))
+        s = model.core_iteration(e, e, c_base, progress, text_kv, mask, hw).contiguous()
     return {'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text, mask)),
-            'core': (Method(model, lambda m, *x: m.core_iteration(*x, hw)), (s, e, c_base, progress, context, mask)),
+            'core': (Method(model, lambda m, *x: m.core_iteration(*x, hw)), (s, e, c_base, progress, text_kv, mask)),
             'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
 
 

@@ -24,6 +24,8 @@ GRFM, the token mixer, fuses three views of the h x w token grid:
   3. Spatial: RMT's Manhattan decay (Fan et al. 2023, arXiv 2309.11523),
      D[n, m] = gamma_h^(|y_n - y_m| + |x_n - x_m|) per head, applied separably.
   y = W_o LN(g * fourier + (1 - g) * recurrent + alpha * spatial),  g = sigmoid(W_g x)
+IrisConfig(mixer="attention") puts full self-attention in GRFM's place: the baseline that
+bench.py and the evals measure GRFM against.
 
 Run `python bench.py` for parameter counts and timings; tests are in test_iris.py.
 """
@@ -51,6 +53,7 @@ class IrisConfig:
     fourier_blocks: int = 8      # AFNO's block-diagonal split of the channels
     softshrink: float = 0.01
     window: int = 8              # Coda's local attention window, in tokens
+    mixer: str = "grfm"          # the Core's token mixer: "grfm" or "attention" (full self-attention, the baseline)
     backprop_iters: int = 0      # train through only the last k core iterations (0 = all)
     fft_impl: str = "torch"      # "torch" (complex FFT) or "dft" (real matmuls, for export)
     text_encoder: str = "minilm"  # the token space text_proj was trained on (text.py); samplers must match it
@@ -387,24 +390,40 @@ class GRFM(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with F.scaled_dot_product_attention; keys from `context` if given."""
+    """Multi-head attention with F.scaled_dot_product_attention: self-attention, or
+    cross-attention to keys and values computed once by key_values(context)."""
 
-    def __init__(self, dim, heads, context_dim=None):
+    def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
         self.query = nn.Linear(dim, dim)
-        self.key_value = nn.Linear(context_dim or dim, 2 * dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x, context=None, mask=None):
-        # x: (B, N, D); context: (B, L, Dc); mask: broadcastable to (B, heads, N, L), True = attend
+    def split_heads(self, x):
         B, N, D = x.shape
-        context = x if context is None else context
-        split = lambda t: t.view(B, t.shape[1], self.heads, D // self.heads).transpose(1, 2)   # noqa: E731
-        q = split(self.query(x))
-        k, v = map(split, self.key_value(context).chunk(2, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x.view(B, N, self.heads, D // self.heads).transpose(1, 2)
+
+    def key_values(self, context):
+        """(B, L, D) -> (2, B, heads, L, D / heads): keys and values, stacked (a view, no copy)."""
+        B, L, D = context.shape
+        return self.key_value(context).view(B, L, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x, key_values=None, mask=None):
+        # x: (B, N, D); key_values: from key_values(), or None for self-attention;
+        # mask: broadcastable to (B, heads, N, L), True = attend
+        B, N, D = x.shape
+        k, v = self.key_values(x) if key_values is None else key_values
+        out = F.scaled_dot_product_attention(self.split_heads(self.query(x)), k, v, attn_mask=mask)
         return self.out(out.transpose(1, 2).reshape(B, N, D))
+
+
+class SelfAttentionMixer(Attention):
+    """Full self-attention over all h*w tokens with GRFM's call signature: the Core's token
+    mixer with IrisConfig(mixer="attention"), the baseline GRFM is measured against."""
+
+    def forward(self, x, hw):
+        return super().forward(x)
 
 
 def window_attention(attention, x, hw, window):
@@ -456,17 +475,17 @@ class CoreLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False)
-        self.mixer = GRFM(cfg)
+        self.mixer = GRFM(cfg) if cfg.mixer == "grfm" else SelfAttentionMixer(cfg.dim, cfg.heads)
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.cross_attention = Attention(cfg.dim, cfg.heads)
         self.norm3 = nn.LayerNorm(cfg.dim, elementwise_affine=False)
         self.ffn = FeedForward(cfg.dim, cfg.mlp_ratio)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 7 * cfg.dim))
 
-    def forward(self, x, c, hw, context, context_mask):
+    def forward(self, x, c, hw, text_kv, text_mask):
         shift1, scale1, gate1, gate2, shift3, scale3, gate3 = self.modulation(c).unsqueeze(1).chunk(7, dim=-1)
         x = x + gate1 * self.mixer(modulate(self.norm1(x), shift1, scale1), hw)
-        x = x + gate2 * self.cross_attention(self.norm2(x), context, context_mask)
+        x = x + gate2 * self.cross_attention(self.norm2(x), text_kv, text_mask)
         return x + gate3 * self.ffn(modulate(self.norm3(x), shift3, scale3))
 
 
@@ -495,6 +514,8 @@ class Iris(nn.Module):
         D = cfg.dim
         if D % cfg.heads or (D // cfg.heads) % 2 or D % 4:
             raise ValueError(f"dim {D} must split into {cfg.heads} heads of even width and be a multiple of 4")
+        if cfg.mixer not in ("grfm", "attention"):
+            raise ValueError(f"mixer must be 'grfm' or 'attention', not {cfg.mixer!r}")
         self.patch_embed = nn.Conv2d(cfg.latent_channels, D, cfg.patch_size, stride=cfg.patch_size)
         self.text_proj = nn.Linear(cfg.text_dim, D)
         self.time_embed = ScalarEmbedder(D, scale=1000.0)      # t in [0, 1] spread like DDPM's 1000 steps
@@ -533,7 +554,9 @@ class Iris(nn.Module):
 
     def prelude_forward(self, z, t, text, text_mask):
         """Everything before the Core: -> e (B, N, D) the prelude's tokens, c_base (B, D)
-        the conditioning of time and text, context (B, L, D) the projected text tokens."""
+        the conditioning of time and text, and text_kv (core_layers, 2, B, heads, L, D/heads):
+        each Core layer's cross-attention keys and values of the text, the same in every
+        iteration, so computed here once instead of r times."""
         x = self.patch_embed(z)
         hw = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
@@ -544,15 +567,15 @@ class Iris(nn.Module):
         c_base = self.time_embed(t) + self.text_pool(pooled)
         for block in self.prelude:
             x = block(x, hw)
-        return x, c_base, context
+        return x, c_base, torch.stack([layer.cross_attention.key_values(context) for layer in self.core])
 
-    def core_iteration(self, s, e, c_base, progress, context, text_mask, hw):
+    def core_iteration(self, s, e, c_base, progress, text_kv, text_mask, hw):
         """s_{i+1} = Core(adapter([s_i, e]), c_i), progress: (B,) = i / r. The core is told its
         progress rather than i, because r at inference may exceed every r seen in training."""
         c = c_base + self.progress_embed(progress)
         s = self.adapter(torch.cat([s, e], dim=-1))
-        for layer in self.core:
-            s = layer(s, c, hw, context, text_mask[:, None, None, :])
+        for layer, layer_kv in zip(self.core, text_kv):
+            s = layer(s, c, hw, layer_kv, text_mask[:, None, None, :])
         return s
 
     def coda_forward(self, s, c_base, hw):
@@ -572,7 +595,7 @@ class Iris(nn.Module):
         if not torch.compiler.is_compiling() and not bool(text_mask.any(dim=1).all()):  # reading it breaks the graph
             raise ValueError("a prompt has no unmasked text token; encode '' (not nothing) for the unconditional branch")
         hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)
-        e, c_base, context = self.prelude_forward(z, t, text, text_mask)
+        e, c_base, text_kv = self.prelude_forward(z, t, text, text_mask)
         s = e
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.
@@ -580,7 +603,7 @@ class Iris(nn.Module):
         for i in range(iters):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_with_grad):
                 progress = torch.full((len(z),), i / iters, device=z.device)
-                s = self.core_iteration(s, e, c_base, progress, context, text_mask, hw)
+                s = self.core_iteration(s, e, c_base, progress, text_kv, text_mask, hw)
         return self.coda_forward(s, c_base, hw)
 
 

@@ -95,10 +95,10 @@ class MobileGenerator:
         if len(z) != self.batch:
             raise SystemExit(f"error: this generator was exported for batch {self.batch}, not {len(z)}; "
                              f"re-export it or use its sampler and guidance settings")
-        e, c_base, context = self.run('prelude', z, t, text, mask)
+        e, c_base, text_kv = self.run('prelude', z, t, text, mask)
         s = e
         for i in range(iters):
-            s = self.run('core', s, e, c_base, torch.full((len(z),), i / iters), context, mask)[0]
+            s = self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
         return self.run('coda', s, c_base)[0]
 
 

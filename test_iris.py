@@ -29,8 +29,8 @@ import eval_real
 from eval_real import frechet_distance, ssim
 from eval_shapes import adherence, analyse
 from flow import consistency_fn, consistency_loss, consistency_sample, euler_sample, flow_loss, guided_velocity, time_grid
-from model import (SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SpatialMixer, count_parameters,
-                   irfft2_dft, linear_scan, rfft2_dft, wake_up, window_attention)
+from model import (SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SelfAttentionMixer, SpatialMixer,
+                   count_parameters, irfft2_dft, linear_scan, rfft2_dft, wake_up, window_attention)
 from text import load_text_encoder
 from training import (ema_update, load_checkpoint, make_ema, mixed_precision, optimizer_step, read_checkpoint,
                       save_checkpoint)
@@ -265,9 +265,9 @@ def test_generator_rejects_a_latent_that_does_not_patch():
         model(z, t, text, torch.zeros_like(mask), iters=1)
 
 
-@pytest.mark.parametrize('backprop_iters', [0, 2])
-def test_gradients_reach_every_parameter(backprop_iters):
-    model = _wake_up(Iris(_tiny_config(backprop_iters=backprop_iters)))
+@pytest.mark.parametrize('backprop_iters,mixer', [(0, 'grfm'), (2, 'grfm'), (2, 'attention')])
+def test_gradients_reach_every_parameter(backprop_iters, mixer):
+    model = _wake_up(Iris(_tiny_config(backprop_iters=backprop_iters, mixer=mixer)))
     model(*_inputs(), iters=4).square().mean().backward()
     no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad
@@ -288,6 +288,27 @@ def test_autocast_output_stays_close_to_fp32_on_the_same_weights(dtype, toleranc
     assert error < tolerance, error
 
 
+def test_attention_mixer_is_dense_softmax_attention_over_all_tokens():
+    torch.manual_seed(0)
+    mixer = SelfAttentionMixer(12, 3)
+    x = torch.randn(2, 10, 12)
+    q, k, v = (y.view(2, 10, 3, 4).transpose(1, 2) for y in (mixer.query(x), *mixer.key_value(x).chunk(2, dim=-1)))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # / sqrt(head width 4)
+    expected = mixer.out((weights @ v).transpose(1, 2).reshape(2, 10, 12))
+    torch.testing.assert_close(mixer(x, (2, 5)), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="mixer must be"):
+        Iris(_tiny_config(mixer='mamba'))
+
+
+def test_text_keys_and_values_are_projected_once_per_forward_not_per_iteration():
+    model = _wake_up(Iris(_tiny_config()))
+    calls = []
+    for layer in model.core:
+        layer.cross_attention.key_value.register_forward_hook(lambda *_: calls.append(1))
+    model(*_inputs(), iters=5)
+    assert len(calls) == model.config.core_layers
+
+
 def test_outputs_finite_at_one_and_sixteen_iterations():
     model = _wake_up(Iris(_tiny_config())).eval()
     with torch.no_grad():
@@ -299,8 +320,9 @@ def test_core_conditioning_changes_with_the_iteration_index():
     model = _wake_up(Iris(_tiny_config()))
     torch.manual_seed(2)
     s, e, c_base = torch.randn(2, 16, 48), torch.randn(2, 16, 48), torch.randn(2, 48)
-    context, mask = torch.randn(2, 5, 48), torch.ones(2, 5, dtype=torch.bool)
-    steps = [model.core_iteration(s, e, c_base, torch.full((2,), i / 8), context, mask, (4, 4)) for i in (0, 1, 7)]
+    text_kv, mask = torch.randn(model.config.core_layers, 2, 2, model.config.heads, 5, 48 // model.config.heads), \
+        torch.ones(2, 5, dtype=torch.bool)
+    steps = [model.core_iteration(s, e, c_base, torch.full((2,), i / 8), text_kv, mask, (4, 4)) for i in (0, 1, 7)]
     assert (steps[0] - steps[1]).abs().max() > 1e-3 and (steps[1] - steps[2]).abs().max() > 1e-3
 
 
@@ -387,8 +409,8 @@ def test_guidance_combines_the_two_branches():
     torch.testing.assert_close(guided_velocity(model, x, t, text, mask, null, null_mask, 3.0, 1), v_uncond + 3 * (v_cond - v_uncond))
 
 
-@pytest.mark.parametrize('dtype', DTYPES)
-def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype):
+@pytest.mark.parametrize('dtype,mixer', [(dtype, 'grfm') for dtype in DTYPES] + [('float32', 'attention')])
+def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype, mixer):
     # 64 px -> a 4x4 latent, which 3x3 Coda windows must pad; r = 3 with backprop through 2
     torch.manual_seed(0)
     vae = WaveletVAE(channels=(8, 16, 16))
@@ -396,7 +418,7 @@ def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype):
     x0 = vae.encode_latent(to_float(images)).detach()
     x0 = (x0 - x0.mean()) / x0.std()
     text, mask = _Offset()(captions)
-    model = Iris(_tiny_config(text_dim=4, backprop_iters=2, window=3))
+    model = Iris(_tiny_config(text_dim=4, backprop_iters=2, window=3, mixer=mixer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     precision = mixed_precision(dtype, 'cpu')
     t, eps = torch.sigmoid(torch.randn(32)), torch.randn_like(x0)  # a fixed draw to measure on

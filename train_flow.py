@@ -52,6 +52,7 @@ dim = 0
 heads = 0
 core_layers = 0
 patch_size = 2  # image_size must be a multiple of 16 * patch_size
+mixer = 'grfm'  # the Core's token mixer: 'grfm' or 'attention' (full self-attention, the baseline)
 train_iters = (4, 6, 8, 10, 12)  # r is drawn from these each step
 backprop_iters = 0  # backpropagate through the last k core iterations only (0 = all)
 # rectified flow
@@ -81,6 +82,8 @@ if init_from not in ('scratch', 'resume'):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
 if loss_weighting not in ('none', 'seed'):
     raise SystemExit(f"error: loss_weighting must be 'none' or 'seed', got '{loss_weighting}'")
+if mixer not in ('grfm', 'attention'):
+    raise SystemExit(f"error: mixer must be 'grfm' or 'attention', got '{mixer}'")
 if model_size not in SIZES:
     raise SystemExit(f"error: model_size must be one of {', '.join(SIZES)}, got '{model_size}'")
 if not train_iters or min(train_iters) < 1:
@@ -110,7 +113,7 @@ sample_prompts = data['holdout_captions'][:8]
 sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
 
 sizes = {k: v for k, v in dict(dim=dim, heads=heads, core_layers=core_layers).items() if v}
-model = SIZES[model_size](**sizes, patch_size=patch_size, text_dim=encoder.width, text_encoder=text_encoder,
+model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width, text_encoder=text_encoder,
                           backprop_iters=backprop_iters).to(device)
 ema = make_ema(model)
 if master:
