@@ -9,14 +9,18 @@ which applies, in order, each bare argument as a Python file of overrides and ea
 
     python train_vae.py config/shapes.py --batch_size=16 --out_dir=out-test
 
-A value is parsed with ast.literal_eval (a bare word stays a string) and must have the
-type of the default. An unknown key or a wrong type stops the script with a one-line
-message before any heavy work starts. One config file serves every stage of a setup:
+A value that looks like a Python literal (a number, a quoted string, a tuple or list,
+True/False/None) is parsed with ast.literal_eval; anything else, of any length, is a
+string. It must have the type of the default, and a number must be finite, below 2^63 and
+not negative (unless its default is: a sentinel such as sample.py's strength = -1). An
+unknown key, a wrong type or a bad number stops the script with a one-line message before
+any heavy work starts. One config file serves every stage of a setup:
 it sees the name of the running script as `script`, so settings that differ per stage
 sit under `if script == 'train_vae':`. It is less clever than a config framework, and a
 reader sees every setting at the top of the script that uses it: worth it.
 """
 import ast
+import math
 import os
 import sys
 import types
@@ -38,16 +42,22 @@ def _checked(key, value, defaults, source, script):
     if type(default) is tuple and type(value) is list:
         value = tuple(value)
     if type(value) is not type(default):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + '...'
         raise SystemExit(f"error: setting '{key}' (from {source}) must be {type(default).__name__} "
-                         f"like its default {default!r}, got {type(value).__name__} {value!r}")
+                         f"like its default {default!r}, got {type(value).__name__} {shown}")
+    if type(value) in (int, float) and not (math.isfinite(value) and abs(value) < 2 ** 63 and (value >= 0 or default < 0)):
+        raise SystemExit(f"error: setting '{key}' (from {source}) must be a finite number from 0 to below 2^63, "
+                         f"got {value!r}")
     return value
 
 
 def _parse(text):
+    if not (text.lstrip().startswith(tuple('0123456789+-.([{\'"')) or text.strip() in ('True', 'False', 'None')):
+        return text  # a bare word such as --out_dir=out-test, or a prompt, is a string
     try:
-        return ast.literal_eval(text)
-    except (SyntaxError, ValueError):
-        return text  # a bare word such as --out_dir=out-test is a string
+        return ast.literal_eval(text.strip())
+    except (SyntaxError, ValueError, MemoryError, RecursionError):  # '-1 apples', '(' * 10000: a string too
+        return text
 
 
 def configure(script_globals, argv=None):

@@ -771,11 +771,25 @@ def test_config_file_and_command_line_override_in_order(tmp_path):
     (['--compile=yes'], "'compile' .* must be bool"),
     (['--lr'], 'has no value'),
     (['no/such/config.py'], 'cannot read config file'),
+    (['--lr=nan'], "'lr' .* must be float"),
+    (['--lr=1e400'], "'lr' .* must be a finite number"),
+    (['--batch_size=100000000000000000000'], "'batch_size' .* below 2\\^63"),
+    (['--batch_size=-3'], "'batch_size' .* from 0"),
 ])
 def test_config_errors_are_one_line_messages(args, message):
     with pytest.raises(SystemExit, match=message) as e:
         configure(_script_globals(), args)
     assert '\n' not in str(e.value)
+
+
+def test_config_values_are_literals_only_when_they_look_like_one():
+    g = {'__file__': '/somewhere/sample.py', 'prompt': '', 'strength': -1.0, 'size': 0}
+    long_prompt = 'a red apple on a plate, ' * 2000  # 48k characters: once a MemoryError in the parser
+    configure(g, [f'--prompt={long_prompt}', '--strength=-1', '--size=64'])
+    assert (g['prompt'], g['strength'], g['size']) == (long_prompt, -1.0, 64)  # -1: the default is a sentinel
+    for text in ('(two apples', '-1 apples', '[' * 10000):
+        configure(g, [f'--prompt={text}'])
+        assert g['prompt'] == text
 
 
 def test_config_file_with_an_unknown_key_is_an_error(tmp_path):
