@@ -675,6 +675,9 @@ def load_generator(out_dir="", device="cpu", **overrides):
         raise SystemExit(f"error: no generator checkpoint at {path}; train one with `python train_flow.py config/<name>.py` "
                          f"or point --out_dir at one")
     tensors, meta = read_checkpoint(path, prefixes=("ema.",))
+    if "text_encoder" not in meta["model_config"]:
+        raise SystemExit(f"error: {path} is a VAE checkpoint, not a generator; point --out_dir at a train_flow.py "
+                         f"or distill.py run")
     model = Iris(IrisConfig(**{**meta["model_config"], **overrides}))
     model.load_state_dict(submodule_state(tensors, "ema."))
     return model.to(device).eval().requires_grad_(False), meta["config"], out_dir

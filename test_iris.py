@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
 import cache
 from cache import load_training_set
@@ -30,8 +31,9 @@ from eval_real import frechet_distance, ssim
 from eval_shapes import adherence, analyse
 from flow import consistency_fn, consistency_loss, consistency_sample, euler_sample, flow_loss, guided_velocity, time_grid
 from model import (SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SelfAttentionMixer, SpatialMixer,
-                   count_parameters, irfft2_dft, linear_scan, rfft2_dft, wake_up, window_attention)
+                   count_parameters, irfft2_dft, linear_scan, load_generator, rfft2_dft, wake_up, window_attention)
 from text import load_text_encoder
+import training
 from training import (ema_update, load_checkpoint, make_ema, mixed_precision, optimizer_step, read_checkpoint,
                       save_checkpoint)
 from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
@@ -735,6 +737,55 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         process.wait()
         tensors, meta = read_checkpoint(str(path))
         assert meta['step'] >= 1 and len(tensors) > 100
+
+
+def test_a_full_disk_during_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    model = WaveletVAE(channels=(8, 16, 16))
+    ema, optimizer, path = make_ema(model), torch.optim.AdamW(model.parameters()), str(tmp_path / 'ckpt.safetensors')
+    save_checkpoint(path, model, ema, optimizer, 1, {}, torch.Generator())
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, 'wb') as f:
+            f.write(b'half a checkpoint')
+        raise OSError(errno.ENOSPC, 'No space left on device', filename)
+    monkeypatch.setattr(training, 'save_file', disk_full)
+    with pytest.raises(SystemExit, match='cannot write checkpoint .* at step 2 .No space left on device.') as e:
+        save_checkpoint(path, model, ema, optimizer, 2, {}, torch.Generator())
+    assert '\n' not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.safetensors', 'ckpt_000001.safetensors', 'config.json']
+    assert read_checkpoint(path)[1]['step'] == 1
+
+
+def test_unreadable_checkpoints_are_one_line_and_resume_takes_the_newest_intact_one(tmp_path, capsys):
+    model = WaveletVAE(channels=(8, 16, 16))
+    ema, optimizer, path = make_ema(model), torch.optim.AdamW(model.parameters()), tmp_path / 'ckpt.safetensors'
+    for step in (1, 2, 3):
+        save_checkpoint(str(path), model, ema, optimizer, step, {}, torch.Generator())
+    good = path.read_bytes()
+    save_file({'x': torch.zeros(2)}, str(tmp_path / 'foreign.safetensors'))
+    for bad in (good[:len(good) // 2], good[:5], b'', b'PK\x03\x04 a zip renamed', (tmp_path / 'foreign.safetensors').read_bytes()):
+        path.unlink()  # a new file, as a copy or a sync writes it: ckpt_000003 keeps the old one
+        path.write_bytes(bad)
+        with pytest.raises(SystemExit, match='is not a readable IRIS checkpoint .*copy it again') as e:
+            read_checkpoint(str(path))
+        assert '\n' not in str(e.value)
+        assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator()) == 3
+        assert 'resuming from' in capsys.readouterr().out
+    (tmp_path / 'ckpt_000003.safetensors').write_bytes(good[:100])  # the newest numbered copy is cut short too
+    assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator()) == 2
+    assert 'ckpt_000002.safetensors (step 2)' in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_the_other_kind_is_one_line(tmp_path):
+    vae, generator = WaveletVAE(channels=(8, 16, 16)), Iris(_tiny_config())
+    for name, model in (('vae', vae), ('flow', generator)):
+        os.makedirs(tmp_path / name)
+        save_checkpoint(str(tmp_path / name / 'ckpt.safetensors'), model, make_ema(model),
+                        torch.optim.AdamW(model.parameters()), 1, {}, torch.Generator())
+    with pytest.raises(SystemExit, match='is a VAE checkpoint, not a generator'):
+        load_generator(str(tmp_path / 'vae'))
+    with pytest.raises(SystemExit, match='is a generator checkpoint, not a VAE'):
+        load_vae(str(tmp_path / 'flow'))
 
 
 def test_shapes_analyser_reads_real_images():

@@ -15,13 +15,14 @@ and one GradScaler, the same on a GPU and a CPU.
 import contextlib
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
 import shutil
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
@@ -185,18 +186,24 @@ def save_checkpoint(path, model, ema, optimizer, step, config, data_generator, s
     meta = dict(step=step, config=config, model_config=model_config(model), optim_groups=optim['param_groups'],
                 scaler=scaler.state_dict() if scaler else {})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path + '.tmp'
-    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-    _fsync_replace(tmp, path)
     stem, folder = os.path.splitext(os.path.basename(path))[0], os.path.dirname(os.path.abspath(path))
     numbered = os.path.join(folder, f"{stem}_{step:06d}.safetensors")
-    if os.path.exists(numbered):
-        os.remove(numbered)
     try:
-        os.link(path, numbered)
-    except OSError:
-        shutil.copyfile(path, numbered + '.tmp')
-        _fsync_replace(numbered + '.tmp', numbered)
+        save_file(tensors, path + '.tmp', metadata={k: json.dumps(v) for k, v in meta.items()})
+        _fsync_replace(path + '.tmp', path)
+        if os.path.exists(numbered):
+            os.remove(numbered)
+        try:
+            os.link(path, numbered)
+        except OSError:
+            shutil.copyfile(path, numbered + '.tmp')
+            _fsync_replace(numbered + '.tmp', numbered)
+    except (OSError, SafetensorError) as e:  # a full disk, say: the last complete checkpoint stays as it was
+        for tmp in (path + '.tmp', numbered + '.tmp'):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise SystemExit(f"error: cannot write checkpoint {path} at step {step} ({getattr(e, 'strerror', None) or e}); "
+                         f"the last complete one is intact: free some space and continue with --init_from=resume")
     history = sorted(f for f in os.listdir(folder) if f.startswith(stem + '_') and f.endswith('.safetensors'))
     for old in history[:-keep_last]:
         os.remove(os.path.join(folder, old))
@@ -206,14 +213,41 @@ def save_checkpoint(path, model, ema, optimizer, step, config, data_generator, s
     _fsync_replace(json_path + '.tmp', json_path)
 
 
+def _read(path, prefixes):
+    with safe_open(path, framework='pt') as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+    if 'step' not in meta or 'model_config' not in meta:
+        raise ValueError("no IRIS metadata")
+    return tensors, meta
+
+
 def read_checkpoint(path, prefixes=('model.', 'ema.', 'optim.', 'rng.')):
     """The tensors whose names start with one of prefixes, and the metadata, from a checkpoint."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; train one first or point to it with --out_dir / --init_from")
-    with safe_open(path, framework='pt') as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
-    return tensors, meta
+    try:
+        return _read(path, prefixes)
+    except (OSError, SafetensorError, ValueError) as e:  # cut short, empty, or not a checkpoint (ValueError: its JSON)
+        raise SystemExit(f"error: {path} is not a readable IRIS checkpoint ({str(e).splitlines()[0]}): a half-copied "
+                         f"file? copy it again, or use an intact ckpt_<step>.safetensors beside it") from None
+
+
+def _newest_intact(path):
+    """For resuming: path's checkpoint, or when it is unreadable the newest intact
+    ckpt_<step>.safetensors beside it, so a corrupt file loses one checkpoint interval at most."""
+    try:
+        return read_checkpoint(path)
+    except SystemExit as unreadable:
+        stem = os.path.splitext(path)[0]
+        for older in sorted(glob.glob(glob.escape(stem) + '_*.safetensors'), reverse=True):
+            try:
+                tensors, meta = _read(older, ('model.', 'ema.', 'optim.', 'rng.'))
+            except (OSError, SafetensorError, ValueError):
+                continue
+            print(f"warning: {path} is unreadable; resuming from {older} (step {meta['step']})")
+            return tensors, meta
+        raise unreadable
 
 
 def submodule_state(tensors, prefix):
@@ -222,7 +256,7 @@ def submodule_state(tensors, prefix):
 
 def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     """Restore everything save_checkpoint wrote; return the step to continue from."""
-    tensors, meta = read_checkpoint(path)
+    tensors, meta = _newest_intact(path)
     if meta.get('model_config') != model_config(model):
         theirs, ours = meta.get('model_config') or {}, model_config(model)
         differ = ', '.join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))

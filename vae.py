@@ -127,6 +127,8 @@ def load_vae(vae_dir, device='cpu'):
         raise SystemExit(f"error: no VAE checkpoint at {path}; train one with `python train_vae.py config/<name>.py` "
                          f"or point --vae_dir at one")
     tensors, meta = read_checkpoint(path, prefixes=('ema.',))
+    if 'channels' not in meta['model_config']:
+        raise SystemExit(f"error: {path} is a generator checkpoint, not a VAE; point --vae_dir at a train_vae.py run")
     vae = WaveletVAE(**meta['model_config'])
     vae.load_state_dict(submodule_state(tensors, 'ema.'))
     if bool((vae.latent_scale == 1).all()):
