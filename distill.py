@@ -32,8 +32,9 @@ from data import save_grid
 from flow import consistency_loss, text_to_image, time_grid
 from model import load_generator
 from text import load_text_encoder
-from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, mixed_precision,
-                      optimizer_step, resolve_dtype, save_checkpoint, setup_distributed, sync_gradients, wrap_distributed)
+from training import (LossLog, all_sum, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches,
+                      mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
+                      sync_gradients, wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------
@@ -68,6 +69,8 @@ rank, world_size, device = setup_distributed(device)
 master = rank == 0  # logs, grids and checkpoints
 shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
 os.makedirs(out_dir, exist_ok=True)
+if master:
+    lock_out_dir(out_dir)
 torch.manual_seed(seed)
 dtype = resolve_dtype(dtype, device)
 autocast, scaler = mixed_precision(dtype, device)

@@ -776,6 +776,21 @@ def test_unreadable_checkpoints_are_one_line_and_resume_takes_the_newest_intact_
     assert 'ckpt_000002.safetensors (step 2)' in capsys.readouterr().out
 
 
+def test_one_run_per_out_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    lock = tmp_path / 'run.lock'
+    lock.write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(SystemExit, match=f'another run .pid {os.getppid()}. is writing to'):
+        training.lock_out_dir(str(tmp_path))
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    lock.write_text(gone.stdout.strip())  # a run killed before it could remove its lock
+    holder = (f"import os, sys; sys.path.insert(0, {HERE!r}); from training import lock_out_dir\n"
+              "lock_out_dir(sys.argv[1]); print(os.getpid(), open(sys.argv[1] + '/run.lock').read())")
+    result = subprocess.run([sys.executable, '-c', holder, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert 'no longer runs; taking it over' in result.stdout, result.stderr
+    pid, held_by = result.stdout.splitlines()[-1].split()
+    assert pid == held_by and not lock.exists()  # it held the lock, and removed it at exit
+
+
 def test_a_checkpoint_of_the_other_kind_is_one_line(tmp_path):
     vae, generator = WaveletVAE(channels=(8, 16, 16)), Iris(_tiny_config())
     for name, model in (('vae', vae), ('flow', generator)):

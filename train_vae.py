@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from configurator import configure
 from data import load_data, save_grid, to_float
-from training import (LossLog, all_sum, ema_update, load_checkpoint, lr_at, make_ema, micro_batches, mixed_precision,
-                      optimizer_step, resolve_dtype, save_checkpoint, setup_distributed, sync_gradients, wrap_distributed)
+from training import (LossLog, all_sum, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches,
+                      mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
+                      sync_gradients, wrap_distributed)
 from vae import WaveletVAE, check_image_size, psnr, reconstruct, vae_loss
 
 # -----------------------------------------------------------------------------
@@ -71,6 +72,8 @@ rank, world_size, device = setup_distributed(device)
 master = rank == 0  # logs, grids and checkpoints
 shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
 os.makedirs(out_dir, exist_ok=True)
+if master:
+    lock_out_dir(out_dir)
 torch.manual_seed(seed)
 dtype = resolve_dtype(dtype, device)
 autocast, scaler = mixed_precision(dtype, device)

@@ -12,6 +12,7 @@ repeats the settings for people to read.
 Mixed precision (the `dtype` setting of every training script) is here too: one autocast
 and one GradScaler, the same on a GPU and a CPU.
 """
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -151,6 +152,32 @@ class LossLog:
 
 # -----------------------------------------------------------------------------
 # checkpoints
+
+
+def lock_out_dir(out_dir):
+    """One run per out_dir: run.lock holds the pid of the run writing there and goes at its
+    exit. A second run stops with one line; the lock of a run that was killed (its pid no
+    longer runs) is taken over with a warning."""
+    path = os.path.join(out_dir, 'run.lock')
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one of two racing runs wins
+    except FileExistsError:
+        with open(path) as f:
+            text = f.read().strip()
+        try:
+            os.kill(int(text), 0)  # signal 0: does that process exist?
+        except (ValueError, ProcessLookupError):
+            print(f"warning: {path} was left by pid {text or '?'}, which no longer runs; taking it over")
+            os.remove(path)
+            return lock_out_dir(out_dir)
+        except PermissionError:
+            pass  # it exists, owned by someone else
+        raise SystemExit(f"error: another run (pid {text}) is writing to {out_dir}; wait for it, stop it, or pass "
+                         f"another --out_dir (if no run is using it, delete {path})") from None
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    pid = os.getpid()
+    atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))
 
 
 def _fsync_replace(tmp, path):
