@@ -11,8 +11,8 @@ which applies, in order, each bare argument as a Python file of overrides and ea
 
 A value that looks like a Python literal (a number, a quoted string, a tuple or list,
 True/False/None) is parsed with ast.literal_eval; anything else, of any length, is a
-string. It must have the type of the default, and a number must be finite, below 2^63 and
-not negative (unless its default is: a sentinel such as sample.py's strength = -1). An
+string. It must have the type of the default; a float must be finite, an int below 2^63,
+and neither negative unless its default is (a sentinel such as sample.py's strength = -1). An
 unknown key, a wrong type or a bad number stops the script with a one-line message before
 any heavy work starts. One config file serves every stage of a setup:
 it sees the name of the running script as `script`, so settings that differ per stage
@@ -45,9 +45,11 @@ def _checked(key, value, defaults, source, script):
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + '...'
         raise SystemExit(f"error: setting '{key}' (from {source}) must be {type(default).__name__} "
                          f"like its default {default!r}, got {type(value).__name__} {shown}")
-    if type(value) in (int, float) and not (math.isfinite(value) and abs(value) < 2 ** 63 and (value >= 0 or default < 0)):
-        raise SystemExit(f"error: setting '{key}' (from {source}) must be a finite number from 0 to below 2^63, "
-                         f"got {value!r}")
+    if type(value) in (int, float):
+        in_range = abs(value) < 2 ** 63 if type(value) is int else math.isfinite(value)
+        if not in_range or value < 0 <= default:
+            kind = "an integer from 0 to below 2^63" if type(value) is int else "a finite number, not negative"
+            raise SystemExit(f"error: setting '{key}' (from {source}) must be {kind}, got {value!r}")
     return value
 
 

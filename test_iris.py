@@ -839,6 +839,7 @@ def test_config_file_and_command_line_override_in_order(tmp_path):
     (['no/such/config.py'], 'cannot read config file'),
     (['--lr=nan'], "'lr' .* must be float"),
     (['--lr=1e400'], "'lr' .* must be a finite number"),
+    (['--lr=-0.1'], "'lr' .* must be a finite number, not negative"),
     (['--batch_size=100000000000000000000'], "'batch_size' .* below 2\\^63"),
     (['--batch_size=-3'], "'batch_size' .* from 0"),
 ])
