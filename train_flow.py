@@ -116,8 +116,8 @@ sample_prompts = data['holdout_captions'][:8]
 sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
 
 sizes = {k: v for k, v in dict(dim=dim, heads=heads, core_layers=core_layers).items() if v}
-model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width, text_encoder=text_encoder,
-                          backprop_iters=backprop_iters).to(device)
+model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
+                          text_encoder=text_encoder, backprop_iters=backprop_iters).to(device)
 ema = make_ema(model)
 if master:
     print(f"generator {model_size} {sizes or ''}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
