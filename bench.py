@@ -2,7 +2,7 @@
 Measures what the README claims about the generator on this machine, as tables:
 
     python bench.py                          # everything (1 minute on 2 CPU cores)
-    python bench.py --sections=mixer,scan    # some of: params, mixer, scan, latency, flops, memory, compile, runtime
+    python bench.py --sections=mixer,scan    # of: params, mixer, scan, step, latency, flops, memory, compile, runtime
     python bench.py --threads=1
     python bench.py --sections=memory --config=config/pokemon_long.py
 
@@ -10,8 +10,10 @@ Measures what the README claims about the generator on this machine, as tables:
   mixer    forward+backward time of one GRFM core layer against the same layer with full
            self-attention (F.scaled_dot_product_attention) in its place, 64 .. 4096 tokens,
            side by side in one run; also the two token mixers alone
-  scan     the parallel scan (model.linear_scan) against a Python loop over tokens, fwd+bwd,
-           and the scan's chunk length
+  scan     the parallel scan (model.linear_scan) against the loop over tokens (model.sequential_scan),
+           fwd+bwd, and the scan's chunk length
+  step     one guided sampling step of iris_small at 512 px, r = 4, with the prompt encoded in
+           the step and once per sampling call (Iris.encode_prompt)
   latency  one generator forward (batch 1, 77 text tokens) at 256 and 512 px for r = 4, 8,
            16, with the process's peak RSS, and the VAE decoder
   flops    this machine's fp32 matmul peak, and the FLOP/s the generator reaches
@@ -37,13 +39,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import configure, read_config_file
 from flow import flow_loss
-from model import SIZES, CoreLayer, IrisConfig, SelfAttentionMixer, count_parameters, linear_scan, iris_tiny
+from model import (SIZES, CoreLayer, IrisConfig, SelfAttentionMixer, count_parameters, iris_tiny, linear_scan,
+                   sequential_scan, wake_up)
 from run_mobile import peak_rss_mb
 from training import mixed_precision, optimizer_step
 from vae import WaveletVAE, vae_loss
 
 # -----------------------------------------------------------------------------
-sections = "params,mixer,scan,latency,flops"
+sections = "params,mixer,scan,step,latency,flops"
 threads = 2
 dim = 384            # width of the mixer comparison (iris_tiny's)
 repeats = 5
@@ -90,6 +93,28 @@ def bench_params():
     table(["model"] + list(counts), rows)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a region dispatches, and of them the kernels: every op but views
+    (view, permute, slice...), which only relabel memory. On a GPU each kernel is one launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        self.kernels += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn):
+    """-> "ops / kernels" of one call of fn() without autograd."""
+    counter = OpCounter()
+    with torch.no_grad(), counter:
+        fn()
+    return f"{counter.count} / {counter.kernels}"
+
+
 def bench_mixer():
     print(f"## GRFM vs full self-attention, width {dim}, batch 1, forward+backward, ms\n")
     cfg = IrisConfig(dim=dim, heads=dim // 64)
@@ -109,33 +134,27 @@ def bench_mixer():
                     for layer in (grfm_layer, attention_layer)]
         mixer_ms = [1e3 * median_time(lambda: layer.mixer(x, hw).sum().backward())
                     for layer in (grfm_layer, attention_layer)]
+        ops = [count_ops(lambda: layer(x, c, hw, text_kv, mask)) for layer in (grfm_layer, attention_layer)]
         rows.append([n, f"{layer_ms[0]:.1f}", f"{layer_ms[1]:.1f}", f"{layer_ms[1] / layer_ms[0]:.2f}x",
-                     f"{mixer_ms[0]:.1f}", f"{mixer_ms[1]:.1f}", f"{mixer_ms[1] / mixer_ms[0]:.2f}x"])
-    table(["tokens", "GRFM layer", "attn layer", "speed-up", "GRFM alone", "attn alone", "speed-up"], rows)
+                     f"{mixer_ms[0]:.1f}", f"{mixer_ms[1]:.1f}", f"{mixer_ms[1] / mixer_ms[0]:.2f}x", *ops])
+    table(["tokens", "GRFM layer", "attn layer", "speed-up", "GRFM alone", "attn alone", "speed-up",
+           "GRFM layer ops / kernels", "attn layer ops / kernels"], rows)
     growth = float(rows[-1][1]) / float(rows[-2][1])
     print(f"GRFM layer time growth 1024 -> 4096 tokens: {growth:.2f}x (attention: "
-          f"{float(rows[-1][2]) / float(rows[-2][2]):.2f}x)\n")
-
-
-def sequential_scan(a, b):
-    h, out = torch.zeros_like(b[:, 0]), []
-    for t in range(a.shape[1]):
-        h = a[:, t] * h + b[:, t]
-        out.append(h)
-    return torch.stack(out, dim=1)
+          f"{float(rows[-1][2]) / float(rows[-2][2]):.2f}x); ops and kernels of one layer forward\n")
 
 
 def bench_scan():
     print(f"## Linear recurrence h_t = a_t h_(t-1) + b_t, (1, N, {dim}), forward+backward, ms\n")
     rows = []
     for n in (256, 1024, 4096):
-        a = torch.rand(1, n, dim).requires_grad_()
+        log_a = torch.rand(1, n, dim).log().requires_grad_()
         b = torch.randn(1, n, dim).requires_grad_()
-        loop_ms = 1e3 * median_time(lambda: sequential_scan(a, b).sum().backward(), repeats=3)
-        scan_ms = [1e3 * median_time(lambda: linear_scan(a, b, chunk=chunk).sum().backward())
-                   for chunk in (16, 64, 256, n)]  # chunk = n is one flat Hillis-Steele scan
+        loop_ms = 1e3 * median_time(lambda: sequential_scan(log_a, b).sum().backward(), repeats=3)
+        scan_ms = [1e3 * median_time(lambda: linear_scan(log_a, b, chunk=chunk).sum().backward())
+                   for chunk in (4, 8, 16)]
         rows.append([n, f"{loop_ms:.1f}"] + [f"{ms:.2f}" for ms in scan_ms] + [f"{loop_ms / min(scan_ms):.0f}x"])
-    table(["tokens", "loop", "chunk 16", "chunk 64", "chunk 256", "flat", "loop / best"], rows)
+    table(["tokens", "loop", "chunk 4", "chunk 8", "chunk 16", "loop / best"], rows)
 
 
 @torch.no_grad()
@@ -161,6 +180,20 @@ def bench_latency():
 
 
 @torch.no_grad()
+def bench_step():
+    print("## One guided sampling step: iris_small, 512 px (256 tokens), r = 4, batch 2, 77 text tokens, ms\n")
+    model = wake_up(SIZES["small"]().eval())
+    z, t = torch.randn(2, 16, 32, 32), torch.rand(2)
+    text, mask = torch.randn(2, 77, 384), torch.ones(2, 77, dtype=torch.bool)
+    prompt = model.encode_prompt(text, mask)
+    per_step = 1e3 * median_time(lambda: model(z, t, text, mask, iters=4))
+    encoded_once = 1e3 * median_time(lambda: model.velocity(z, t, prompt, iters=4))
+    encode = 1e3 * median_time(lambda: model.encode_prompt(text, mask))
+    table(["prompt encoded every step", "prompt encoded once per sampling call", "encode_prompt alone"],
+          [[f"{per_step:.0f}", f"{encoded_once:.0f}", f"{encode:.1f}"]])
+
+
+@torch.no_grad()
 def bench_flops():
     print("## Achieved FLOP/s against this machine's fp32 matmul peak\n")
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -178,18 +211,6 @@ def bench_flops():
     table(["workload", "GFLOP/s", "of peak"], rows)
     print("FLOPs counted by torch.utils.flop_counter: matmuls, convolutions and attention; the FFTs,\n"
           "the scan and other elementwise work are not counted, so the real rate is a little higher.\n")
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops a region dispatches: on a GPU each is roughly one kernel launch."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def measure_training_step(model, step):
@@ -359,8 +380,9 @@ def bench_runtime():
 
 
 if __name__ == "__main__":
-    benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan, "latency": bench_latency,
-               "flops": bench_flops, "memory": bench_memory, "compile": bench_compile, "runtime": bench_runtime}
+    benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan, "step": bench_step,
+               "latency": bench_latency, "flops": bench_flops, "memory": bench_memory, "compile": bench_compile,
+               "runtime": bench_runtime}
     unknown = set(sections.split(",")) - set(benches)
     if unknown:
         raise SystemExit(f"bench.py: unknown section(s) {', '.join(sorted(unknown))}; choose from {','.join(benches)}")

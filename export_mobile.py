@@ -11,7 +11,8 @@ check every export on this machine against PyTorch before trusting it.
 
 What is exported, at a fixed image size and batch (ExecuTorch plans memory ahead):
     text_encoder  input_ids, attention_mask (1, 77) -> tokens (1, 77, W); tokenizer.json beside it
-    generator     prelude (z, t, text, mask) -> e, c, text_kv
+    generator     prompt (text, mask) -> text_kv, text_cond           once per prompt
+                  prelude (z, t, text_cond) -> e, c                   once per step
                   core (s, e, c, i / r, text_kv, mask) -> s          the app runs it r times
                   coda (s, c) -> velocity                            (ONNX: one file per method)
     vae_decoder   z (1, 16, S/16, S/16) -> image (1, 3, S, S) in [-1, 1]
@@ -176,13 +177,15 @@ def as_tuple(outputs):
 
 
 def generator_methods(model, z, t, text, mask):
-    """The generator's three stages, each with example inputs taken from a real forward pass."""
+    """The generator's four stages, each with example inputs taken from a real forward pass."""
     hw = (z.shape[-2] // model.config.patch_size, z.shape[-1] // model.config.patch_size)
     progress = torch.full((len(z),), 0.5)  # half-way through the core iterations
     with torch.no_grad():
-        e, c_base, text_kv = (x.contiguous() for x in model.prelude_forward(z, t, text, mask))
+        text_kv, text_cond, _ = (x.contiguous() for x in model.encode_prompt(text, mask))
+        e, c_base = (x.contiguous() for x in model.prelude_forward(z, t, text_cond))
         s = model.core_iteration(e, e, c_base, progress, text_kv, mask, hw).contiguous()
-    return {'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text, mask)),
+    return {'prompt': (Method(model, lambda m, *x: m.encode_prompt(*x)[:2]), (text, mask)),
+            'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text_cond)),
             'core': (Method(model, lambda m, *x: m.core_iteration(*x, hw)), (s, e, c_base, progress, text_kv, mask)),
             'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
 

@@ -47,19 +47,33 @@ def time_grid(steps, shift=1.0, t_start=1.0):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def guided_velocity(model, x, t, text, mask, null_text, null_mask, cfg_scale, iters):
-    """Classifier-free guidance with both branches in one batch; t: a scalar or (B,)."""
-    t = t.expand(len(x))
+def encode_once(model, text, mask):
+    """model(x, t, text, mask, iters) for a prompt that stays the same through sampling, as
+    v(x, t, iters). A generator that can encode a prompt ahead (Iris.encode_prompt: every
+    cross-attention's keys and values of the text) does it here, once per sampling call."""
+    if not hasattr(model, 'encode_prompt'):
+        return lambda x, t, iters: model(x, t, text, mask, iters)
+    prompt = model.encode_prompt(text, mask)
+    return lambda x, t, iters: model.velocity(x, t, prompt, iters)
+
+
+def guided(model, text, mask, null_text, null_mask, cfg_scale):
+    """-> v(x, t, iters), t a scalar or (B,): classifier-free guidance, v_u + w (v_c - v_u),
+    with both branches in one batch and the prompts encoded once."""
     if cfg_scale == 1.0:
-        return model(x, t, text, mask, iters)
+        velocity = encode_once(model, text, mask)
+        return lambda x, t, iters: velocity(x, t.expand(len(x)), iters)
     length = max(text.shape[1], null_text.shape[1])
     text, mask = pad_text(text, mask, length)
     null_text, null_mask = pad_text(null_text, null_mask, length)
-    both_text = torch.cat([text, null_text.expand(len(x), -1, -1)])
-    both_mask = torch.cat([mask, null_mask.expand(len(x), -1)])
-    v = model(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask, iters)
-    v_cond, v_uncond = v.float().chunk(2)  # combined in fp32 under autocast
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
+    velocity = encode_once(model, torch.cat([text, null_text.expand(len(text), -1, -1)]),
+                           torch.cat([mask, null_mask.expand(len(text), -1)]))
+
+    def guided_velocity(x, t, iters):
+        t = t.expand(len(x))
+        v_cond, v_uncond = velocity(torch.cat([x, x]), torch.cat([t, t]), iters).float().chunk(2)  # fp32 under autocast
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+    return guided_velocity
 
 
 @torch.no_grad()
@@ -76,17 +90,18 @@ def euler_sample(model, noise, text, mask, null_text, null_mask, steps=25, cfg_s
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
+    velocity = guided(model, text, mask, null_text, null_mask, cfg_scale)
     for t, t_next in zip(times[:-1], times[1:]):
-        v = guided_velocity(model, x, t, text, mask, null_text, null_mask, cfg_scale, iters)
-        x = x - (t - t_next) * v
+        x = x - (t - t_next) * velocity(x, t, iters)
         if keep is not None:
             x = torch.lerp(x, noised(init, noise, t_next), keep)
     return x
 
 
-def consistency_fn(model, x, t, text, mask, iters):
-    """f(x_t, t) = x_t - t v(x_t, t), the x_0 a consistency model predicts; f(x, 0) = x exactly."""
-    return x - t.view(-1, 1, 1, 1) * model(x, t, text, mask, iters)
+def consistency_fn(velocity, x, t, iters):
+    """f(x_t, t) = x_t - t v(x_t, t), the x_0 a consistency model predicts; f(x, 0) = x exactly.
+    velocity: v(x, t, iters), as encode_once() returns."""
+    return x - t.view(-1, 1, 1, 1) * velocity(x, t, iters)
 
 
 def consistency_loss(student, target, teacher, x0, text, mask, null_text, null_mask, t_now, t_next, cfg_scale,
@@ -96,10 +111,12 @@ def consistency_loss(student, target, teacher, x0, text, mask, null_text, null_m
     t_next to t_now; the student at t_next must predict what the target predicts at t_now."""
     x_next = noised(x0, torch.randn_like(x0), t_next.view(-1, 1, 1, 1))
     with torch.no_grad():
-        v = guided_velocity(teacher, x_next, t_next, text, mask, null_text, null_mask, cfg_scale, teacher_iters)
+        v = guided(teacher, text, mask, null_text, null_mask, cfg_scale)(x_next, t_next, teacher_iters)
         x_now = x_next - (t_next - t_now).view(-1, 1, 1, 1) * v
-        goal = consistency_fn(target, x_now, t_now, text, mask, iters)
-    distance = (consistency_fn(student, x_next, t_next, text, mask, iters) - goal).float().square().sum(dim=(1, 2, 3))
+        goal = consistency_fn(encode_once(target, text, mask), x_now, t_now, iters)
+    # the student is called whole, as DDP and torch.compile wrap it
+    prediction = consistency_fn(lambda x, t, iters: student(x, t, text, mask, iters), x_next, t_next, iters)
+    distance = (prediction - goal).float().square().sum(dim=(1, 2, 3))
     return (torch.sqrt(distance + huber_c ** 2) - huber_c).mean()  # pseudo-Huber (iCT, arXiv 2310.14189)
 
 
@@ -112,8 +129,9 @@ def consistency_sample(model, noise, text, mask, steps=2, iters=8, generator=Non
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
+    velocity = encode_once(model, text, mask)
     for t, t_next in zip(times[:-1], times[1:]):
-        x0 = consistency_fn(model, x, t.expand(len(x)), text, mask, iters)
+        x0 = consistency_fn(velocity, x, t.expand(len(x)), iters)
         if keep is not None:
             x0 = torch.lerp(x0, init, keep)
         x = noised(x0, torch.randn(x.shape, generator=generator).to(x), t_next)  # = x0 at the last step, t_next = 0

@@ -122,42 +122,47 @@ class FeedForward(nn.Module):
 
 @lru_cache(maxsize=32)
 def _dft_matrices(h, w):
-    """Real matrices that do rfft2/irfft2 (norm="ortho") on an h x w grid as matmuls.
+    """rfft2/irfft2 (norm="ortho") on an h x w grid as four real matrices.
 
-    Forward along w (real -> half spectrum): Y = (Cw + i Sw) x, Cw, Sw: (w//2+1, w).
-    Along h (complex): Z = (Ch + i Sh) Y. The inverse along h uses the conjugate (Ch is
-    symmetric); the inverse along w is irfft's c2r: x = Awr Yr + Awi Yi, with each bin
-    counted twice except DC and Nyquist, whose imaginary parts it ignores (sin = 0 there).
+    Along w (real -> half spectrum, k = 0 .. w//2): [Yr; Yi] = [C_w; S_w] x.
+    Along h (complex): [Zr; Zi] = [[C_h, -S_h], [S_h, C_h]] [Yr; Yi]; the inverse is the
+    conjugate (C_h is symmetric). Back along w is irfft's c2r: x = [2 C_w^T, 2 S_w^T] [Yr; Yi],
+    each bin counted twice except DC and Nyquist, whose imaginary parts it ignores.
+    Here C = cos(2 pi k n / N) / sqrt(N) and S = -sin(2 pi k n / N) / sqrt(N).
     """
     n_h, n_w = torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64)
-    k_w = torch.arange(w // 2 + 1, dtype=torch.float64)
     angle_h = 2 * math.pi * torch.outer(n_h, n_h) / h
-    angle_w = 2 * math.pi * torch.outer(k_w, n_w) / w
+    angle_w = 2 * math.pi * torch.outer(torch.arange(w // 2 + 1, dtype=torch.float64), n_w) / w
     cos_h, sin_h = torch.cos(angle_h) / math.sqrt(h), -torch.sin(angle_h) / math.sqrt(h)
     cos_w, sin_w = torch.cos(angle_w) / math.sqrt(w), -torch.sin(angle_w) / math.sqrt(w)
     twice = torch.full((w // 2 + 1, 1), 2.0, dtype=torch.float64)
     twice[0] = 1
     if w % 2 == 0:
         twice[-1] = 1
-    inv_cos_w, inv_sin_w = (twice * cos_w).T, (twice * sin_w).T
-    return tuple(m.float() for m in (cos_h, sin_h, cos_w, sin_w, inv_cos_w, inv_sin_w))
+    forward_w = torch.cat([cos_w, sin_w])
+    forward_h = torch.cat([torch.cat([cos_h, -sin_h], 1), torch.cat([sin_h, cos_h], 1)])
+    inverse_h = torch.cat([torch.cat([cos_h, sin_h], 1), torch.cat([-sin_h, cos_h], 1)])
+    inverse_w = torch.cat([twice * cos_w, twice * sin_w]).T
+    return tuple(m.float() for m in (forward_w, forward_h, inverse_h, inverse_w))
 
 
 def rfft2_dft(x):
-    """x: (B, h, w, D) real -> (real, imag), each (B, h, w//2+1, D); equals torch.fft.rfft2(norm='ortho')."""
-    cos_h, sin_h, cos_w, sin_w, _, _ = (m.to(x) for m in _dft_matrices(x.shape[1], x.shape[2]))
-    y_re, y_im = torch.einsum("kw,bhwd->bhkd", cos_w, x), torch.einsum("kw,bhwd->bhkd", sin_w, x)
-    z_re = torch.einsum("kh,bhwd->bkwd", cos_h, y_re) - torch.einsum("kh,bhwd->bkwd", sin_h, y_im)
-    z_im = torch.einsum("kh,bhwd->bkwd", cos_h, y_im) + torch.einsum("kh,bhwd->bkwd", sin_h, y_re)
-    return z_re, z_im
+    """x: (B, h, w, D) real -> (B, h, w//2+1, D, 2), equal to view_as_real(rfft2(x, norm='ortho')):
+    two real matmuls, which export to any runtime; as fast as the FFT up to 16 x 16 grids, slower above."""
+    B, h, w, D = x.shape
+    forward_w, forward_h, _, _ = (m.to(x) for m in _dft_matrices(h, w))
+    y = torch.matmul(forward_w, x)                                                 # (B, h, [re; im] k, D)
+    y = y.view(B, h, 2, -1, D).transpose(1, 2).reshape(B, 2 * h, -1)               # (B, [re; im] h, k D)
+    return torch.matmul(forward_h, y).view(B, 2, h, -1, D).permute(0, 2, 3, 4, 1)
 
 
-def irfft2_dft(z_re, z_im, w):
-    """Inverse of rfft2_dft back to a real (B, h, w, D) grid; equals torch.fft.irfft2(s=(h, w), norm='ortho')."""
-    cos_h, sin_h, _, _, inv_cos_w, inv_sin_w = (m.to(z_re) for m in _dft_matrices(z_re.shape[1], w))
-    y_re = torch.einsum("kh,bhwd->bkwd", cos_h, z_re) + torch.einsum("kh,bhwd->bkwd", sin_h, z_im)
-    y_im = torch.einsum("kh,bhwd->bkwd", cos_h, z_im) - torch.einsum("kh,bhwd->bkwd", sin_h, z_re)
-    return torch.einsum("nk,bhkd->bhnd", inv_cos_w, y_re) + torch.einsum("nk,bhkd->bhnd", inv_sin_w, y_im)
+def irfft2_dft(spectrum, w):
+    """The inverse of rfft2_dft: (B, h, w//2+1, D, 2) -> (B, h, w, D), equal to
+    irfft2(view_as_complex(spectrum), s=(h, w), norm='ortho')."""
+    B, h, k, D, _ = spectrum.shape
+    _, _, inverse_h, inverse_w = (m.to(spectrum) for m in _dft_matrices(h, w))
+    y = torch.matmul(inverse_h, spectrum.permute(0, 4, 1, 2, 3).reshape(B, 2 * h, k * D))
+    return torch.matmul(inverse_w, y.view(B, 2, h, k, D).transpose(1, 2).reshape(B, h, 2 * k, D))
 
 
 class FourierMixer(nn.Module):
@@ -180,13 +185,13 @@ class FourierMixer(nn.Module):
     @staticmethod
     def _as_real(w, b):
         # A complex product (xr + i xi)(wr + i wi) as ONE real matmul on interleaved
-        # [xr0, xi0, xr1, xi1, ...] vectors: rows 2j act on xr_j, rows 2j+1 on xi_j.
-        # That is the memory layout of torch.view_as_real, so the FFT output needs no copy.
+        # [xr0, xi0, xr1, xi1, ...] vectors: row 2j + p acts on part p of x_j, column
+        # 2k + q makes part q of out_k. That is the memory layout of torch.view_as_real,
+        # so the FFT output needs no copy.
         w_re, w_im = w
-        from_re = torch.stack([w_re, w_im], dim=-1)     # (nb, bs, bs, 2): xr_j -> (re, im) of out_k
-        from_im = torch.stack([-w_im, w_re], dim=-1)    # xi_j -> (re, im) of out_k
         nb, bs = w_re.shape[:2]
-        weight = torch.stack([from_re, from_im], dim=2).reshape(nb, 2 * bs, 2 * bs)
+        weight = torch.stack([w_re, w_im, -w_im, w_re]).view(2, 2, nb, bs, bs)   # (p, q, block, j, k)
+        weight = weight.permute(2, 3, 0, 4, 1).reshape(nb, 2 * bs, 2 * bs)
         bias = b.permute(1, 2, 0).reshape(nb, 1, 2 * bs)
         return weight, bias
 
@@ -199,7 +204,7 @@ class FourierMixer(nn.Module):
             if self.fft_impl == "torch":
                 spectrum = torch.view_as_real(torch.fft.rfft2(x.float(), dim=(1, 2), norm="ortho"))
             else:
-                spectrum = torch.stack(rfft2_dft(x.float()), dim=-1)
+                spectrum = rfft2_dft(x.float())
             freq_shape = spectrum.shape                                  # (B, h, w//2+1, D, 2)
             # (nb, M, 2 bs): one batched matmul per layer over all frequencies and batch items
             tokens = spectrum.reshape(-1, self.blocks, 2 * self.block_size).transpose(0, 1)
@@ -211,7 +216,7 @@ class FourierMixer(nn.Module):
             if self.fft_impl == "torch":
                 out = torch.fft.irfft2(torch.view_as_complex(spectrum.contiguous()), s=(h, w), dim=(1, 2), norm="ortho")
             else:
-                out = irfft2_dft(spectrum[..., 0], spectrum[..., 1], w)
+                out = irfft2_dft(spectrum, w)
         return out.to(x.dtype)
 
 
@@ -219,78 +224,93 @@ class FourierMixer(nn.Module):
 # GRFM pathway 2: gated linear recurrence (RG-LRU) with a parallel scan
 
 
-CHUNK = 16  # scan chunk length: bench.py --sections=scan measures the choice
+CHUNK = 8  # tokens per closed-form chunk: bench.py --sections=scan measures the choice
 
 
-def _hillis_steele(a, b, dim, reverse=False):
-    """Inclusive scan of h_t = a_t h_{t-1} + b_t along `dim` (h_{t+1} if reverse) in log2(n)
-    shift-multiply-add steps (Hillis & Steele 1986). Returns (product of the a's so far,
-    h). Exact in fp32 because it only multiplies numbers in [0, 1], unlike
-    exp(cumsum(log a)), which overflows."""
-    n = a.shape[dim]
-    shift = 1
+def sequential_scan(log_a, b):
+    """The recurrence as written, h_t = a_t h_{t-1} + b_t with a_t = exp(log_a_t), one token at
+    a time: the reference linear_scan is tested and benchmarked against (N steps; too slow to train)."""
+    h, out = torch.zeros_like(b[:, 0]), []
+    for t in range(b.shape[1]):
+        h = log_a[:, t].exp() * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+def _hillis_steele(a, b, reverse):
+    """h_t = a_t h_{t-1} + b_t (h_{t+1} if reverse) over dim 1 in log2(N) shift-multiply-add
+    steps (Hillis & Steele 1986): exact for any a in [0, 1], as it only multiplies decays."""
+    n, shift = a.shape[1], 1
     while shift < n:
-        pad = [0, 0] * (a.dim() - 1 - dim) + ([0, shift] if reverse else [shift, 0])
-        start = shift if reverse else 0
-        a_prev = F.pad(a, pad, value=1.0).narrow(dim, start, n)
-        b_prev = F.pad(b, pad, value=0.0).narrow(dim, start, n)
-        b = b + a * b_prev
-        a = a * a_prev
+        pad, keep = ((0, 0, 0, shift), slice(shift, None)) if reverse else ((0, 0, shift, 0), slice(0, n))
+        b = b + a * F.pad(b, pad)[:, keep]
+        if 2 * shift < n:  # the decays' products are needed only by a next step
+            a = a * F.pad(a, pad, value=1.0)[:, keep]
         shift *= 2
-    return a, b
+    return b
 
 
-def _chunked_scan(a, b, chunk, reverse):
-    # A Hillis-Steele scan inside chunks of `chunk` tokens, then one over the chunk ends,
-    # then each chunk adds its incoming state: log2(chunk) + 1 passes over the data
-    # instead of log2(N) for a flat scan.
-    B, N, D = a.shape
-    if N <= chunk:
-        return _hillis_steele(a, b, 1, reverse)[1]
+@lru_cache(maxsize=8)
+def _prefix_sum_matrix(chunk, reverse):
+    """M with M @ x the inclusive cumsum of x over its second-to-last dim (from the end if
+    reverse): a matmul, which every runtime runs fast (ExecuTorch has no fast cumsum)."""
+    ones = torch.ones(chunk, chunk)
+    return ones.triu() if reverse else ones.tril()
+
+
+def _chunked_scan(log_a, b, chunk, reverse):
+    # Inside a chunk the recurrence has a closed form: with A_t = a_1 ... a_t = exp(cumsum(log a)),
+    #     h_t = A_t * sum_{s <= t} b_s / A_s
+    # two prefix sums instead of a loop (products and sums from the chunk's end if reverse).
+    # 1 / A_s must stay finite, so log a is clamped at -60 / chunk: a state that shrinks
+    # 1800-fold per token is forgotten either way. A Hillis-Steele scan over the chunks'
+    # last states, which has no such limit, then carries each chunk's state into the next.
+    B, N, D = b.shape
     n_chunks = -(-N // chunk)
-    pad = n_chunks * chunk - N
-    after = (0, 0, pad, 0) if reverse else (0, 0, 0, pad)  # padding after the last token in scan order
-    a = F.pad(a, after, value=1.0).view(B, n_chunks, chunk, D)
-    b = F.pad(b, after, value=0.0).view(B, n_chunks, chunk, D)
-    decay, local = _hillis_steele(a, b, 2, reverse)
-    last = 0 if reverse else -1
-    _, chunk_end = _hillis_steele(decay[:, :, last], local[:, :, last], 1, reverse)   # true state at each chunk's end
-    if reverse:                                                                    # state entering each chunk
-        incoming = F.pad(chunk_end, (0, 0, 0, 1))[:, 1:]
-    else:
-        incoming = F.pad(chunk_end, (0, 0, 1, 0))[:, :-1]
-    h = (local + decay * incoming.unsqueeze(2)).reshape(B, n_chunks * chunk, D)
-    return h[:, pad:] if reverse else h[:, :N]
+    if n_chunks * chunk > N:  # pad after the last token in scan order: a = 1, b = 0
+        pad = (0, 0, n_chunks * chunk - N, 0) if reverse else (0, 0, 0, n_chunks * chunk - N)
+        log_a, b = F.pad(log_a, pad), F.pad(b, pad)
+    prefix_sum = _prefix_sum_matrix(chunk, reverse).to(b)
+    with full_precision(b):  # autocast would run these matmuls in bf16 / fp16
+        decay = torch.matmul(prefix_sum, log_a.clamp_min(-60 / chunk).reshape(B, n_chunks, chunk, D)).exp()
+        h = decay * torch.matmul(prefix_sum, b.reshape(B, n_chunks, chunk, D) / decay)
+    if n_chunks > 1:
+        last = 0 if reverse else -1
+        chunk_state = _hillis_steele(decay[:, :, last], h[:, :, last], reverse)  # true state at each chunk's last token
+        incoming = F.pad(chunk_state, (0, 0, 0, 1))[:, 1:] if reverse else F.pad(chunk_state, (0, 0, 1, 0))[:, :-1]
+        h = h + decay * incoming[:, :, None]
+    h = h.view(B, n_chunks * chunk, D)
+    return h[:, -N:] if reverse else h[:, :N]
 
 
 class _LinearScan(torch.autograd.Function):
     """The backward pass of a linear recurrence is the same recurrence run the other way:
     with g_t = dL/dh_t in total, g_t = grad_t + a_{t+1} g_{t+1}, dL/db_t = g_t and
-    dL/da_t = g_t h_{t-1}. One more scan instead of autograd through every scan step."""
+    dL/dlog_a_t = g_t a_t h_{t-1} = g_t (h_t - b_t). One more scan instead of autograd
+    through every step."""
 
     @staticmethod
-    def forward(ctx, a, b, chunk, reverse):
-        h = _chunked_scan(a, b, chunk, reverse)
-        ctx.save_for_backward(a, h)
+    def forward(ctx, log_a, b, chunk, reverse):
+        h = _chunked_scan(log_a, b, chunk, reverse)
+        ctx.save_for_backward(log_a, b, h)
         ctx.chunk, ctx.reverse = chunk, reverse
         return h
 
     @staticmethod
     def backward(ctx, grad_h):
-        a, h = ctx.saved_tensors
-        next_, prev = ((0, 0, 1, 0), (0, 0, 0, 1)) if ctx.reverse else ((0, 0, 0, 1), (0, 0, 1, 0))
-        a_next = F.pad(a, next_).narrow(1, 1 - int(ctx.reverse), a.shape[1])
-        h_prev = F.pad(h, prev).narrow(1, int(ctx.reverse), h.shape[1])
-        g = _chunked_scan(a_next, grad_h, ctx.chunk, not ctx.reverse)
-        return g * h_prev, g, None, None
+        log_a, b, h = ctx.saved_tensors
+        n = log_a.shape[1]  # log a_{t+1} (log a_{t-1} if reverse), 0 past the end
+        log_a_next = F.pad(log_a, (0, 0, 1, 0))[:, :n] if ctx.reverse else F.pad(log_a, (0, 0, 0, 1))[:, 1:]
+        g = _chunked_scan(log_a_next, grad_h, ctx.chunk, not ctx.reverse)
+        return g * (h - b), g, None, None
 
 
-def linear_scan(a, b, reverse=False, chunk=CHUNK):
-    """h_t = a_t * h_{t-1} + b_t over dim 1 of (B, N, D), h_{-1} = 0 (h_{t+1} and h_N = 0
-    if reverse), without a loop over tokens."""
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        return _LinearScan.apply(a, b, chunk, reverse)
-    return _chunked_scan(a, b, chunk, reverse)  # plain tensor ops: what torch.export traces
+def linear_scan(log_a, b, reverse=False, chunk=CHUNK):
+    """h_t = a_t * h_{t-1} + b_t over dim 1 of (B, N, D) with a_t = exp(log_a_t) <= 1,
+    h_{-1} = 0 (h_{t+1} and h_N = 0 if reverse), without a loop over tokens."""
+    if torch.is_grad_enabled() and (log_a.requires_grad or b.requires_grad):
+        return _LinearScan.apply(log_a, b, chunk, reverse)
+    return _chunked_scan(log_a, b, chunk, reverse)  # plain tensor ops: what torch.export traces
 
 
 class RecurrentMixer(nn.Module):
@@ -319,11 +339,10 @@ class RecurrentMixer(nn.Module):
         # N decays near 1, and bf16's 8-bit mantissa rounds 0.999 to 1.0.
         recurrence_gate, input_gate = torch.sigmoid(gates.float()).chunk(2, dim=-1)
         log_a = -self.c * F.softplus(-self.log_lambda.float()) * recurrence_gate.reshape(B, N, D)  # log sigmoid(L)^(cr)
-        a = torch.exp(log_a)
         b = torch.sqrt((-torch.expm1(2 * log_a)).clamp_min(1e-8)) * (input_gate.reshape(B, N, D) * x.float())
         half = D // 2
-        h = torch.cat([linear_scan(a[..., :half], b[..., :half]),
-                       linear_scan(a[..., half:], b[..., half:], reverse=True)], dim=-1)
+        h = torch.cat([linear_scan(log_a[..., :half], b[..., :half]),
+                       linear_scan(log_a[..., half:], b[..., half:], reverse=True)], dim=-1)
         return h.to(x.dtype)
 
 
@@ -331,11 +350,15 @@ class RecurrentMixer(nn.Module):
 # GRFM pathway 3: Manhattan spatial decay (RMT)
 
 
-def decay_matrix(gamma, n):
-    """gamma: (H,) -> (H, n, n) row-normalised 1D decay gamma^|i - j|."""
-    pos = torch.arange(n, device=gamma.device, dtype=gamma.dtype)
-    distance = (pos[:, None] - pos[None, :]).abs()
-    decay = gamma[:, None, None] ** distance
+@lru_cache(maxsize=32)
+def _distance(n):
+    position = torch.arange(n, dtype=torch.float32)
+    return (position[:, None] - position[None, :]).abs()
+
+
+def decay_matrix(log_gamma, n):
+    """log_gamma: (H,) -> (H, n, n) row-normalised 1D decay gamma^|i - j|."""
+    decay = torch.exp(log_gamma[:, None, None] * _distance(n).to(log_gamma))
     return decay / decay.sum(dim=-1, keepdim=True)
 
 
@@ -354,13 +377,17 @@ class SpatialMixer(nn.Module):
         self.gamma_logit = nn.Parameter(torch.logit(gamma.clamp(0.3, 0.97)))
 
     def forward(self, x):
-        # x: (B, h, w, D)
+        # x: (B, h, w, D); each 1D decay is one batched matmul over the heads g
         B, h, w, D = x.shape
-        v = self.value(x).view(B, h, w, self.heads, D // self.heads)
-        gamma = torch.sigmoid(self.gamma_logit).float()
-        v = torch.einsum("gij,bjwgc->biwgc", decay_matrix(gamma, h).to(v.dtype), v)    # along columns
-        v = torch.einsum("gij,bhjgc->bhigc", decay_matrix(gamma, w).to(v.dtype), v)    # along rows
-        return v.reshape(B, h, w, D)
+        G, C = self.heads, D // self.heads
+        log_gamma = F.logsigmoid(self.gamma_logit.float())
+        decay_h = decay_matrix(log_gamma, h).to(x.dtype)
+        decay_w = decay_h if w == h else decay_matrix(log_gamma, w).to(x.dtype)
+        v = self.value(x).view(B, h, w, G, C).permute(3, 1, 0, 2, 4).reshape(G, h, B * w * C)
+        v = torch.bmm(decay_h, v)                                                     # along columns
+        v = v.view(G, h, B, w, C).permute(0, 3, 2, 1, 4).reshape(G, w, B * h * C)
+        v = torch.bmm(decay_w, v)                                                     # along rows
+        return v.view(G, w, B, h, C).permute(2, 3, 1, 0, 4).reshape(B, h, w, D)
 
 
 class GRFM(nn.Module):
@@ -552,22 +579,31 @@ class Iris(nn.Module):
             raise ValueError(f"latent {height}x{width} is not divisible by patch_size {p}: "
                              f"image sides must be multiples of {16 * p}")
 
-    def prelude_forward(self, z, t, text, text_mask):
-        """Everything before the Core: -> e (B, N, D) the prelude's tokens, c_base (B, D)
-        the conditioning of time and text, and text_kv (core_layers, 2, B, heads, L, D/heads):
-        each Core layer's cross-attention keys and values of the text, the same in every
-        iteration, so computed here once instead of r times."""
+    def encode_prompt(self, text, text_mask):
+        """What depends on the prompt only, computed once per prompt (a sampler reuses it at
+        every step, and the Core at every iteration): text: (B, L, text_dim) token embeddings,
+        text_mask: (B, L) bool, True for real tokens. -> (text_kv, text_cond, text_mask) with
+        text_kv (core_layers, 2, B, heads, L, D/heads) every cross-attention's keys and
+        values, and text_cond (B, D) the pooled text's share of the adaLN conditioning."""
+        if not torch.compiler.is_compiling() and not bool(text_mask.any(dim=1).all()):  # reading it breaks the graph
+            raise ValueError("a prompt has no unmasked text token; "
+                             "encode '' (not nothing) for the unconditional branch")
+        context = self.text_proj(text)
+        keep = text_mask[:, :, None].to(context.dtype)
+        text_cond = self.text_pool((context * keep).sum(1) / keep.sum(1).clamp_min(1))
+        text_kv = torch.stack([layer.cross_attention.key_values(context) for layer in self.core])
+        return text_kv, text_cond, text_mask
+
+    def prelude_forward(self, z, t, text_cond):
+        """Everything before the Core: -> e (B, N, D) the prelude's tokens and c_base (B, D)
+        the conditioning of time and text."""
         x = self.patch_embed(z)
         hw = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         x = x + position_embedding(*hw, x.shape[-1], x.device, x.dtype)
-        context = self.text_proj(text)
-        keep = text_mask[:, :, None].to(context.dtype)
-        pooled = (context * keep).sum(1) / keep.sum(1).clamp_min(1)
-        c_base = self.time_embed(t) + self.text_pool(pooled)
         for block in self.prelude:
             x = block(x, hw)
-        return x, c_base, torch.stack([layer.cross_attention.key_values(context) for layer in self.core])
+        return x, self.time_embed(t) + text_cond
 
     def core_iteration(self, s, e, c_base, progress, text_kv, text_mask, hw):
         """s_{i+1} = Core(adapter([s_i, e]), c_i), progress: (B,) = i / r. The core is told its
@@ -589,13 +625,16 @@ class Iris(nn.Module):
     def forward(self, z, t, text, text_mask, iters):
         """z: (B, 16, H/16, W/16) noisy latent; t: (B,) in [0, 1]; text: (B, L, text_dim)
         token embeddings with text_mask: (B, L) bool, True for real tokens; iters: core
-        iterations r. Returns the velocity, shaped like z. export_mobile.py exports the
-        three stages separately, so that a phone picks r at run time too."""
+        iterations r. Returns the velocity, shaped like z."""
+        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters)
+
+    def velocity(self, z, t, prompt, iters):
+        """forward() with the prompt encoded ahead by encode_prompt(). export_mobile.py exports
+        the stages separately, so that a phone encodes a prompt once and picks r at run time."""
         self.check_latent_size(*z.shape[-2:])
-        if not torch.compiler.is_compiling() and not bool(text_mask.any(dim=1).all()):  # reading it breaks the graph
-            raise ValueError("a prompt has no unmasked text token; encode '' (not nothing) for the unconditional branch")
         hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)
-        e, c_base, text_kv = self.prelude_forward(z, t, text, text_mask)
+        text_kv, text_cond, text_mask = prompt
+        e, c_base = self.prelude_forward(z, t, text_cond)
         s = e
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.

@@ -9,8 +9,9 @@ checkpoint. This is what the phone app does, run on this machine with the same r
 
 The parts are loaded one at a time and freed after use (text encoder, then generator,
 then VAE decoder), so peak memory is the largest part plus activations, not their sum.
-The generator is three methods (prelude, core, coda): the app runs the core r times,
-so r is chosen at run time, as with sample.py --iters.
+The generator is four methods (prompt, prelude, core, coda): the app encodes the prompt
+once, runs prelude and coda once per step and the core r times per step, so r is chosen
+at run time, as with sample.py --iters.
 """
 import importlib
 import json
@@ -85,21 +86,29 @@ class MobileTextEncoder:
 
 
 class MobileGenerator:
-    """model(z, t, text, mask, iters) -> velocity, like model.Iris, from the three exported
-    methods; flow.py's samplers take it as they take the PyTorch model."""
+    """model.Iris's encode_prompt, velocity and model(z, t, text, mask, iters) -> velocity
+    from the four exported methods; flow.py's samplers take it as they take the PyTorch
+    model, and encode each prompt once per sampling call."""
 
     def __init__(self, run, batch):
         self.run, self.batch = run, batch
 
-    def __call__(self, z, t, text, mask, iters):
+    def encode_prompt(self, text, mask):
+        return (*self.run('prompt', text, mask), mask)
+
+    def velocity(self, z, t, prompt, iters):
         if len(z) != self.batch:
             raise SystemExit(f"error: this generator was exported for batch {self.batch}, not {len(z)}; "
                              f"re-export it or use its sampler and guidance settings")
-        e, c_base, text_kv = self.run('prelude', z, t, text, mask)
+        text_kv, text_cond, mask = prompt
+        e, c_base = self.run('prelude', z, t, text_cond)
         s = e
         for i in range(iters):
             s = self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
         return self.run('coda', s, c_base)[0]
+
+    def __call__(self, z, t, text, mask, iters):
+        return self.velocity(z, t, self.encode_prompt(text, mask), iters)
 
 
 def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, generator):
