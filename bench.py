@@ -57,7 +57,7 @@ config = "config/pokemon.py"  # the run the memory section measures (several fil
 # convolutions run ~150x slower than bf16 on this CPU
 dtype = "bfloat16"
 # -----------------------------------------------------------------------------
-configure(globals())
+configure(globals(), positive=('threads', 'dim', 'repeats'))
 torch.set_num_threads(threads)
 torch.manual_seed(seed)
 
@@ -254,7 +254,7 @@ def config_settings(script):
 
 def config_setting(settings, key, script):
     if key not in settings:
-        raise SystemExit(f"bench.py: {config} sets no '{key}' for {script}.py; the memory section needs it there")
+        raise SystemExit(f"error: {config} sets no '{key}' for {script}.py; the memory section needs it there")
     return settings[key]
 
 
@@ -385,7 +385,7 @@ if __name__ == "__main__":
                "runtime": bench_runtime}
     unknown = set(sections.split(",")) - set(benches)
     if unknown:
-        raise SystemExit(f"bench.py: unknown section(s) {', '.join(sorted(unknown))}; choose from {','.join(benches)}")
+        raise SystemExit(f"error: unknown bench.py section(s) {', '.join(sorted(unknown))}; choose from {','.join(benches)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
     for section in sections.split(","):
         benches[section]()

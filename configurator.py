@@ -12,7 +12,8 @@ which applies, in order, each bare argument as a Python file of overrides and ea
 A value that looks like a Python literal (a number, a quoted string, a tuple or list,
 True/False/None) is parsed with ast.literal_eval; anything else, of any length, is a
 string. It must have the type of the default; a float must be finite, an int below 2^63,
-and neither negative unless its default is (a sentinel such as sample.py's strength = -1). An
+and neither negative unless its default is (a sentinel such as sample.py's strength = -1);
+the settings a script names in configure(globals(), positive=(...)) must be above zero. An
 unknown key, a wrong type or a bad number stops the script with a one-line message before
 any heavy work starts. One config file serves every stage of a setup:
 it sees the name of the running script as `script`, so settings that differ per stage
@@ -45,6 +46,9 @@ def _checked(key, value, defaults, source, script):
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + '...'
         raise SystemExit(f"error: setting '{key}' (from {source}) must be {type(default).__name__} "
                          f"like its default {default!r}, got {type(value).__name__} {shown}")
+    if type(value) is tuple and default and any(type(x) is not type(default[0]) for x in value):
+        raise SystemExit(f"error: setting '{key}' (from {source}) must hold {type(default[0]).__name__}s "
+                         f"like its default {default!r}, got {value!r}"[:300])
     if type(value) in (int, float):
         in_range = abs(value) < 2 ** 63 if type(value) is int else math.isfinite(value)
         if not in_range or value < 0 <= default:
@@ -62,8 +66,20 @@ def _parse(text):
         return text
 
 
-def configure(script_globals, argv=None):
-    """Apply config files and --key=value overrides to script_globals; return the settings dict."""
+def _check_positive(settings, names):
+    for key in names:
+        value = settings[key]
+        bad = (not value or min(value) < 1) if type(value) is tuple else value <= 0
+        if bad:
+            need = "a non-empty tuple of counts of at least 1" if type(value) is tuple else (
+                "at least 1" if type(value) is int else "above 0")
+            raise SystemExit(f"error: setting '{key}' must be {need}, got {value!r}")
+
+
+def configure(script_globals, argv=None, positive=()):
+    """Apply config files and --key=value overrides to script_globals; return the settings dict.
+    positive: the settings that must end up above zero (steps, sizes, batch, lr ...), checked
+    once every override is in."""
     argv = list(sys.argv[1:] if argv is None else argv)
     script = os.path.splitext(os.path.basename(script_globals.get('__file__', 'script')))[0]
     defaults = _settings(script_globals)
@@ -79,6 +95,7 @@ def configure(script_globals, argv=None):
         else:
             for key, value in read_config_file(arg, script).items():
                 script_globals[key] = _checked(key, value, defaults, arg, script)
+    _check_positive(script_globals, positive)
     return _settings(script_globals)
 
 
@@ -90,7 +107,12 @@ def read_config_file(path, script):
     except OSError as e:
         raise SystemExit(f"error: cannot read config file '{path}' ({e.strerror}); pass a path like config/shapes.py or --key=value")
     overrides = {'script': script}
-    exec(compile(source, path, 'exec'), {}, overrides)
+    try:
+        exec(compile(source, path, 'exec'), {}, overrides)
+    except SyntaxError as e:
+        raise SystemExit(f"error: config file '{path}' line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # a NameError, an import that fails...
+        raise SystemExit(f"error: config file '{path}' stops with {type(e).__name__}: {e}") from None
     # a config file may import math or define a helper: those are not settings
     return {key: value for key, value in overrides.items() if key != 'script' and not key.startswith('_')
             and not isinstance(value, (types.ModuleType, types.FunctionType, type))}

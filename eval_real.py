@@ -166,9 +166,7 @@ def held_out_flow_loss(model, latents, tokens, mask):
 
 
 if __name__ == '__main__':
-    configure(globals())
-    if classifier_steps < 1:
-        raise SystemExit(f"error: classifier_steps must be at least 1, got {classifier_steps}")
+    configure(globals(), positive=('steps_list', 'loss_iters', 'classifier_size', 'classifier_steps', 'batch_size'))
     autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)  # a bad --dtype stops here, before any work
     model, run, out_dir = load_generator(out_dir, device)
     test_dir = test_dir or os.path.join(os.path.dirname(run.get('data_dir', '').rstrip('/')), 'test')

@@ -145,7 +145,7 @@ def eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sa
 
 
 if __name__ == '__main__':
-    configure(globals())
+    configure(globals(), positive=('num_prompts', 'iters_list', 'steps_list', 'shift', 'batch_size'))
     print("| images | " + " | ".join(ATTRIBUTES) + " | all 4 | all 5 | s / image |\n" + "|---" * 9 + "|")
     if validate_only:
         for size in (64, 128):

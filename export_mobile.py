@@ -315,5 +315,5 @@ def main():
 
 
 if __name__ == '__main__':
-    configure(globals())
+    configure(globals(), positive=('iters',))
     main()

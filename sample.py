@@ -48,7 +48,7 @@ text_encoder = ''  # '' = the checkpoint's; a different one is refused
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto' (bf16 on sm80+ GPUs, fp16 on older ones, fp32 on a CPU), 'float32', 'bfloat16' or 'float16'
 # -----------------------------------------------------------------------------
-configure(globals())
+configure(globals(), positive=('num_samples', 'steps', 'iters', 'shift'))
 
 
 def open_image(path, what):
@@ -89,8 +89,6 @@ empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
 if empty:
     raise SystemExit(f"error: prompt {empty[0]} of {len(prompts)} is empty; write what to draw "
                      f"(separate several prompts with '|')")
-if steps < 1 or iters < 1 or num_samples < 1:
-    raise SystemExit("error: --steps, --iters and --num_samples must be at least 1")
 if mask and not init_image:
     raise SystemExit("error: --mask needs the --init_image it applies to")
 if strength == -1:

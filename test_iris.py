@@ -5,10 +5,13 @@ Each test checks real behaviour against an independent reference (the 2x2 Haar f
 written out, a loss that must fall on a real batch, a checkpoint that must restore
 bit-exactly), on data the tests make themselves: nothing is downloaded.
 """
+import ast
+import concurrent.futures
 import copy
 import errno
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -873,7 +876,6 @@ def test_config_file_with_an_unknown_key_is_an_error(tmp_path):
 
 def _script_settings(script):
     """The names a script assigns at module level: its settings block and what follows."""
-    import ast
     with open(os.path.join(HERE, f'{script}.py')) as f:
         tree = ast.parse(f.read())
     return {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
@@ -1192,3 +1194,96 @@ def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
     length = reference.shape[1]
     assert torch.equal(mask[:, :length], reference_mask) and not mask[:, length:].any()
     assert torch.allclose(tokens[:, :length][reference_mask], reference[reference_mask], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Fuzz: every entry script, bad input, one error line
+
+
+ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'distill.py', 'sample.py', 'eval_shapes.py', 'eval_real.py',
+                 'export_mobile.py', 'bench.py')
+CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype', 'precision', 'backend', 'sections',
+                   'sampler')
+READ_PATHS = {'train_vae.py': ('data_dir',), 'train_flow.py': ('vae_dir', 'data_dir'), 'distill.py': ('teacher_dir',),
+              'sample.py': ('out_dir', 'init_image'), 'eval_shapes.py': ('out_dir',), 'eval_real.py': ('out_dir',),
+              'export_mobile.py': ('out_dir',)}
+
+
+def _settings_block(script):
+    """A script's settings block (name -> default) and the settings its configure() call says must be positive."""
+    source = open(os.path.join(HERE, script)).read()
+    block = source.split('# ' + '-' * 77)[1]
+    defaults = {}
+    for node in ast.parse(block).body:
+        if isinstance(node, ast.Assign):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:  # device = 'cuda' if ... else 'cpu'
+                pass
+    positive = ()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, 'id', '') == 'configure':
+            positive = next((ast.literal_eval(k.value) for k in node.keywords if k.arg == 'positive'), ())
+    return defaults, positive
+
+
+def _bad_values(name, default, positive, rng):
+    """Values the configurator or the script must refuse for this setting."""
+    if type(default) is bool:
+        return ['maybe', '2']
+    if type(default) in (int, float):
+        values = ['abc', 'nan', 'inf', '-inf', '1e999', '9' * 30, 'ünïcödé', 'x' * 10000]
+        values += ['1.5'] if type(default) is int else []
+        values += ['-3'] if default >= 0 else []
+        values += ['0'] if name in positive else []
+        return values
+    if type(default) is tuple:
+        return ['(', "('a',)", '[[1], 2]'] + (['()', '(0,)'] if name in positive else [])
+    if name in CHOICE_SETTINGS:
+        return ['nonsense', 'ünïcödé', 'x' * 10000]
+    return []
+
+
+def _fuzz_cases(tmp_path, seed=0, per_script=4):
+    rng = random.Random(seed)
+    corrupt_run = tmp_path / 'corrupt-run'
+    corrupt_run.mkdir()
+    (corrupt_run / 'ckpt.safetensors').write_bytes(bytes(rng.randrange(256) for _ in range(4096)))
+    (corrupt_run / 'config.json').write_text('{"text_encoder": "minilm"')
+    empty_file, broken_config = tmp_path / 'empty.png', tmp_path / 'broken.py'
+    empty_file.write_bytes(b'')
+    broken_config.write_text('batch_size = (\n')
+    cases = []
+    for script in ENTRY_SCRIPTS:
+        defaults, positive = _settings_block(script)
+        pool = [f'--{name}={value}' for name, default in defaults.items()
+                for value in _bad_values(name, default, positive, rng)]
+        cases += [(script, arg) for arg in rng.sample(pool, per_script)]
+        cases += [(script, '--no_such_setting=1'), (script, str(broken_config)), (script, 'config/no_such_file.py')]
+        if script in ('train_vae.py', 'train_flow.py', 'distill.py'):  # where a run writes
+            cases += [(script, f'--out_dir={"x" * 10000}'), (script, f'--out_dir={empty_file}')]
+        for name in READ_PATHS.get(script, ()):
+            cases += [(script, f'--{name}={tmp_path / "missing"}'), (script, f'--{name}={"x" * 10000}')]
+            cases += [(script, f'--{name}={empty_file if name == "init_image" else corrupt_run}')]
+    cases += [('run_mobile.py', str(tmp_path / 'missing')), ('run_mobile.py', str(corrupt_run)),
+              ('run_mobile.py', '--steps=abc')]
+    return cases
+
+
+def _one_error_line(case, cwd):
+    script, arg = case
+    result = subprocess.run([sys.executable, os.path.join(HERE, script), arg], cwd=cwd, capture_output=True, text=True,
+                            timeout=120)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if 'error:' in line]
+    return case, result.returncode != 0 and len(errors) == 1 and 'Traceback' not in output, output[-600:]
+
+
+def test_fuzz_every_entry_script_stops_bad_input_with_one_error_line(tmp_path):
+    cases = _fuzz_cases(tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(lambda case: _one_error_line(case, tmp_path), cases))
+    failures = [f"{script} {arg[:80]}:\n{output}" for (script, arg), ok, output in results if not ok]
+    assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n\n".join(failures)
+    assert len(cases) >= 80
+    assert not list(tmp_path.glob('out*')), "a run that stopped before its work left its out_dir behind"

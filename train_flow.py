@@ -78,7 +78,9 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScaler on older ones (T4), fp32 on a CPU
 compile = False
 # -----------------------------------------------------------------------------
-config = configure(globals())
+config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
+                                       'patch_size', 'train_iters', 'sample_steps', 'sample_iters', 'batch_size',
+                                       'gradient_accumulation_steps', 'max_steps', 'lr'))
 if init_from not in ('scratch', 'resume'):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
 if loss_weighting not in ('none', 'seed'):
@@ -87,8 +89,6 @@ if mixer not in ('grfm', 'attention'):
     raise SystemExit(f"error: mixer must be 'grfm' or 'attention', got '{mixer}'")
 if model_size not in SIZES:
     raise SystemExit(f"error: model_size must be one of {', '.join(SIZES)}, got '{model_size}'")
-if not train_iters or min(train_iters) < 1:
-    raise SystemExit(f"error: train_iters must be positive iteration counts, got {train_iters}")
 try:
     check_image_size(image_size, image_size, 16 * patch_size)
 except ValueError as e:
@@ -96,7 +96,6 @@ except ValueError as e:
 rank, world_size, device = setup_distributed(device)
 master = rank == 0  # logs, grids and checkpoints; every process draws the same random numbers
 shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
-os.makedirs(out_dir, exist_ok=True)
 if master:
     lock_out_dir(out_dir)
 torch.manual_seed(seed)

@@ -61,7 +61,9 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScaler on older ones (T4), fp32 on a CPU
 compile = False
 # -----------------------------------------------------------------------------
-config = configure(globals())
+config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
+                                       'channels', 'latent_channels', 'blocks_per_stage', 'batch_size',
+                                       'gradient_accumulation_steps', 'max_steps', 'lr'))
 if init_from not in ('scratch', 'resume'):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
 try:
@@ -71,7 +73,6 @@ except ValueError as e:
 rank, world_size, device = setup_distributed(device)
 master = rank == 0  # logs, grids and checkpoints
 shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
-os.makedirs(out_dir, exist_ok=True)
 if master:
     lock_out_dir(out_dir)
 torch.manual_seed(seed)

@@ -155,9 +155,15 @@ class LossLog:
 
 
 def lock_out_dir(out_dir):
-    """One run per out_dir: run.lock holds the pid of the run writing there and goes at its
-    exit. A second run stops with one line; the lock of a run that was killed (its pid no
-    longer runs) is taken over with a warning."""
+    """Create out_dir for one run: run.lock holds the pid of the run writing there and goes
+    at its exit, with the folder if this run made it and wrote nothing else. A second run
+    stops with one line; the lock of a run that was killed (its pid no longer runs) is taken
+    over with a warning."""
+    created = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a file in the way, a name too long, no permission
+        raise SystemExit(f"error: cannot create out_dir '{out_dir[:100]}' ({e.strerror}); pass another --out_dir") from None
     path = os.path.join(out_dir, 'run.lock')
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one of two racing runs wins
@@ -177,7 +183,15 @@ def lock_out_dir(out_dir):
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     pid = os.getpid()
-    atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))
+
+    def release():
+        if os.getpid() != pid:  # a forked child exiting
+            return
+        if os.path.exists(path):
+            os.remove(path)
+        if created and not os.listdir(out_dir):  # a run stopped before it wrote anything
+            os.rmdir(out_dir)
+    atexit.register(release)
 
 
 def _fsync_replace(tmp, path):
