@@ -39,8 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import configure, read_config_file
 from flow import flow_loss
-from model import (SIZES, CoreLayer, IrisConfig, SelfAttentionMixer, count_parameters, iris_tiny, linear_scan,
-                   sequential_scan, wake_up)
+from model import (SIZES, CoreLayer, FourierMixer, IrisConfig, SelfAttentionMixer, count_parameters, iris_tiny,
+                   linear_scan, sequential_scan, wake_up)
 from run_mobile import peak_rss_mb
 from training import mixed_precision, optimizer_step
 from vae import WaveletVAE, vae_loss
@@ -142,6 +142,16 @@ def bench_mixer():
     growth = float(rows[-1][1]) / float(rows[-2][1])
     print(f"GRFM layer time growth 1024 -> 4096 tokens: {growth:.2f}x (attention: "
           f"{float(rows[-1][2]) / float(rows[-2][2]):.2f}x); ops and kernels of one layer forward\n")
+    print("GRFM's Fourier pathway alone, forward+backward, ms: torch.fft against the DFT as two real matmuls\n")
+    by_fft = FourierMixer(dim, cfg.fourier_blocks, cfg.softshrink, "torch")
+    by_dft = FourierMixer(dim, cfg.fourier_blocks, cfg.softshrink, "dft")
+    by_dft.load_state_dict(by_fft.state_dict())
+    rows = []
+    for side in (8, 16, 32, 64):
+        grid = torch.randn(1, side, side, dim, requires_grad=True)
+        rows.append([side * side] + [f"{1e3 * median_time(lambda: mixer(grid).sum().backward()):.2f}"
+                                     for mixer in (by_fft, by_dft)])
+    table(["tokens", "torch.fft", "DFT matmuls (fft_impl='dft')"], rows)
 
 
 def bench_scan():
