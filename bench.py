@@ -395,7 +395,8 @@ if __name__ == "__main__":
                "runtime": bench_runtime}
     unknown = set(sections.split(",")) - set(benches)
     if unknown:
-        raise SystemExit(f"error: unknown bench.py section(s) {', '.join(sorted(unknown))}; choose from {','.join(benches)}")
+        raise SystemExit(f"error: unknown bench.py section(s) {', '.join(sorted(unknown))}; "
+                         f"choose from {','.join(benches)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
     for section in sections.split(","):
         benches[section]()

@@ -163,7 +163,8 @@ def lock_out_dir(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:  # a file in the way, a name too long, no permission
-        raise SystemExit(f"error: cannot create out_dir '{out_dir[:100]}' ({e.strerror}); pass another --out_dir") from None
+        raise SystemExit(f"error: cannot create out_dir '{out_dir[:100]}' ({e.strerror}); "
+                         f"pass another --out_dir") from None
     path = os.path.join(out_dir, 'run.lock')
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one of two racing runs wins
