@@ -237,15 +237,22 @@ def sequential_scan(log_a, b):
     return torch.stack(out, dim=1)
 
 
+def _shift(x, steps, reverse, value=0.0):
+    """x (B, N, ...) moved `steps` tokens later in scan order (earlier if reverse), the tokens
+    it leaves empty filled with value: x_{t - steps} at t (x_{t + steps} if reverse)."""
+    n = x.shape[1]
+    pad = [0, 0] * (x.dim() - 2) + ([0, steps] if reverse else [steps, 0])
+    return F.pad(x, pad, value=value)[:, steps:] if reverse else F.pad(x, pad, value=value)[:, :n]
+
+
 def _hillis_steele(a, b, reverse):
     """h_t = a_t h_{t-1} + b_t (h_{t+1} if reverse) over dim 1 in log2(N) shift-multiply-add
     steps (Hillis & Steele 1986): exact for any a in [0, 1], as it only multiplies decays."""
-    n, shift = a.shape[1], 1
-    while shift < n:
-        pad, keep = ((0, 0, 0, shift), slice(shift, None)) if reverse else ((0, 0, shift, 0), slice(0, n))
-        b = b + a * F.pad(b, pad)[:, keep]
-        if 2 * shift < n:  # the decays' products are needed only by a next step
-            a = a * F.pad(a, pad, value=1.0)[:, keep]
+    shift = 1
+    while shift < a.shape[1]:
+        b = b + a * _shift(b, shift, reverse)
+        if 2 * shift < a.shape[1]:  # the decays' products are needed only by a next step
+            a = a * _shift(a, shift, reverse, value=1.0)
         shift *= 2
     return b
 
@@ -277,8 +284,7 @@ def _chunked_scan(log_a, b, chunk, reverse):
     if n_chunks > 1:
         last = 0 if reverse else -1
         chunk_state = _hillis_steele(decay[:, :, last], h[:, :, last], reverse)  # true state at each chunk's last token
-        incoming = F.pad(chunk_state, (0, 0, 0, 1))[:, 1:] if reverse else F.pad(chunk_state, (0, 0, 1, 0))[:, :-1]
-        h = h + decay * incoming[:, :, None]
+        h = h + decay * _shift(chunk_state, 1, reverse)[:, :, None]  # plus the state entering each chunk
     h = h.view(B, n_chunks * chunk, D)
     return h[:, -N:] if reverse else h[:, :N]
 
@@ -299,8 +305,7 @@ class _LinearScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         log_a, b, h = ctx.saved_tensors
-        n = log_a.shape[1]  # log a_{t+1} (log a_{t-1} if reverse), 0 past the end
-        log_a_next = F.pad(log_a, (0, 0, 1, 0))[:, :n] if ctx.reverse else F.pad(log_a, (0, 0, 0, 1))[:, 1:]
+        log_a_next = _shift(log_a, 1, not ctx.reverse)  # log a_{t+1} (log a_{t-1} if reverse), 0 past the end
         g = _chunked_scan(log_a_next, grad_h, ctx.chunk, not ctx.reverse)
         return g * (h - b), g, None, None
 

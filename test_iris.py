@@ -1228,7 +1228,7 @@ def _settings_block(script):
     return defaults, positive
 
 
-def _bad_values(name, default, positive, rng):
+def _bad_values(name, default, positive):
     """Values the configurator or the script must refuse for this setting."""
     if type(default) is bool:
         return ['maybe', '2']
@@ -1258,7 +1258,7 @@ def _fuzz_cases(tmp_path, seed=0, per_script=4):
     for script in ENTRY_SCRIPTS:
         defaults, positive = _settings_block(script)
         pool = [f'--{name}={value}' for name, default in defaults.items()
-                for value in _bad_values(name, default, positive, rng)]
+                for value in _bad_values(name, default, positive)]
         cases += [(script, arg) for arg in rng.sample(pool, per_script)]
         cases += [(script, '--no_such_setting=1'), (script, str(broken_config)), (script, 'config/no_such_file.py')]
         if script in ('train_vae.py', 'train_flow.py', 'distill.py'):  # where a run writes

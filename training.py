@@ -255,6 +255,10 @@ def save_checkpoint(path, model, ema, optimizer, step, config, data_generator, s
     _fsync_replace(json_path + '.tmp', json_path)
 
 
+CHECKPOINT_PARTS = ('model.', 'ema.', 'optim.', 'rng.')
+UNREADABLE = (OSError, SafetensorError, ValueError)  # cut short, empty, or not a checkpoint (ValueError: its JSON)
+
+
 def _read(path, prefixes):
     with safe_open(path, framework='pt') as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
@@ -264,13 +268,13 @@ def _read(path, prefixes):
     return tensors, meta
 
 
-def read_checkpoint(path, prefixes=('model.', 'ema.', 'optim.', 'rng.')):
+def read_checkpoint(path, prefixes=CHECKPOINT_PARTS):
     """The tensors whose names start with one of prefixes, and the metadata, from a checkpoint."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; train one first or point to it with --out_dir / --init_from")
     try:
         return _read(path, prefixes)
-    except (OSError, SafetensorError, ValueError) as e:  # cut short, empty, or not a checkpoint (ValueError: its JSON)
+    except UNREADABLE as e:
         raise SystemExit(f"error: {path} is not a readable IRIS checkpoint ({str(e).splitlines()[0]}): a half-copied "
                          f"file? copy it again, or use an intact ckpt_<step>.safetensors beside it") from None
 
@@ -284,8 +288,8 @@ def _newest_intact(path):
         stem = os.path.splitext(path)[0]
         for older in sorted(glob.glob(glob.escape(stem) + '_*.safetensors'), reverse=True):
             try:
-                tensors, meta = _read(older, ('model.', 'ema.', 'optim.', 'rng.'))
-            except (OSError, SafetensorError, ValueError):
+                tensors, meta = _read(older, CHECKPOINT_PARTS)
+            except UNREADABLE:
                 continue
             print(f"warning: {path} is unreadable; resuming from {older} (step {meta['step']})")
             return tensors, meta
