@@ -5,7 +5,8 @@ text encoder's tokens for every distinct caption, computed once and kept on disk
 On a CPU the two encoders cost as much as hundreds of training steps, so an epoch must
 not re-run them. The cache file is cache_dir/<key>.safetensors, where the key hashes the
 data settings, the VAE checkpoint's bytes and the text encoder's name: change any of them
-and a new cache is built; nothing stale is ever read. The held-out captions (for sample
+and a new cache is built; nothing stale is ever read. The control maps a ControlAdapter
+trains on (data.control_map) are cached the same way, in their own file. The held-out captions (for sample
 grids and the adherence eval) are stored with it, so a cache hit loads no image at all.
 """
 import hashlib
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data import COLOURS, POSITIONS, SHAPES, SIZES, load_data, to_float
+from data import COLOURS, CONTROLS, POSITIONS, SHAPES, SIZES, control_map, load_data, to_float
 from text import sha256_file
 
 
@@ -40,17 +41,31 @@ def encode_images(vae, images, batch_size=128):
                       for i in tqdm(range(0, len(images), batch_size), desc='latents', leave=False)])
 
 
-def load_training_set(data_settings, vae, vae_dir, encoder, cache_dir):
-    """data_settings: the load_data arguments (dataset, data_dir, image_size, num_images,
-    num_holdout). Returns dict(latents, caption_ids, tokens, mask, holdout_captions)."""
-    identity = dict(data_settings, vae=sha256_file(os.path.join(vae_dir, 'ckpt.safetensors')), text_encoder=encoder.name)
+def cache_path(cache_dir, data_settings, **more):
+    """cache_dir/<key>.safetensors and the identity the key hashes: the data settings, what
+    else makes the data (the drawing rules, the metadata's bytes) and `more`."""
+    identity = dict(data_settings, **more)
     if data_settings['dataset'] == 'shapes' and not data_settings['data_dir']:  # data.py's drawing rules are data too
         identity['shapes'] = repr((SHAPES, COLOURS, SIZES, POSITIONS))
     if data_settings['data_dir']:  # a folder's contents can change under the same name
         metadata = os.path.join(data_settings['data_dir'], 'metadata.jsonl')
         identity['metadata'] = sha256_file(metadata) if os.path.isfile(metadata) else None
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"{key}.safetensors")
+    return os.path.join(cache_dir, f"{key}.safetensors"), identity
+
+
+def save_atomically(data, path, metadata):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # under torchrun every process may build it at once
+    save_file(data, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_training_set(data_settings, vae, vae_dir, encoder, cache_dir):
+    """data_settings: the load_data arguments (dataset, data_dir, image_size, num_images,
+    num_holdout). Returns dict(latents, caption_ids, tokens, mask, holdout_captions)."""
+    path, identity = cache_path(cache_dir, data_settings, text_encoder=encoder.name,
+                                vae=sha256_file(os.path.join(vae_dir, 'ckpt.safetensors')))
     if os.path.isfile(path):
         with safe_open(path, framework='pt') as f:
             data = {k: f.get_tensor(k) for k in f.keys()}
@@ -61,9 +76,21 @@ def load_training_set(data_settings, vae, vae_dir, encoder, cache_dir):
     (images, captions), (_, holdout_captions) = load_data(**data_settings)
     tokens, mask, caption_ids = encode_captions(encoder, captions)
     data = dict(latents=encode_images(vae, images), caption_ids=caption_ids, tokens=tokens, mask=mask)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # under torchrun every process may build it at once
-    save_file(data, tmp, metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
-    os.replace(tmp, path)
+    save_atomically(data, path, metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
     print(f"cache: encoded {len(images)} images and {len(tokens)} distinct captions into {path}")
     return dict(data, holdout_captions=holdout_captions)
+
+
+def load_control_maps(data_settings, kind, cache_dir):
+    """The control maps (data.control_map) of the training images, in the order of
+    load_training_set's latents, and of the held-out ones: uint8 (N, 1, S, S) in {0, 1}."""
+    path, identity = cache_path(cache_dir, data_settings, control=kind, thresholds=repr(CONTROLS))
+    if os.path.isfile(path):
+        with safe_open(path, framework='pt') as f:
+            return f.get_tensor('train'), f.get_tensor('holdout')
+    (images, _), (holdout_images, _) = load_data(**data_settings)
+    maps = {name: torch.cat([control_map(x[i:i + 1024], kind).to(torch.uint8) for i in range(0, len(x), 1024)])
+            for name, x in (('train', images), ('holdout', holdout_images))}
+    save_atomically(maps, path, metadata=dict(identity=json.dumps(identity)))
+    print(f"cache: {kind} maps of {len(images)} images into {path}")
+    return maps['train'], maps['holdout']

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 # -----------------------------------------------------------------------------
@@ -221,6 +222,42 @@ def to_float(images):
 def to_uint8(x):
     """float [-1, 1] -> uint8 [0, 255]"""
     return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
+# control signals for the generator's ControlAdapter, computed from the images themselves
+
+CONTROLS = {'edges': 0.15, 'silhouette': 0.25}  # each signal's threshold, on colour channels in [0, 1]
+
+
+def control_map(images, kind):
+    """uint8 (N, 3, S, S) -> float (N, 1, S, S) in {0, 1}.
+    'edges': where the Sobel gradient of any colour channel is steep (a 2 px line on each
+    boundary, colour changes included that grey levels would miss); 'silhouette': where the
+    colour differs from the background, read as the median colour of the image's border."""
+    x = images.float() / 255
+    if kind == 'edges':
+        sobel = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]]) / 4  # a unit step reads 1
+        kernels = torch.stack([sobel, sobel.T])[:, None].repeat(3, 1, 1, 1)  # x and y for each channel
+        gradient = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='replicate'), kernels, groups=3)
+        strength = gradient.unflatten(1, (3, 2)).square().sum(2).sqrt().amax(1, keepdim=True)
+    elif kind == 'silhouette':
+        border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 0], x[..., -1]], dim=-1)
+        background = border.median(dim=-1).values[..., None, None]
+        strength = (x - background).abs().amax(1, keepdim=True)
+    else:
+        raise ValueError(f"control must be one of {', '.join(CONTROLS)}, not {kind!r}")
+    return (strength > CONTROLS[kind]).float()
+
+
+def control_f1(maps, references, tolerance=1):
+    """Per-image F1 of binary maps (N, 1, S, S) against reference maps: precision is the share
+    of a map's pixels within `tolerance` pixels of a reference pixel, recall the converse
+    (edges drawn one pixel off still agree, as in the BSDS edge benchmark)."""
+    near = lambda m: F.max_pool2d(m, 2 * tolerance + 1, stride=1, padding=tolerance)  # noqa: E731
+    precision = (maps * near(references)).sum((1, 2, 3)) / maps.sum((1, 2, 3)).clamp_min(1)
+    recall = (references * near(maps)).sum((1, 2, 3)) / references.sum((1, 2, 3)).clamp_min(1)
+    return 2 * precision * recall / (precision + recall).clamp_min(1e-8)
 
 
 def save_grid(images, path, columns=8):

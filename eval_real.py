@@ -16,8 +16,16 @@ What an IRIS run learned of real images, measured on the test split it never saw
    Fréchet distance", not FID (no Inception network), comparable only within this eval.
 4. Copying: each generated image's nearest training image in those features, against the
    real test images' own nearest training images.
+5. Super-resolution (flow.upscale), 2x: each test image's 2x2 means as the input, against
+   the real image: PSNR, SSIM and sharpness (the energy of the Haar detail subbands LH, HL,
+   HH relative to the real image's: 1 is as sharp as the real one), for bicubic, the VAE
+   round trip of bicubic, and IRIS from the bicubic latent at each of upscale_strengths.
+6. A control run only (train_flow.py --control): each test caption with its own image's
+   control map, at control strength 0 (the base generator) and 1: the F1 of the output's
+   map against the control (data.control_f1), the VAE round trip of the real images as
+   the ceiling.
 It writes eval_real.png in out_dir: rows of test captions' real image, generated image and
-the nearest training image to it.
+the nearest training image to it; eval_upscale.png and eval_control.png for 5 and 6.
 """
 import json
 import os
@@ -28,12 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure
-from data import load_imagefolder, save_grid, to_float
-from flow import flow_loss, text_to_image
+from data import control_f1, control_map, load_imagefolder, save_grid, to_float, to_uint8
+from flow import flow_loss, text_to_image, upscale
 from model import load_generator
 from text import load_text_encoder
 from training import mixed_precision, resolve_dtype
 from vae import load_vae, psnr, reconstruct
+from wavelet import dwt
 
 # -----------------------------------------------------------------------------
 out_dir = ''  # a train_flow.py / distill.py run; '' = the newest generator checkpoint under out*/
@@ -42,6 +51,8 @@ steps_list = (25,)  # sampling steps to measure; a distilled student: (1, 2, 4)
 iters = 0  # core iterations for sampling (0 = the run's sample_iters)
 loss_iters = (2, 4, 8, 16)  # r for the held-out flow loss
 cfg_scale = 4.0
+sections = 'vae,loss,classifier,upscale,control'  # what to measure (control: for a control run only)
+upscale_strengths = (0.3, 0.5)  # img2img strengths for super-resolution
 classifier_size = 64  # the CNN reads images at this side
 classifier_steps = 3000
 batch_size = 64
@@ -165,8 +176,67 @@ def held_out_flow_loss(model, latents, tokens, mask):
     return rows
 
 
+@torch.no_grad()
+def generate(model, vae, encoder, captions, noise, steps, sample=text_to_image, **more):
+    """sample (text_to_image or upscale) in batches; more: its other arguments, tensors with a row per caption."""
+    sampler = run.get('sampler', 'euler')
+    with mixed_precision(resolve_dtype(dtype, device), device)[0]:
+        return torch.cat([sample(model, vae, encoder, prompts=captions[i:i + batch_size], noise=noise[i:i + batch_size],
+                                 steps=steps, cfg_scale=cfg_scale, iters=iters, sampler=sampler,
+                                 generator=torch.Generator().manual_seed(seed + 1),
+                                 **{k: v[i:i + batch_size] if torch.is_tensor(v) else v for k, v in more.items()})
+                          for i in range(0, len(captions), batch_size)])
+
+
+def sharpness(images, references):
+    """Energy of the Haar detail subbands (LH, HL, HH) relative to the references'."""
+    detail = lambda x: dwt(to_float(x).double())[:, 3:].square().sum()  # noqa: E731 (channels 0-2 are LL)
+    return (detail(images) / detail(references)).item()
+
+
+def eval_upscale(model, vae, encoder, real, captions, noise, steps):
+    small = F.avg_pool2d(real.float(), 2).round().to(torch.uint8)  # the 2x2 means: the Haar LL subband / 2
+    bicubic = to_uint8(F.interpolate(to_float(small), scale_factor=2, mode='bicubic', align_corners=False))
+    rows = [('bicubic', bicubic), ('VAE round trip of bicubic', reconstruct(vae, bicubic))]
+    for strength in upscale_strengths:
+        rows.append((f"IRIS, strength {strength:g}, {steps} steps, r = {iters}",
+                     generate(model, vae, encoder, captions, noise, steps, sample=upscale, small=small, strength=strength)))
+    print(f"\n| {small.shape[-1]} -> {real.shape[-1]} px, {len(real)} test images | PSNR | SSIM | sharpness | "
+          f"2x2 means - input, max |\n|---|---|---|---|---|")
+    for name, images in rows:
+        error = (F.avg_pool2d(images.float(), 2) - small.float()).abs().max()
+        print(f"| {name} | {psnr(images, real):.2f} dB | {ssim(images, real):.4f} | {sharpness(images, real):.3f} | "
+              f"{error:.2f} |")
+    print(f"| real {real.shape[-1]} px images | | 1 | 1 | |")
+    shown = slice(0, 6)
+    save_grid(torch.cat([small[shown].repeat_interleave(2, -1).repeat_interleave(2, -2), bicubic[shown],
+                         rows[-1][1][shown], real[shown]]), os.path.join(out_dir, 'eval_upscale.png'), columns=6)
+    print(f"rows of {out_dir}/eval_upscale.png: the {small.shape[-1]} px input (pixels doubled), bicubic, IRIS at "
+          f"strength {upscale_strengths[-1]:g}, the real image")
+
+
+def eval_control(model, vae, encoder, real, captions, noise, steps):
+    kind = model.config.control
+    maps = control_map(real, kind)
+    print(f"\n| {kind} of the test image, its caption, {steps} steps, r = {iters} | {kind} F1 |\n|---|---|")
+    for strength in (0.0, 1.0):
+        images = generate(model, vae, encoder, captions, noise, steps, control=maps.to(device), control_strength=strength)
+        print(f"| control strength {strength:g}{' (the base generator)' if strength == 0 else ''} | "
+              f"{control_f1(control_map(images, kind), maps).mean():.3f} |")
+    print(f"| the real images after a VAE round trip (the ceiling) | "
+          f"{control_f1(control_map(reconstruct(vae, real), kind), maps).mean():.3f} |")
+    save_grid(torch.cat([maps[:6].mul(255).to(torch.uint8).expand(-1, 3, -1, -1), images[:6], real[:6]]),
+              os.path.join(out_dir, 'eval_control.png'), columns=6)
+    print(f"rows of {out_dir}/eval_control.png: the control, IRIS at strength 1, the real test image")
+
+
 if __name__ == '__main__':
     configure(globals(), positive=('steps_list', 'loss_iters', 'classifier_size', 'classifier_steps', 'batch_size'))
+    sections = sections.split(',')
+    unknown = set(sections) - {'vae', 'loss', 'classifier', 'upscale', 'control'}
+    if unknown:
+        raise SystemExit(f"error: unknown section(s) {', '.join(sorted(unknown))}; pick from vae,loss,classifier,upscale,"
+                         f"control")
     autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)  # a bad --dtype stops here, before any work
     model, run, out_dir = load_generator(out_dir, device)
     test_dir = test_dir or os.path.join(os.path.dirname(run.get('data_dir', '').rstrip('/')), 'test')
@@ -183,55 +253,59 @@ if __name__ == '__main__':
     test_labels = torch.tensor([names.index(g) if g in names else -1 for g in test_groups])
     vae = load_vae(run['vae_dir'], device)
     encoder = load_text_encoder(model.config.text_encoder, device)
-    print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test images at {size} px\n")
-
-    recon = reconstruct(vae, test_images)
-    print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, SSIM {ssim(recon, test_images):.4f}\n")
-
-    with torch.no_grad():
-        latents = torch.cat([vae.encode_latent(to_float(test_images[i:i + batch_size]).to(device))
-                             for i in range(0, len(test_images), batch_size)])
-    tokens, mask = encoder(test_captions)
-    with autocast:
-        losses = held_out_flow_loss(model, latents, tokens.to(device), mask.to(device))
-    print("| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean |\n|---|---|---|---|---|---|")
-    for r, bands in losses.items():
-        print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} |")
-
-    classifier = train_classifier(train_images, train_labels, len(names))
-    _, train_features = read(classifier, train_images)
-    predicted, real_features = read(classifier, test_images)
-    real_nearest, _ = nearest_distance(real_features, train_features)
-    real_accuracy = accuracy(predicted, test_labels)
-    print(f"\ngroup classifier: {len(names)} groups, balanced accuracy = the mean of the per-group recalls (chance "
-          f"{100 / len(test_labels.unique()):.1f}%); {100 * (test_labels == test_labels.mode().values).float().mean():.1f}% "
-          f"of the test split is its largest group\n")
-    print("| images | balanced accuracy | accuracy | of real balanced accuracy | classifier Fréchet distance | "
-          "nearest training image, median distance |\n|---|---|---|---|---|---|")
-    print(f"| real test images | {100 * real_accuracy[0]:.1f} | {100 * real_accuracy[1]:.1f} | 100% | 0 | "
-          f"{real_nearest.median():.3f} |")
-    sampler = run.get('sampler', 'euler')
     iters = iters or run['sample_iters']
     noise = torch.randn(len(test_captions), model.config.latent_channels, size // 16, size // 16,
                         generator=torch.Generator().manual_seed(seed)).to(device)
-    for steps in steps_list:
+    print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test images at {size} px\n")
+
+    if 'vae' in sections:
+        recon = reconstruct(vae, test_images)
+        print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, SSIM {ssim(recon, test_images):.4f}\n")
+
+    if 'loss' in sections:
+        with torch.no_grad():
+            latents = torch.cat([vae.encode_latent(to_float(test_images[i:i + batch_size]).to(device))
+                                 for i in range(0, len(test_images), batch_size)])
+        tokens, mask = encoder(test_captions)
         with autocast:
-            generated = torch.cat([text_to_image(model, vae, encoder, test_captions[i:i + batch_size],
-                                                 noise[i:i + batch_size], steps, cfg_scale, iters, sampler=sampler,
-                                                 generator=torch.Generator().manual_seed(seed + 1))
-                                   for i in range(0, len(test_captions), batch_size)])
-        predicted, features = read(classifier, generated)
-        nearest, which = nearest_distance(features, train_features)
-        acc = accuracy(predicted, test_labels)
-        print(f"| {steps} {sampler} steps, r = {iters} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | "
-              f"{100 * acc[0] / real_accuracy[0]:.0f}% | {frechet_distance(real_features, features):.3f} | "
-              f"{nearest.median():.3f} |")
-        if steps == steps_list[-1]:
-            shown = torch.stack([(test_labels == g).nonzero()[0, 0] for g in test_labels.unique()])[:6]  # a column
-            # per group, in name order; 6 columns keep the figure under 200 KB
-            save_grid(torch.cat([test_images[shown], generated[shown], train_images[which[shown]]]),
-                      os.path.join(out_dir, 'eval_real.png'), columns=6)
-            with open(os.path.join(out_dir, 'eval_real.txt'), 'w') as f:
-                f.write('\n'.join(test_captions[i] for i in shown) + '\n')
-    print(f"\nrows of {out_dir}/eval_real.png: real test image, generated from its caption "
-          f"({out_dir}/eval_real.txt), nearest training image")
+            losses = held_out_flow_loss(model, latents, tokens.to(device), mask.to(device))
+        print("| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean |\n|---|---|---|---|---|---|")
+        for r, bands in losses.items():
+            print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} |")
+
+    if 'classifier' in sections:
+        classifier = train_classifier(train_images, train_labels, len(names))
+        _, train_features = read(classifier, train_images)
+        predicted, real_features = read(classifier, test_images)
+        real_nearest, _ = nearest_distance(real_features, train_features)
+        real_accuracy = accuracy(predicted, test_labels)
+        print(f"\ngroup classifier: {len(names)} groups, balanced accuracy = the mean of the per-group recalls (chance "
+              f"{100 / len(test_labels.unique()):.1f}%); {100 * (test_labels == test_labels.mode().values).float().mean():.1f}% "
+              f"of the test split is its largest group\n")
+        print("| images | balanced accuracy | accuracy | of real balanced accuracy | classifier Fréchet distance | "
+              "nearest training image, median distance |\n|---|---|---|---|---|---|")
+        print(f"| real test images | {100 * real_accuracy[0]:.1f} | {100 * real_accuracy[1]:.1f} | 100% | 0 | "
+              f"{real_nearest.median():.3f} |")
+        for steps in steps_list:
+            generated = generate(model, vae, encoder, test_captions, noise, steps)
+            predicted, features = read(classifier, generated)
+            nearest, which = nearest_distance(features, train_features)
+            acc = accuracy(predicted, test_labels)
+            print(f"| {steps} {run.get('sampler', 'euler')} steps, r = {iters} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | "
+                  f"{100 * acc[0] / real_accuracy[0]:.0f}% | {frechet_distance(real_features, features):.3f} | "
+                  f"{nearest.median():.3f} |")
+            if steps == steps_list[-1]:
+                shown = torch.stack([(test_labels == g).nonzero()[0, 0] for g in test_labels.unique()])[:6]  # a column
+                # per group, in name order; 6 columns keep the figure under 200 KB
+                save_grid(torch.cat([test_images[shown], generated[shown], train_images[which[shown]]]),
+                          os.path.join(out_dir, 'eval_real.png'), columns=6)
+                with open(os.path.join(out_dir, 'eval_real.txt'), 'w') as f:
+                    f.write('\n'.join(test_captions[i] for i in shown) + '\n')
+        print(f"\nrows of {out_dir}/eval_real.png: real test image, generated from its caption "
+              f"({out_dir}/eval_real.txt), nearest training image")
+
+    if 'upscale' in sections:
+        eval_upscale(model, vae, encoder, test_images, test_captions, noise, steps_list[-1])
+
+    if 'control' in sections and model.config.control:
+        eval_control(model, vae, encoder, test_images, test_captions, noise, steps_list[-1])

@@ -6,6 +6,7 @@ read back what was drawn with a deterministic analyser (no learned model to trus
     python eval_shapes.py --out_dir=out-shapes-flow --iters_list="(4,)" --steps_list="(25,)"
     python eval_shapes.py --validate_only=True               # the analyser on real images only
     python eval_shapes.py --out_dir=out-shapes-cd --steps_list="(1,2,4)" --iters_list="(4,8)"   # a distilled student
+    python eval_shapes.py --out_dir=out-shapes-edges --iters_list="(4,)" --steps_list="(25,)"  # a control adapter
 
 The analyser labels every pixel with the nearest of the 8 palette colours: the most
 common label is the background, the next the shape. The shape's pixels are then compared
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from configurator import configure
-from data import COLOURS, POSITIONS, SHAPES, SIZES, make_shapes, save_grid, shape_attributes, shape_caption, to_float
+from data import (COLOURS, POSITIONS, SHAPES, SIZES, control_f1, control_map, make_shapes, save_grid, shape_attributes,
+                  shape_caption, to_float)
 from flow import text_to_image
 from model import load_generator
 from text import load_text_encoder
@@ -105,14 +107,14 @@ def row(name, scores, seconds=None):
 
 
 @torch.no_grad()
-def generate(model, vae, encoder, captions, noise, steps, iters, sampler, init=None, keep=None):
+def generate(model, vae, encoder, captions, noise, steps, iters, sampler, control_strength=1.0, **per_caption):
+    """per_caption: text_to_image's init, keep or control, one row per caption."""
     generator = torch.Generator().manual_seed(seed + 1)
     batches = range(0, len(captions), batch_size)
     with mixed_precision(resolve_dtype(dtype, device), device)[0]:
         return torch.cat([text_to_image(model, vae, encoder, captions[i:i + batch_size], noise[i:i + batch_size], steps,
-                                        cfg_scale, iters, shift, sampler, generator,
-                                        init=None if init is None else init[i:i + batch_size],
-                                        keep=None if keep is None else keep[i:i + batch_size]) for i in batches])
+                                        cfg_scale, iters, shift, sampler, generator, control_strength=control_strength,
+                                        **{k: v[i:i + batch_size] for k, v in per_caption.items()}) for i in batches])
 
 
 def inpainting_task(a, index, image_size):
@@ -142,6 +144,46 @@ def eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sa
     kept_psnr = float(np.mean([10 * np.log10(255.0 ** 2 / max(m.item(), 1e-10)) for m in mse]))
     save_grid(torch.cat([real[:8], (real[:8] * ~holes[:8]).to(torch.uint8), images[:8]]), os.path.join(out_dir, 'eval_inpainting.png'))
     return adherence(images, new_attributes), kept_psnr
+
+
+def control_partners(attributes):
+    """For each held-out caption, the next held-out image whose shape type and position both
+    differ from the caption's: whichever the generator follows then shows."""
+    n = len(attributes)
+    return [next(j % n for j in range(i + 1, i + n) if attributes[j % n]['shape'] != a['shape']
+                 and attributes[j % n]['position'] != a['position']) for i, a in enumerate(attributes)]
+
+
+def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, iters, sampler):
+    """A control run's adapter on held-out pairs: the caption of one image, the control map
+    of another. Prints, at control strength 0 (the base generator, bit for bit) and 1, how
+    often the analyser reads the control image's type and position, the caption's colours
+    and the caption's type and position, and the F1 of the output's own map against the
+    control (control_f1), with the VAE round trip of the control images as the ceiling."""
+    kind = model.config.control
+    partners = control_partners(attributes)
+    maps = control_map(real[partners], kind)
+    ceiling = control_f1(control_map(reconstruct(vae, real[partners]), kind), maps).mean()
+    print(f"\n| {kind} of another held-out image, {steps} steps, r = {iters} | control's type and position | caption's colours "
+          f"| caption's type and position | {kind} F1 |\n|---|---|---|---|---|")
+    for strength in (0.0, 1.0):
+        images = generate(model, vae, encoder, captions, noise, steps, iters, sampler, control_strength=strength,
+                          control=maps.to(device))
+        found = [analyse(image) for image in images]
+        layout = lambda f, a: f['shape'] == a['shape'] and f['position'] == a['position']  # noqa: E731
+        follows = np.mean([layout(f, attributes[j]) for f, j in zip(found, partners)])
+        colours = np.mean([f['background'] == a['background'] and f['colour'] == a['colour'] for f, a in zip(found, attributes)])
+        captions_layout = np.mean([layout(f, a) for f, a in zip(found, attributes)])
+        f1 = control_f1(control_map(images, kind), maps).mean()
+        print(f"| strength {strength:g}{' (the base generator)' if strength == 0 else ''} | {100 * follows:.1f} | "
+              f"{100 * colours:.1f} | {100 * captions_layout:.1f} | {f1:.3f} |")
+    print(f"| the control images after a VAE round trip (the F1 ceiling) | | | | {ceiling:.3f} |")
+    save_grid(torch.cat([real[partners][:8], maps[:8].mul(255).to(torch.uint8).expand(-1, 3, -1, -1), images[:8]]),
+              os.path.join(out_dir, 'eval_control.png'))
+    print(f"grid: {out_dir}/eval_control.png, rows: the control's source image, its {kind}, the result for the caption "
+          f"of another image ({out_dir}/eval_control.txt)")
+    with open(os.path.join(out_dir, 'eval_control.txt'), 'w') as f:
+        f.write('\n'.join(captions[:8]) + '\n')
 
 
 if __name__ == '__main__':
@@ -176,6 +218,8 @@ if __name__ == '__main__':
         print(row(name, adherence(images, attributes), (time.time() - start) / num_prompts))
         if (steps, iters) == settings[0]:
             save_grid(images[:32], os.path.join(out_dir, 'eval_samples.png'))
+    if model.config.control:
+        eval_control(model, vae, encoder, attributes, captions, real, noise, steps_list[-1], run['sample_iters'], sampler)
     if inpaint:
         steps, iters = steps_list[-1], run['sample_iters']
         scores, kept_psnr = eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sampler)

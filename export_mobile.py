@@ -15,6 +15,7 @@ What is exported, at a fixed image size and batch (ExecuTorch plans memory ahead
                   prelude (z, t, text_cond) -> e, c                   once per step
                   core (s, e, c, i / r, text_kv, mask) -> s          the app runs it r times
                   coda (s, c) -> velocity                            (ONNX: one file per method)
+                  control (map) -> tokens, added to e; a control run only  once per control image
     vae_decoder   z (1, 16, S/16, S/16) -> image (1, 3, S, S) in [-1, 1]
 The generator's batch is 2 for a train_flow.py run (guidance runs both prompts at once)
 and 1 for a distill.py student.
@@ -41,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure
-from data import to_uint8
+from data import control_map, make_shapes, save_grid, to_uint8
 from model import SIZES, FourierMixer, load_generator, wake_up
 from run_mobile import exported_parts, generate, initial_noise, load_part
 from text import MAX_TOKENS, load_text_encoder
@@ -184,10 +185,14 @@ def generator_methods(model, z, t, text, mask):
         text_kv, text_cond, _ = (x.contiguous() for x in model.encode_prompt(text, mask))
         e, c_base = (x.contiguous() for x in model.prelude_forward(z, t, text_cond))
         s = model.core_iteration(e, e, c_base, progress, text_kv, mask, hw).contiguous()
-    return {'prompt': (Method(model, lambda m, *x: m.encode_prompt(*x)[:2]), (text, mask)),
-            'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text_cond)),
-            'core': (Method(model, lambda m, *x: m.core_iteration(*x, hw)), (s, e, c_base, progress, text_kv, mask)),
-            'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
+    methods = {'prompt': (Method(model, lambda m, *x: m.encode_prompt(*x)[:2]), (text, mask)),
+               'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text_cond)),
+               'core': (Method(model, lambda m, *x: m.core_iteration(*x, hw)), (s, e, c_base, progress, text_kv, mask)),
+               'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
+    if model.control_adapter is not None:  # control image -> tokens, once per image; the app adds them to e
+        control = control_map(make_shapes(len(z), 16 * z.shape[-1], seed=0)[0], model.config.control)
+        methods['control'] = (Method(model, lambda m, x: m.encode_control(x)), (control,))
+    return methods
 
 
 def save_tokenizer(encoder, path):
@@ -210,12 +215,19 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
     eager = {'text_encoder': encoder, 'generator': model, 'vae_decoder': vae.decode_latent}
     noise = initial_noise(manifest, seed)
     settings = (manifest['steps'], manifest['cfg_scale'], manifest['iters'], manifest['shift'], manifest['sampler'])
+    control, control_args = None, []
+    if manifest['control']:  # a control run draws the prompt in the shape of a drawn shape's control map
+        example = make_shapes(1, manifest['image_size'], seed=seed)[0]
+        control = control_map(example, manifest['control'])
+        save_grid(example, os.path.join(target, 'control_example.png'))
+        control_args = ['--control', os.path.join(target, 'control_example.png')]
     with torch.no_grad():
-        reference = generate(eager.get, [manifest['sample_prompt']], noise, *settings, torch.Generator().manual_seed(seed + 1))
+        reference = generate(eager.get, [manifest['sample_prompt']], noise, *settings, torch.Generator().manual_seed(seed + 1),
+                             control)
     results = {}
     for fmt in formats:
         image = generate(exported_parts(target, manifest, fmt), [manifest['sample_prompt']], noise, *settings,
-                         torch.Generator().manual_seed(seed + 1))
+                         torch.Generator().manual_seed(seed + 1), control)
         diff = (image - reference).abs().max().item() / reference.abs().max().item()
         image_psnr = psnr(to_uint8(image), to_uint8(reference))
         print(f"pipeline {fmt} ({settings[0]} {settings[4]} steps, r={settings[2]}): max diff {diff:.1e} of scale, "
@@ -223,7 +235,7 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
         if manifest['precision'] == 'fp32' and diff > FP32_TOLERANCE:
             raise SystemExit(f"error: the {fmt} pipeline differs from PyTorch by {diff:.1e} of the output's scale")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_mobile.py')
-        measured = subprocess.run([sys.executable, script, target, '--format', fmt, '--seed', str(seed)],
+        measured = subprocess.run([sys.executable, script, target, '--format', fmt, '--seed', str(seed), *control_args],
                                   capture_output=True, text=True)
         if measured.returncode:
             raise SystemExit(f"error: run_mobile.py failed:\n{measured.stderr[-2000:]}")
@@ -304,6 +316,7 @@ def main():
 
     manifest = dict(precision=precision, dtype=str(dtype).split('.')[-1], backend=backend, onnx='onnx' in formats,
                     image_size=side, latent_channels=model.config.latent_channels, generator_batch=batch,
+                    control=model.config.control,
                     text_encoder=model.config.text_encoder, text_tokens=MAX_TOKENS, sampler=sampler,
                     steps=steps or (2 if sampler == 'consistency' else 25), iters=iters, cfg_scale=cfg_scale,
                     shift=1.0, sample_prompt=prompt_text, untrained=bool(model_size), checks=report)

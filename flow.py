@@ -13,7 +13,8 @@ t = 0; sampling predicts x_0, re-noises to the next time and repeats (distill.py
 import torch
 import torch.nn.functional as F
 
-from data import to_uint8
+from data import to_float, to_uint8
+from wavelet import impose_lowpass
 
 
 def pad_text(text, mask, length):
@@ -47,27 +48,30 @@ def time_grid(steps, shift=1.0, t_start=1.0):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def encode_once(model, text, mask):
+def encode_once(model, text, mask, control=None):
     """model(x, t, text, mask, iters) for a prompt that stays the same through sampling, as
     v(x, t, iters). A generator that can encode a prompt ahead (Iris.encode_prompt: every
-    cross-attention's keys and values of the text) does it here, once per sampling call."""
+    cross-attention's keys and values of the text) does it here, once per sampling call.
+    control: the tokens of Iris.encode_control, or None."""
     if not hasattr(model, 'encode_prompt'):
         return lambda x, t, iters: model(x, t, text, mask, iters)
     prompt = model.encode_prompt(text, mask)
-    return lambda x, t, iters: model.velocity(x, t, prompt, iters)
+    return lambda x, t, iters: model.velocity(x, t, prompt, iters, control)
 
 
-def guided(model, text, mask, null_text, null_mask, cfg_scale):
+def guided(model, text, mask, null_text, null_mask, cfg_scale, control=None):
     """-> v(x, t, iters), t a scalar or (B,): classifier-free guidance, v_u + w (v_c - v_u),
-    with both branches in one batch and the prompts encoded once."""
+    with both branches in one batch and the prompts encoded once. A control acts on both
+    branches (as in ControlNet), so guidance sharpens the text's share only."""
     if cfg_scale == 1.0:
-        velocity = encode_once(model, text, mask)
+        velocity = encode_once(model, text, mask, control)
         return lambda x, t, iters: velocity(x, t.expand(len(x)), iters)
     length = max(text.shape[1], null_text.shape[1])
     text, mask = pad_text(text, mask, length)
     null_text, null_mask = pad_text(null_text, null_mask, length)
     velocity = encode_once(model, torch.cat([text, null_text.expand(len(text), -1, -1)]),
-                           torch.cat([mask, null_mask.expand(len(text), -1)]))
+                           torch.cat([mask, null_mask.expand(len(text), -1)]),
+                           None if control is None else torch.cat([control, control]))
 
     def guided_velocity(x, t, iters):
         t = t.expand(len(x))
@@ -78,19 +82,20 @@ def guided(model, text, mask, null_text, null_mask, cfg_scale):
 
 @torch.no_grad()
 def euler_sample(model, noise, text, mask, null_text, null_mask, steps=25, cfg_scale=4.0, iters=8, shift=1.0,
-                 init=None, strength=1.0, keep=None):
+                 init=None, strength=1.0, keep=None, control=None):
     """Integrate dx/dt = v from t = strength (1: pure noise) to t = 0; returns x_0 (B, 16, h, w).
 
     Editing with the same model: img2img (SDEdit, Meng et al. 2021, arXiv 2108.01073)
     starts from the latent `init` noised to t = strength. Inpainting also passes keep
     (1 or B, 1, h, w) in [0, 1], 1 where init must stay: after every step that region is
     re-imposed from init noised to the current t, with the same noise, blended where
-    0 < keep < 1 (the border), and is exactly init at t = 0."""
+    0 < keep < 1 (the border), and is exactly init at t = 0. control: the tokens of
+    Iris.encode_control, or None."""
     times = time_grid(steps, shift, strength).to(noise.device)
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
-    velocity = guided(model, text, mask, null_text, null_mask, cfg_scale)
+    velocity = guided(model, text, mask, null_text, null_mask, cfg_scale, control)
     for t, t_next in zip(times[:-1], times[1:]):
         x = x - (t - t_next) * velocity(x, t, iters)
         if keep is not None:
@@ -121,7 +126,8 @@ def consistency_loss(student, target, teacher, x0, text, mask, null_text, null_m
 
 
 @torch.no_grad()
-def consistency_sample(model, noise, text, mask, steps=2, iters=8, generator=None, init=None, strength=1.0, keep=None):
+def consistency_sample(model, noise, text, mask, steps=2, iters=8, generator=None, init=None, strength=1.0, keep=None,
+                       control=None):
     """Multistep consistency sampling (CM, Algorithm 1): predict x_0, re-noise it to the
     next time of the grid, predict again. The guidance is baked into the student.
     init, strength and keep edit an image as in euler_sample; keep acts on each x_0."""
@@ -129,7 +135,7 @@ def consistency_sample(model, noise, text, mask, steps=2, iters=8, generator=Non
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
-    velocity = encode_once(model, text, mask)
+    velocity = encode_once(model, text, mask, control)
     for t, t_next in zip(times[:-1], times[1:]):
         x0 = consistency_fn(velocity, x, t.expand(len(x)), iters)
         if keep is not None:
@@ -140,15 +146,33 @@ def consistency_sample(model, noise, text, mask, steps=2, iters=8, generator=Non
 
 @torch.no_grad()
 def text_to_image(model, vae, encoder, prompts, noise, steps=25, cfg_scale=4.0, iters=8, shift=1.0, sampler='euler',
-                  generator=None, init=None, strength=1.0, keep=None):
+                  generator=None, init=None, strength=1.0, keep=None, control=None, control_strength=1.0):
     """Prompts -> uint8 images (B, 3, H, W): encode the text, sample the latent, decode.
     sampler: 'euler' for a train_flow.py model, 'consistency' for a distill.py one (whose
-    re-noising draws from generator). init, strength, keep: editing, see euler_sample."""
+    re-noising draws from generator). init, strength, keep: editing, see euler_sample.
+    control: control images (B, 1, H, W) for a model with a ControlAdapter, whose tokens are
+    scaled by control_strength (0: the base model, 1: as trained)."""
     text, mask = encoder(prompts)
-    edit = dict(init=init, strength=strength, keep=keep)
+    control = None if control is None else model.encode_control(control.to(noise.device), control_strength)
+    edit = dict(init=init, strength=strength, keep=keep, control=control)
     if sampler == 'consistency':
         z = consistency_sample(model, noise, text, mask, steps, iters, generator, **edit)
     else:
         null_text, null_mask = encoder([""])
         z = euler_sample(model, noise, text, mask, null_text, null_mask, steps, cfg_scale, iters, shift, **edit)
     return to_uint8(vae.decode_latent(z).float()).cpu()
+
+
+@torch.no_grad()
+def upscale(model, vae, encoder, small, prompts, noise, strength=0.5, **sampling):
+    """Super-resolution with the text-to-image model: uint8 (B, 3, S/2, S/2) -> uint8
+    (B, 3, S, S) whose Haar LL subband is the input's (its 2x2 block means are the input).
+    The bicubic upsample is encoded and denoised from t = strength (img2img: low noise
+    keeps the layout and lets the generator redraw the detail that bicubic blurs away);
+    then the result's LL subband is replaced by the input's (wavelet.impose_lowpass), so
+    the generator may add detail (LH, HL, HH) but never change what the input shows.
+    noise: (B, 16, S/16, S/16); sampling: text_to_image's steps, cfg_scale, iters, ..."""
+    bicubic = F.interpolate(to_float(small), scale_factor=2, mode='bicubic', align_corners=False).clamp(-1, 1)
+    init = vae.encode_latent(bicubic.to(noise.device))
+    images = text_to_image(model, vae, encoder, prompts, noise, init=init, strength=strength, **sampling)
+    return to_uint8(impose_lowpass(to_float(images), to_float(small)))

@@ -57,6 +57,7 @@ class IrisConfig:
     backprop_iters: int = 0      # train through only the last k core iterations (0 = all)
     fft_impl: str = "torch"      # "torch" (complex FFT) or "dft" (real matmuls, for export)
     text_encoder: str = "minilm"  # the token space text_proj was trained on (text.py); samplers must match it
+    control: str = ""            # "" or the control signal a ControlAdapter reads: "edges" or "silhouette" (data.py)
 
 
 # ---------------------------------------------------------------------------------------
@@ -535,6 +536,27 @@ class CodaBlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+class ControlAdapter(nn.Module):
+    """Spatial control, ControlNet-like (Zhang et al. 2023, arXiv 2302.05543) but as light as
+    T2I-Adapter (Mou et al. 2023, arXiv 2302.08453): a control image (B, 1, H, W) in [0, 1]
+    at pixel resolution -> tokens (B, N, D) on the generator's grid, added to the Prelude's
+    output e. Input injection feeds e to every Core iteration, so the control reaches all of
+    them. The output layer starts at zero: a new adapter leaves the generator's output
+    unchanged, bit for bit, and training starts from the base model's behaviour."""
+
+    def __init__(self, dim, patch_size, widths=(16, 32, 64, 128)):
+        super().__init__()
+        layers = [nn.Conv2d(1, widths[0], 3, padding=1), nn.SiLU()]
+        for width_in, width_out in zip(widths, widths[1:] + widths[-1:]):  # 4 halvings: pixels -> the latent grid
+            layers += [nn.Conv2d(width_in, width_out, 3, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(widths[-1], dim, patch_size, stride=patch_size))  # latent cells -> tokens
+        self.features = nn.Sequential(*layers)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, control):
+        return self.out(self.features(control).flatten(2).transpose(1, 2))
+
+
 # ---------------------------------------------------------------------------------------
 # The generator
 
@@ -560,6 +582,9 @@ class Iris(nn.Module):
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.unpatchify = nn.ConvTranspose2d(D, cfg.latent_channels, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.control not in ("", "edges", "silhouette"):
+            raise ValueError(f"control must be '', 'edges' or 'silhouette', not {cfg.control!r}")
+        self.control_adapter = ControlAdapter(D, cfg.patch_size) if cfg.control else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -574,7 +599,10 @@ class Iris(nn.Module):
         for layer in self.core:
             nn.init.zeros_(layer.modulation[-1].weight)
             nn.init.zeros_(layer.modulation[-1].bias)
-        for module in (self.final_modulation[-1], self.unpatchify):
+        zero_at_start = [self.final_modulation[-1], self.unpatchify]
+        if self.control_adapter is not None:  # a new adapter leaves the base generator's output unchanged
+            zero_at_start.append(self.control_adapter.out)
+        for module in zero_at_start:
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -598,6 +626,13 @@ class Iris(nn.Module):
         text_cond = self.text_pool((context * keep).sum(1) / keep.sum(1).clamp_min(1))
         text_kv = torch.stack([layer.cross_attention.key_values(context) for layer in self.core])
         return text_kv, text_cond, text_mask
+
+    def encode_control(self, control, strength=1.0):
+        """A control image (B, 1, H, W) in [0, 1] (data.control_map) -> the tokens (B, N, D) that
+        velocity() adds to the prelude's output, scaled by strength; once per sampling call."""
+        if self.control_adapter is None:
+            raise ValueError("this generator has no control adapter; train one with train_flow.py --control=edges")
+        return strength * self.control_adapter(control)
 
     def prelude_forward(self, z, t, text_cond):
         """Everything before the Core: -> e (B, N, D) the prelude's tokens and c_base (B, D)
@@ -627,19 +662,24 @@ class Iris(nn.Module):
         s = modulate(self.final_norm(s), shift, scale)
         return self.unpatchify(s.transpose(1, 2).reshape(len(s), -1, *hw))
 
-    def forward(self, z, t, text, text_mask, iters):
+    def forward(self, z, t, text, text_mask, iters, control=None):
         """z: (B, 16, H/16, W/16) noisy latent; t: (B,) in [0, 1]; text: (B, L, text_dim)
         token embeddings with text_mask: (B, L) bool, True for real tokens; iters: core
-        iterations r. Returns the velocity, shaped like z."""
-        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters)
+        iterations r; control: an optional control image (B, 1, H, W) for the adapter.
+        Returns the velocity, shaped like z."""
+        control = None if control is None else self.encode_control(control)
+        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, control)
 
-    def velocity(self, z, t, prompt, iters):
-        """forward() with the prompt encoded ahead by encode_prompt(). export_mobile.py exports
-        the stages separately, so that a phone encodes a prompt once and picks r at run time."""
+    def velocity(self, z, t, prompt, iters, control=None):
+        """forward() with the prompt (and control) encoded ahead by encode_prompt() (and
+        encode_control()). export_mobile.py exports the stages separately, so that a phone
+        encodes a prompt once and picks r at run time."""
         self.check_latent_size(*z.shape[-2:])
         hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)
         text_kv, text_cond, text_mask = prompt
         e, c_base = self.prelude_forward(z, t, text_cond)
+        if control is not None:
+            e = e + control
         s = e
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.
@@ -659,6 +699,8 @@ def count_parameters(model):
         "core": [model.adapter, model.core],
         "coda": [model.coda, model.final_modulation, model.unpatchify],
     }
+    if model.control_adapter is not None:
+        groups["control"] = [model.control_adapter]
     counts = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in groups.items()}
     counts["total"] = sum(p.numel() for p in model.parameters())
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
@@ -711,7 +753,7 @@ def newest_generator_run():
 def load_generator(out_dir="", device="cpu", **overrides):
     """The EMA generator of a train_flow.py / distill.py run ('' = the newest under out*/),
     the run's settings and its folder. overrides change inference-only fields, e.g.
-    fft_impl="dft" for export."""
+    fft_impl="dft" for export, or add a new control adapter (control="edges")."""
     from training import read_checkpoint, submodule_state
     out_dir = out_dir or newest_generator_run()
     path = os.path.join(out_dir, "ckpt.safetensors")
@@ -723,5 +765,9 @@ def load_generator(out_dir="", device="cpu", **overrides):
         raise SystemExit(f"error: {path} is a VAE checkpoint, not a generator; point --out_dir at a train_flow.py "
                          f"or distill.py run")
     model = Iris(IrisConfig(**{**meta["model_config"], **overrides}))
-    model.load_state_dict(submodule_state(tensors, "ema."))
+    state = submodule_state(tensors, "ema.")
+    if model.control_adapter is not None and not meta["model_config"].get("control"):
+        # a base run under a new, zero-initialised adapter (train_flow.py --control)
+        state |= {f"control_adapter.{k}": v for k, v in model.control_adapter.state_dict().items()}
+    model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False), meta["config"], out_dir

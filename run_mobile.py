@@ -6,12 +6,14 @@ checkpoint. This is what the phone app does, run on this machine with the same r
     python run_mobile.py out-shapes-flow/mobile-fp32 --prompt "a large red circle in the center on a blue background"
     python run_mobile.py out-mobile-small-512-fp16 --iters 8 --steps 10 --output small.png
     python run_mobile.py out-mobile-small-512-fp32 --format onnx
+    python run_mobile.py out-shapes-edges/mobile-fp32 --control photo.png   # a control run: photo.png's edges
 
 The parts are loaded one at a time and freed after use (text encoder, then generator,
 then VAE decoder), so peak memory is the largest part plus activations, not their sum.
 The generator is four methods (prompt, prelude, core, coda): the app encodes the prompt
 once, runs prelude and coda once per step and the core r times per step, so r is chosen
-at run time, as with sample.py --iters.
+at run time, as with sample.py --iters. A control run's generator has a fifth method,
+control, run once per control map; its tokens are added to the prelude's output.
 """
 import importlib
 import json
@@ -20,6 +22,7 @@ import resource
 import sys
 import time
 
+import numpy as np
 import torch
 
 from flow import consistency_sample, euler_sample
@@ -96,12 +99,17 @@ class MobileGenerator:
     def encode_prompt(self, text, mask):
         return (*self.run('prompt', text, mask), mask)
 
-    def velocity(self, z, t, prompt, iters):
+    def encode_control(self, control, strength=1.0):
+        return strength * self.run('control', control)[0]
+
+    def velocity(self, z, t, prompt, iters, control=None):
         if len(z) != self.batch:
             raise SystemExit(f"error: this generator was exported for batch {self.batch}, not {len(z)}; "
                              f"re-export it or use its sampler and guidance settings")
         text_kv, text_cond, mask = prompt
         e, c_base = self.run('prelude', z, t, text_cond)
+        if control is not None:
+            e = e + control
         s = e
         for i in range(iters):
             s = self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
@@ -111,19 +119,21 @@ class MobileGenerator:
         return self.velocity(z, t, self.encode_prompt(text, mask), iters)
 
 
-def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, generator):
+def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, generator, control=None):
     """Prompts -> float images (B, 3, H, W) in about [-1, 1]. get_part(name) returns the
     'text_encoder', 'generator' or 'vae_decoder'; each is dropped once used, so only one
-    part is in memory at a time. export_mobile.py runs this with the PyTorch models too."""
+    part is in memory at a time. export_mobile.py runs this with the PyTorch models too.
+    control: a control map (B, 1, H, W) for a control run's generator."""
     encoder = get_part('text_encoder')
     text, mask = encoder(prompts)
     null_text, null_mask = encoder([''])
     del encoder
     model = get_part('generator')
+    control = None if control is None else model.encode_control(control)
     if sampler == 'consistency':
-        z = consistency_sample(model, noise, text, mask, steps, iters, generator)
+        z = consistency_sample(model, noise, text, mask, steps, iters, generator, control=control)
     else:
-        z = euler_sample(model, noise, text, mask, null_text, null_mask, steps, cfg_scale, iters, shift)
+        z = euler_sample(model, noise, text, mask, null_text, null_mask, steps, cfg_scale, iters, shift, control=control)
     del model
     return get_part('vae_decoder')(z)
 
@@ -166,6 +176,7 @@ if __name__ == '__main__':
     parser.add_argument('--iters', type=int, default=0, help="core iterations r; 0 = the export's default")
     parser.add_argument('--cfg_scale', type=float, default=0, help="0 = the export's default")
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--control', default='', help="a control run: an image whose edges (or silhouette) to follow")
     parser.add_argument('--output', default='', help="'' = EXPORT_DIR/sample-<format>.png")
     args = parser.parse_args()
     manifest = read_manifest(args.export_dir)
@@ -178,12 +189,23 @@ if __name__ == '__main__':
         raise SystemExit("error: --steps and --iters must be at least 1")
     if args.format == 'onnx' and not manifest['onnx']:
         raise SystemExit(f"error: {args.export_dir} has no ONNX files ({manifest['precision']} exports are .pte only)")
+    control = None
+    if args.control:
+        if not manifest.get('control'):
+            raise SystemExit(f"error: {args.export_dir} is not a control run's export; drop --control")
+        from PIL import Image
+        from data import control_map, to_square_rgb
+        try:
+            picture = to_square_rgb(Image.open(args.control), manifest['image_size'])
+        except OSError as e:
+            raise SystemExit(f"error: cannot read --control {args.control} ({type(e).__name__}); give a PNG or JPEG") from None
+        control = control_map(torch.from_numpy(np.asarray(picture)).permute(2, 0, 1)[None], manifest['control'])
     importlib.import_module('executorch.runtime' if args.format == 'pte' else 'onnxruntime')
     imports_mb = peak_rss_mb()  # Python, torch and the runtime, before any model
     start = time.time()
     image = generate(exported_parts(args.export_dir, manifest, args.format), [prompt], initial_noise(manifest, args.seed),
                      steps, cfg_scale, iters, manifest['shift'], manifest['sampler'],
-                     torch.Generator().manual_seed(args.seed + 1))
+                     torch.Generator().manual_seed(args.seed + 1), control)
     seconds = time.time() - start
     output = args.output or os.path.join(args.export_dir, f'sample-{args.format}.png')
     save_grid(to_uint8(image), output, columns=1)

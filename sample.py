@@ -8,11 +8,18 @@ Generate images with a trained IRIS generator and write them as one PNG grid.
     python sample.py --out_dir out-shapes-cd --steps 2     # a distill.py student: 1-4 steps, no cfg
     python sample.py --init_image photo.png --strength 0.6 --prompt "..."      # img2img (SDEdit)
     python sample.py --init_image photo.png --mask hole.png --prompt "..."     # inpainting
+    python sample.py config/shapes_edges.py --control photo.png --prompt "..."  # the shape of photo.png's edges
+    python sample.py config/emoji.py --upscale small.png --prompt "..."        # 2x super-resolution
 
 --iters is the number of Core iterations r (more compute, usually better images; any
 value works, not only those seen in training); --steps the number of Euler steps, or of
 consistency steps for a distilled student (whose guidance is baked in: --cfg_scale is
 ignored).
+
+--control takes an ordinary image and extracts from it the signal the run's adapter was
+trained on (its edges or its silhouette, data.control_map), so a photo, a drawing or a
+generated image all work; the grid shows that map first. --upscale draws an image twice
+the side of the given one whose 2x2 block means are that image (flow.upscale).
 """
 import os
 import warnings
@@ -22,8 +29,8 @@ import torch
 from PIL import Image
 
 from configurator import configure
-from data import save_grid, to_float, to_square_rgb
-from flow import text_to_image
+from data import control_map, save_grid, to_float, to_square_rgb
+from flow import text_to_image, upscale as super_resolve
 from model import load_generator
 from text import load_text_encoder
 from training import mixed_precision, resolve_dtype
@@ -42,8 +49,12 @@ size = 0  # image side in pixels; 0 = the training size
 output = ''  # the PNG to write; '' = out_dir/sample.png
 # editing with the same model
 init_image = ''  # img2img: start from this image instead of pure noise (the grid shows it first)
-strength = -1.0  # how far init_image is noised: 0 keeps it, 1 ignores it; -1 = 0.75, or 1 with a mask
+strength = -1.0  # how far init_image (or upscale) is noised: 0 keeps it, 1 ignores it; -1 = 0.75, 1 with a mask, 0.5 to upscale
 mask = ''  # inpainting: an image the size of init_image, white where to repaint, black where to keep
+# spatial control and super-resolution
+control = ''  # an image whose edges (or silhouette) a control run's adapter follows (train_flow.py --control)
+control_strength = 1.0  # 0 = the base generator, 1 = as trained, more = follow the control harder
+upscale = ''  # an image of half the output side: draw it at twice the size (needs --prompt)
 text_encoder = ''  # '' = the checkpoint's; a different one is refused
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'auto' (bf16 on sm80+ GPUs, fp16 on older ones, fp32 on a CPU), 'float32', 'bfloat16' or 'float16'
@@ -91,34 +102,61 @@ if empty:
                      f"(separate several prompts with '|')")
 if mask and not init_image:
     raise SystemExit("error: --mask needs the --init_image it applies to")
+if upscale and (init_image or not prompt):
+    raise SystemExit("error: --upscale needs a --prompt that describes the image, and no --init_image")
+if control and not model.config.control:
+    raise SystemExit(f"error: {out_dir} has no control adapter; train one (python train_flow.py config/shapes_edges.py) "
+                     f"and pass its --out_dir")
 if strength == -1:
-    strength = 1.0 if mask or not init_image else 0.75
+    strength = 0.5 if upscale else 1.0 if mask or not init_image else 0.75
 elif not 0 <= strength <= 1:
     raise SystemExit(f"error: --strength must be between 0 (keep the image) and 1 (ignore it), got {strength}")
 autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)
+if upscale:
+    small = open_image(upscale, 'upscale')
+    size = 2 * min(small.size)
+    small = torch.from_numpy(np.asarray(to_square_rgb(small, size // 2))).permute(2, 0, 1)[None]
 size = size or run['image_size']
 try:
     check_image_size(size, size, 16 * model.config.patch_size)
 except ValueError as e:
-    raise SystemExit(f"error: --size: {e}") from None
+    raise SystemExit(f"error: {'twice the --upscale image side' if upscale else '--size'}: {e}") from None
 
 encoder = load_text_encoder(model.config.text_encoder, device)
 vae = load_vae(run['vae_dir'], device)
 init, keep = None, None
 if init_image:
     picture, init, keep = load_edit(vae, init_image, mask, size)
+control_image = None
+if control:
+    control_image = control_map(torch.from_numpy(np.asarray(to_square_rgb(open_image(control, 'control'), size)))
+                                .permute(2, 0, 1)[None], model.config.control)
 prompts = [p for p in prompts for _ in range(num_samples)]
 noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
-sampler = run.get('sampler', 'euler')  # a distill.py student samples in 1-4 consistency steps
+sampling = dict(steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift, generator=torch.Generator().manual_seed(seed + 1),
+                sampler=run.get('sampler', 'euler'))  # a distill.py student samples in 1-4 consistency steps
 with autocast:
-    images = text_to_image(model, vae, encoder, prompts, noise, steps, cfg_scale, iters, shift, sampler,
-                           torch.Generator().manual_seed(seed + 1), init, strength, keep)
+    if upscale:
+        images = super_resolve(model, vae, encoder, small.expand(len(prompts), -1, -1, -1), prompts, noise, strength,
+                               **sampling)
+    else:
+        images = text_to_image(model, vae, encoder, prompts, noise, init=init, strength=strength, keep=keep,
+                               control=None if control_image is None else control_image.expand(len(prompts), -1, -1, -1),
+                               control_strength=control_strength, **sampling)
 if init_image:
     images = torch.cat([picture, images])  # before, then after
+if upscale:  # the input, enlarged without interpolation, then the result
+    images = torch.cat([small.repeat_interleave(2, -1).repeat_interleave(2, -2), images])
+if control:
+    images = torch.cat([control_image.mul(255).to(torch.uint8).expand(-1, 3, -1, -1), images])
 output = output or os.path.join(out_dir, 'sample.png')
-save_grid(images, output, columns=num_samples if num_samples > 1 and not init_image else min(8, len(images)))
+edited = init_image or upscale or control
+save_grid(images, output, columns=num_samples if num_samples > 1 and not edited else min(8, len(images)))
+sampler = sampling['sampler']
 settings = f"{size}x{size}, {steps} {sampler} steps, r={iters}" + ('' if sampler == 'consistency' else f", cfg {cfg_scale}")
-if init_image:
-    settings += f", from {init_image} at strength {strength}" + (f" inside {mask}" if mask else '')
+if init_image or upscale:
+    settings += f", from {init_image or upscale} at strength {strength}" + (f" inside {mask}" if mask else '')
+if control:
+    settings += f", following the {model.config.control} of {control} at strength {control_strength}"
 print(f"wrote {len(images)} images ({settings}) to {output}")

@@ -28,12 +28,13 @@ from safetensors.torch import save_file
 import cache
 from cache import load_training_set
 from configurator import configure, read_config_file
-from data import load_data, load_hub, load_imagefolder, make_shapes, shape_attributes, to_float, to_uint8
+from data import (control_f1, control_map, load_data, load_hub, load_imagefolder, make_shapes, shape_attributes, to_float,
+                  to_uint8)
 import eval_real
 from eval_real import frechet_distance, ssim
 from eval_shapes import adherence, analyse
 from flow import (consistency_fn, consistency_loss, consistency_sample, encode_once, euler_sample, flow_loss, guided,
-                  time_grid)
+                  time_grid, upscale)
 from model import (CHUNK, SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SelfAttentionMixer,
                    SpatialMixer, count_parameters, irfft2_dft, linear_scan, load_generator, rfft2_dft, sequential_scan,
                    wake_up, window_attention)
@@ -42,7 +43,7 @@ import training
 from training import (ema_update, load_checkpoint, make_ema, mixed_precision, optimizer_step, read_checkpoint,
                       save_checkpoint)
 from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
-from wavelet import dwt, idwt
+from wavelet import dwt, idwt, impose_lowpass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Every precision a GPU trains in, run here through CPU autocast (and the GradScaler for fp16):
@@ -84,6 +85,21 @@ def test_idwt_inverts_dwt_exactly_and_preserves_energy(levels):
 def test_dwt_rejects_odd_sizes_with_a_clear_message():
     with pytest.raises(ValueError, match='even height and width, got 7x8'):
         dwt(torch.randn(1, 3, 7, 8))
+
+
+def test_impose_lowpass_makes_the_2x2_means_the_small_image_and_keeps_the_details():
+    torch.manual_seed(0)
+    small = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
+    x = F.interpolate(torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5, scale_factor=2) + 0.1 * torch.randn(2, 3, 16, 16)
+    exact = x - F.interpolate(F.avg_pool2d(x, 2) - small, scale_factor=2)  # the projection, written out
+    assert exact.abs().max() < 1  # the [-1, 1] box does not bind: the projection is the answer
+    torch.testing.assert_close(impose_lowpass(x, small), exact, rtol=0, atol=1e-12)
+    far = torch.randn(2, 3, 16, 16, dtype=torch.float64).clamp(-1, 1)  # here it binds, and both must hold at the end
+    small = small * 2
+    y = impose_lowpass(far, small)
+    torch.testing.assert_close(F.avg_pool2d(y, 2), small, rtol=0, atol=1e-12)
+    assert y.abs().max() <= 1 + 1e-5
+
 
 # -----------------------------------------------------------------------------
 # vae.py
@@ -318,6 +334,46 @@ def test_text_keys_and_values_are_projected_once_per_forward_not_per_iteration()
         layer.cross_attention.key_value.register_forward_hook(lambda *_: calls.append(1))
     model(*_inputs(), iters=5)
     assert len(calls) == model.config.core_layers
+
+
+def test_a_new_control_adapter_leaves_the_output_bit_identical_and_is_what_trains():
+    base = _wake_up(Iris(_tiny_config()))
+    controlled = Iris(_tiny_config(control='edges'))
+    controlled.load_state_dict(base.state_dict() | {f'control_adapter.{k}': v
+                                                    for k, v in controlled.control_adapter.state_dict().items()})
+    z, t, text, mask = _inputs(side=4)
+    control = control_map(make_shapes(2, 64, seed=4)[0], 'edges')
+    assert torch.equal(controlled(z, t, text, mask, 3, control=control), base(z, t, text, mask, 3))
+    controlled.requires_grad_(False).control_adapter.requires_grad_(True)
+    controlled(z, t, text, mask, 3, control=control).square().mean().backward()
+    assert controlled.control_adapter.out.weight.grad.abs().sum() > 0  # zero output, but not a zero gradient
+    assert count_parameters(controlled)['control'] == sum(p.numel() for p in controlled.control_adapter.parameters())
+    with torch.no_grad():
+        controlled.control_adapter.out.weight.normal_()
+    prompt = controlled.encode_prompt(text, mask)
+    assert torch.equal(controlled.velocity(z, t, prompt, 3, controlled.encode_control(control, strength=0.0)),
+                       base(z, t, text, mask, 3))
+    assert not torch.equal(controlled(z, t, text, mask, 3, control=control), base(z, t, text, mask, 3))
+    with pytest.raises(ValueError, match='no control adapter'):
+        base.encode_control(control)
+
+
+def test_control_maps_of_a_drawn_square_against_hand_made_ones():
+    image = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    image[:, 0] = 200  # a red background
+    image[:, :, 4:12, 6:10] = torch.tensor([0, 0, 255], dtype=torch.uint8)[:, None, None]  # a blue rectangle
+    inside = torch.zeros(1, 1, 16, 16)
+    inside[..., 4:12, 6:10] = 1
+    assert torch.equal(control_map(image, 'silhouette'), inside)
+    # Sobel reads a step on the two pixels either side of it: the rectangle's ring and the one outside it
+    grown = F.max_pool2d(inside, 3, stride=1, padding=1)
+    shrunk = -F.max_pool2d(-inside, 3, stride=1, padding=1)
+    assert torch.equal(control_map(image, 'edges'), grown - shrunk)
+    ring = grown - shrunk
+    assert control_f1(ring, ring).item() == 1.0
+    assert control_f1(ring.roll(1, -1), ring).item() == 1.0  # one pixel off is within the tolerance
+    assert control_f1(ring.roll(4, -1), ring, tolerance=0).item() < 0.5
+    assert control_f1(torch.zeros_like(ring), ring).item() == 0.0
 
 
 def test_outputs_finite_at_one_and_sixteen_iterations():
@@ -633,6 +689,57 @@ def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
     assert result.returncode != 0 and 'needs the --init_image' in result.stderr
 
 
+def test_upscale_keeps_the_small_image_as_the_outputs_2x2_means():
+    torch.manual_seed(0)
+    vae = WaveletVAE(channels=(8, 16, 16)).eval()
+    model = _wake_up(Iris(_tiny_config()))
+    encoder = lambda prompts: (torch.randn(len(prompts), 5, 24), torch.ones(len(prompts), 5, dtype=torch.bool))  # noqa: E731
+    small = make_shapes(2, 32, seed=5)[0]
+    images = upscale(model, vae, encoder, small, ['a', 'b'], torch.randn(2, 16, 4, 4), strength=0.5, steps=2, iters=2)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
+    means = F.avg_pool2d(images.float(), 2)
+    assert (means - small.float()).abs().max() <= 0.5 + 1e-3  # equal up to rounding each pixel to 8 bits
+    assert (images.float() - small.float().repeat_interleave(2, -1).repeat_interleave(2, -2)).abs().max() > 0
+
+
+def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_runs):
+    args = ['train_flow.py', os.path.join(HERE, 'config', 'shapes_edges.py'), '--vae_dir=vae', '--base_dir=out-flow',
+            '--image_size=32', '--num_images=64', '--num_holdout=8', '--batch_size=8', '--max_steps=3', '--eval_interval=2',
+            '--sample_steps=2', '--train_iters=(1, 2)', '--cache_dir=cache', '--out_dir=out-edges']
+    result = _run(args, tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'training only the edges adapter' in result.stdout and 'cache: edges maps of 64 images' in result.stdout
+    assert Image.open(tiny_runs / 'out-edges' / 'samples_000003.png').size == (8 * 32, 2 * 32)  # maps above images
+    base, _ = read_checkpoint(str(tiny_runs / 'out-flow' / 'ckpt.safetensors'), prefixes=('ema.',))
+    controlled, meta = read_checkpoint(str(tiny_runs / 'out-edges' / 'ckpt.safetensors'), prefixes=('ema.', 'model.'))
+    assert meta['model_config']['control'] == 'edges'
+    assert all(torch.equal(controlled[k], v) for k, v in base.items())  # the base stayed frozen
+    assert controlled['model.control_adapter.out.weight'].abs().sum() > 0  # the adapter learned
+    images, _ = make_shapes(2, 32, seed=3)
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tiny_runs / 'shape.png')
+    Image.fromarray(images[1, :, ::2, ::2].permute(1, 2, 0).numpy()).save(tiny_runs / 'small.png')
+    Image.fromarray(images[1, :, :12, :12].permute(1, 2, 0).numpy()).save(tiny_runs / 'twelve.png')
+    result = _run(['sample.py', '--out_dir=out-edges', '--control=shape.png', '--prompt=a red square', '--steps=2',
+                   '--iters=2', '--output=controlled.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grid = torch.from_numpy(np.array(Image.open(tiny_runs / 'controlled.png'))).permute(2, 0, 1)
+    assert grid.shape == (3, 32, 64) and torch.equal(grid[:1, :, :32] // 255, control_map(images[:1], 'edges')[0].byte())
+    result = _run(['sample.py', '--out_dir=out-flow', '--upscale=small.png', '--prompt=a circle', '--steps=2',
+                   '--iters=2', '--output=big.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    big = torch.from_numpy(np.array(Image.open(tiny_runs / 'big.png'))).permute(2, 0, 1)[:, :, 32:].float()
+    small = torch.from_numpy(np.array(Image.open(tiny_runs / 'small.png'))).permute(2, 0, 1).float()
+    assert big.shape == (3, 32, 32) and (F.avg_pool2d(big, 2) - small).abs().max() <= 0.5 + 1e-3
+    for bad, message in [(['--out_dir=out-flow', '--control=shape.png'], 'has no control adapter'),
+                         (['--out_dir=out-edges', '--control=missing.png'], 'cannot read --control'),
+                         (['--out_dir=out-flow', '--upscale=small.png'], '--upscale needs a --prompt'),
+                         (['--out_dir=out-flow', '--upscale=twelve.png', '--prompt=a'], 'twice the --upscale image side')]:
+        result = _run(['sample.py', '--steps=1', *bad], tiny_runs)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    result = _run(args[:2] + ['--base_dir=', '--out_dir=out-none'], tiny_runs)
+    assert result.returncode != 0 and 'needs --base_dir' in result.stderr
+
+
 @pytest.mark.parametrize('dtype', ['float32', 'float16'])  # fp16 also carries the GradScaler's state
 def test_resume_from_a_checkpoint_is_bit_exact(tiny_runs, dtype):
     # straight to step 4 (checkpoints at 2 and 4), against: the step-2 checkpoint resumed to 4
@@ -883,12 +990,13 @@ def _script_settings(script):
             if isinstance(target, ast.Name)}
 
 
-@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py'])
+@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py', 'shapes_edges.py'])
 def test_every_config_file_sets_only_settings_each_stage_has(config):
     for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes', 'eval_real'):
         unknown = set(read_config_file(os.path.join(HERE, 'config', config), script)) - _script_settings(script)
         assert not unknown, (config, script, unknown)
-    assert read_config_file(os.path.join(HERE, 'config', config), 'distill')  # every setup distils too
+    # every text-to-image setup distils too; a control adapter is an add-on to one, and distil.py leaves it alone
+    assert bool(read_config_file(os.path.join(HERE, 'config', config), 'distill')) == (config != 'shapes_edges.py')
 
 
 # -----------------------------------------------------------------------------
@@ -1095,16 +1203,17 @@ def test_train_vae_script_end_to_end_then_resume(tmp_path):
 # -----------------------------------------------------------------------------
 # export_mobile.py and run_mobile.py: each export run by its runtime against PyTorch
 
-def _exportable_generator():
-    return _wake_up(Iris(_tiny_config(fft_impl='dft'))).eval().requires_grad_(False)
+def _exportable_generator(control=''):
+    return _wake_up(Iris(_tiny_config(fft_impl='dft', control=control))).eval().requires_grad_(False)
 
 
-def _check_generator_export(tmp_path, backend, formats):
+def _check_generator_export(tmp_path, backend, formats, control=''):
     import export_mobile
     from run_mobile import MobileGenerator, load_part
-    model = _exportable_generator()
+    model = _exportable_generator(control)
     z, t, text, mask = _inputs()
     methods = export_mobile.generator_methods(model, z, t, text, mask)
+    assert ('control' in methods) == bool(control)
     export_mobile.export_pte(methods, str(tmp_path / 'generator.pte'), backend)
     if 'onnx' in formats:
         export_mobile.export_onnx(methods, str(tmp_path), 'generator')
@@ -1115,11 +1224,18 @@ def _check_generator_export(tmp_path, backend, formats):
                 reference = model(z, t, text, mask, iters)
             error = (exported(z, t, text, mask, iters) - reference).abs().max() / reference.abs().max()
             assert error < 1e-4, (fmt, iters, error)
+        if control:  # the adapter's method, its tokens added to e by the app
+            maps = control_map(make_shapes(2, 16 * z.shape[-1], seed=1)[0], control)
+            with torch.no_grad():
+                reference = model(z, t, text, mask, 2, control=maps)
+            tokens = exported.encode_control(maps)
+            error = (exported.velocity(z, t, exported.encode_prompt(text, mask), 2, tokens) - reference).abs().max()
+            assert error / reference.abs().max() < 1e-4, (fmt, error)
 
 
 def test_generator_exports_to_executorch_and_onnx_and_matches_pytorch(tmp_path):
     pytest.importorskip('executorch', reason='pip install -r requirements-export.txt')
-    _check_generator_export(tmp_path, 'portable', ['pte', 'onnx'])
+    _check_generator_export(tmp_path, 'portable', ['pte', 'onnx'], control='edges')  # with a control adapter
 
 
 @pytest.mark.slow  # about a minute: XNNPACK's lowering passes are slow on a graph this fragmented
@@ -1204,7 +1320,7 @@ def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
 ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'distill.py', 'sample.py', 'eval_shapes.py', 'eval_real.py',
                  'export_mobile.py', 'bench.py')
 CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype', 'precision', 'backend', 'sections',
-                   'sampler')
+                   'sampler', 'control')
 READ_PATHS = {'train_vae.py': ('data_dir',), 'train_flow.py': ('vae_dir', 'data_dir'), 'distill.py': ('teacher_dir',),
               'sample.py': ('out_dir', 'init_image'), 'eval_shapes.py': ('out_dir',), 'eval_real.py': ('out_dir',),
               'export_mobile.py': ('out_dir',)}

@@ -5,6 +5,7 @@ Train the IRIS generator (model.py) with rectified flow (flow.py): stage 2.
     python train_flow.py config/shapes.py --data_dir=my_images   # a local imagefolder of captioned images
     python train_flow.py config/pokemon.py                       # the seed's Pokemon setup (GPU and the Hub)
     python train_flow.py config/shapes.py --init_from=resume     # continue from out_dir
+    python train_flow.py config/shapes_edges.py                  # a control adapter on the finished shapes run
     torchrun --standalone --nproc_per_node=2 train_flow.py config/shapes.py          # 2 processes, one machine
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         train_flow.py config/pokemon.py                         # and node_rank=1 on the second machine
@@ -15,6 +16,10 @@ probability cfg_dropout (for classifier-free guidance), draws the core's iterati
 r from train_iters, and regresses the velocity. Writes to out_dir: ckpt.safetensors +
 config.json, log.csv (loss, the loss in four bands of t, lr) and samples_<step>.png (the
 same held-out prompts and noise every time, so the grids show progress).
+
+With control='edges' or 'silhouette' it trains a ControlAdapter (model.py) instead: the
+generator of base_dir is loaded and frozen, only the adapter learns, and each step's
+images bring their own control maps (data.control_map, cached like the latents).
 """
 import os
 import time
@@ -22,11 +27,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from cache import load_training_set
+from cache import load_control_maps, load_training_set
 from configurator import configure
-from data import save_grid
+from data import CONTROLS, save_grid
 from flow import flow_loss, pad_text, text_to_image
-from model import SIZES, count_parameters
+from model import SIZES, count_parameters, load_generator
 from text import load_text_encoder
 from training import (LossLog, all_sum, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches,
                       mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
@@ -56,6 +61,9 @@ patch_size = 2  # image_size must be a multiple of 16 * patch_size
 mixer = 'grfm'  # the Core's token mixer: 'grfm' or 'attention' (full self-attention, the baseline)
 train_iters = (4, 6, 8, 10, 12)  # r is drawn from these each step
 backprop_iters = 0  # backpropagate through the last k core iterations only (0 = all)
+# spatial control: train only a ControlAdapter on a finished run, which stays frozen
+control = ''  # '' (train a generator), 'edges' or 'silhouette' (data.control_map)
+base_dir = ''  # with control: the train_flow.py run to control; its model settings win over those above
 # rectified flow
 loss_weighting = 'seed'  # 'seed' (t / (1 - t)): better adherence on shapes than 'none' (SD3's); README
 cfg_dropout = 0.1
@@ -87,6 +95,9 @@ if loss_weighting not in ('none', 'seed'):
     raise SystemExit(f"error: loss_weighting must be 'none' or 'seed', got '{loss_weighting}'")
 if mixer not in ('grfm', 'attention'):
     raise SystemExit(f"error: mixer must be 'grfm' or 'attention', got '{mixer}'")
+if control and (control not in CONTROLS or not base_dir):
+    raise SystemExit(f"error: control must be one of {', '.join(CONTROLS)} and needs --base_dir (a finished "
+                     f"train_flow.py run), got control='{control}', base_dir='{base_dir}'")
 if model_size not in SIZES:
     raise SystemExit(f"error: model_size must be one of {', '.join(SIZES)}, got '{model_size}'")
 try:
@@ -115,13 +126,23 @@ sample_prompts = data['holdout_captions'][:8]
 sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
 
 sizes = {k: v for k, v in dict(dim=dim, heads=heads, core_layers=core_layers).items() if v}
-model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
-                          text_encoder=text_encoder, backprop_iters=backprop_iters).to(device)
+if control:
+    model, base_run, _ = load_generator(base_dir, device, control=control)
+    if (base_run['vae_dir'], base_run['text_encoder']) != (vae_dir, text_encoder):
+        raise SystemExit(f"error: {base_dir} was trained with vae_dir='{base_run['vae_dir']}' and text_encoder="
+                         f"'{base_run['text_encoder']}'; pass the same")
+    model.train().control_adapter.requires_grad_(True)  # the base generator stays frozen
+    controls, sample_controls = load_control_maps(data_settings, control, cache_dir)
+    sample_controls = sample_controls[:len(sample_prompts)].float().to(device)
+else:
+    model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
+                              text_encoder=text_encoder, backprop_iters=backprop_iters).to(device)
 ema = make_ema(model)
 if master:
     print(f"generator {model_size} {sizes or ''}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
-          + f"; {dtype} on {device}")
-optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+          + f"; {dtype} on {device}" + (f"; training only the {control} adapter" if control else ''))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                              betas=(0.9, 0.99))
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator, scaler) if init_from == 'resume' else 0
@@ -136,7 +157,10 @@ if master:
 
 def sample_and_save(step):
     with autocast:
-        images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, sample_steps, cfg_scale, sample_iters)
+        images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, sample_steps, cfg_scale, sample_iters,
+                               control=sample_controls if control else None)
+    if control:  # the control maps above the images drawn from them
+        images = torch.cat([sample_controls.mul(255).to(torch.uint8).expand(-1, 3, -1, -1).cpu(), images])
     save_grid(images, os.path.join(out_dir, f"samples_{step:06d}.png"))
     save_checkpoint(ckpt_path, model, ema, optimizer, step, config | dict(sample_prompts=sample_prompts), data_generator,
                     scaler)
@@ -159,9 +183,13 @@ for step in bar:
     eps = torch.randn(batch_size, *latents.shape[1:])
     loss_sum = torch.zeros(())
     for micro, share in enumerate(shares):
+        step_model = train_model
+        if control:
+            step_control = controls[index[share]].float().to(device)
+            step_model = lambda *inputs: train_model(*inputs, control=step_control)
         with sync_gradients(train_model, last=micro == len(shares) - 1):
             with autocast:  # the forward only: backward runs each op in the dtype its forward chose
-                per_sample, _ = flow_loss(train_model, latents[index[share]].to(device), text[share].to(device),
+                per_sample, _ = flow_loss(step_model, latents[index[share]].to(device), text[share].to(device),
                                           mask[share].to(device), iters, loss_weighting, t[share].to(device),
                                           eps[share].to(device))
             # sum / batch_size here, and DDP's mean over processes, give the mean over the whole batch

@@ -45,3 +45,17 @@ def idwt(y, levels=1):
         pixels = torch.einsum('kj,bkchw->bcjhw', HAAR.to(y), bands)
         y = F.pixel_shuffle(pixels.reshape(B, C4, h, w), 2)
     return y
+
+
+def impose_lowpass(x, small, rounds=50):
+    """The image nearest x (B, C, 2h, 2w) whose Haar LL subband is 2 * small (B, C, h, w),
+    i.e. whose 2x2 block means are `small`, and whose values stay in [-1, 1]. Replacing the
+    LL subband is the exact projection onto the first set, clamping onto the second; both
+    are convex and meet (small's nearest-neighbour upsample lies in each), so alternating
+    the two converges to a point of both (POCS). The last step is the LL projection."""
+    for i in range(rounds):
+        x = x.clamp(-1, 1) if i else x
+        bands = dwt(x)
+        bands[:, :small.shape[1]] = 2 * small  # the orthonormal LL of a 2x2 block is twice its mean
+        x = idwt(bands)
+    return x

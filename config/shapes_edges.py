@@ -1,0 +1,24 @@
+# A control adapter on the CPU quickstart's generator: draw the caption's colours in the shape an edge map gives.
+#   python train_flow.py config/shapes_edges.py     (after the quickstart: out-shapes-vae, out-shapes-flow)
+#   python sample.py config/shapes_edges.py --control photo.png --prompt "a red square on a blue background"
+#   python eval_shapes.py config/shapes_edges.py    (control-following, held out)
+# --control=silhouette trains on the shape's silhouette instead (set out_dir apart).
+if script in ('train_flow', 'sample', 'eval_shapes', 'export_mobile'):
+    out_dir = 'out-shapes-edges'
+if script == 'train_flow':
+    dataset = 'shapes'
+    image_size = 64
+    vae_dir = 'out-shapes-vae'
+    base_dir = 'out-shapes-flow'
+    control = 'edges'
+    patch_size = 1
+    train_iters = (2, 4, 6)  # as the base trained
+    batch_size = 64
+    lr = 1e-3
+    min_lr = 1e-4
+    warmup_steps = 50
+    max_steps = 1000
+    eval_interval = 250
+    sample_iters = 4
+if script == 'eval_shapes':  # the base model's adherence at its sampling settings, then the control table
+    iters_list, steps_list, inpaint = (4,), (25,), False
