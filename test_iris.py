@@ -990,13 +990,14 @@ def _script_settings(script):
             if isinstance(target, ast.Name)}
 
 
-@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py', 'shapes_edges.py'])
+@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py', 'shapes_edges.py',
+                                    'emoji_edges.py'])
 def test_every_config_file_sets_only_settings_each_stage_has(config):
     for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes', 'eval_real'):
         unknown = set(read_config_file(os.path.join(HERE, 'config', config), script)) - _script_settings(script)
         assert not unknown, (config, script, unknown)
     # every text-to-image setup distils too; a control adapter is an add-on to one, and distil.py leaves it alone
-    assert bool(read_config_file(os.path.join(HERE, 'config', config), 'distill')) == (config != 'shapes_edges.py')
+    assert bool(read_config_file(os.path.join(HERE, 'config', config), 'distill')) == (not config.endswith('_edges.py'))
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,25 @@
+# A control adapter on the emoji generator (config/emoji.py): draw a caption inside the edges of another picture.
+#   python train_flow.py config/emoji_edges.py      (after config/emoji.py's VAE and generator)
+#   python sample.py config/emoji_edges.py --control picture.png --prompt "grinning face"
+#   python eval_real.py config/emoji_edges.py       (edge agreement on the 512 test emoji)
+if script in ('train_flow', 'sample', 'eval_real', 'export_mobile'):
+    out_dir = 'out-emoji-edges'
+if script == 'train_flow':
+    data_dir = 'data/twemoji/128/train'
+    image_size = 128
+    num_holdout = 64
+    dtype = 'bfloat16'
+    vae_dir = 'out-emoji-vae'
+    base_dir = 'out-emoji-flow'
+    control = 'edges'
+    patch_size = 1
+    train_iters = (2, 4, 6)  # as the base trained
+    batch_size = 32
+    lr = 1e-3
+    min_lr = 1e-4
+    warmup_steps = 50
+    max_steps = 1000
+    eval_interval = 250
+    sample_iters = 4
+if script == 'eval_real':
+    sections = 'control'
