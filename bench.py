@@ -334,7 +334,7 @@ def bench_compile():
         for compiled in (False, True):
             torch.manual_seed(seed)
             model = iris_tiny(dim=settings["dim"], heads=settings["heads"], core_layers=settings["core_layers"],
-                              patch_size=settings["patch_size"])
+                              patch_size=settings["patch_size"], mixer=settings.get("mixer", "grfm"))
             step_model = torch.compile(model) if compiled else model
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             autocast, scaler = mixed_precision(name, "cpu")
@@ -351,7 +351,8 @@ def bench_compile():
         (eager, _), (fast, compile_s) = times
         rows.append([name, f"{eager:.0f}", f"{fast:.0f}", f"{eager / fast:.2f}x", f"{compile_s:.0f}"])
     table(["dtype", "eager", "compiled", "speed-up", "compile s"], rows)
-    print(f"batch {batch}, {(size // 16 // settings['patch_size']) ** 2} tokens, r = {r}; each r compiles once\n")
+    print(f"batch {batch}, {(size // 16 // settings['patch_size']) ** 2} tokens, r = {r}, mixer "
+          f"{settings.get('mixer', 'grfm')}; each r compiles once\n")
 
 
 def run_on_executorch(module, x, partitioners):
