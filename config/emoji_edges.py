@@ -12,6 +12,7 @@ if script == 'train_flow':
     vae_dir = 'out-emoji-vae'
     base_dir = 'out-emoji-flow'
     control = 'edges'
+    cfg_dropout = 0.5  # ControlNet's: with half the captions empty, the layout must be read from the control
     patch_size = 1
     train_iters = (2, 4, 6)  # as the base trained
     batch_size = 32

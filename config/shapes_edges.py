@@ -11,14 +11,15 @@ if script == 'train_flow':
     vae_dir = 'out-shapes-vae'
     base_dir = 'out-shapes-flow'
     control = 'edges'
+    cfg_dropout = 0.5  # ControlNet's: with half the captions empty, the layout must be read from the control
     patch_size = 1
     train_iters = (2, 4, 6)  # as the base trained
     batch_size = 64
     lr = 1e-3
     min_lr = 1e-4
     warmup_steps = 50
-    max_steps = 1000
-    eval_interval = 250
+    max_steps = 2000
+    eval_interval = 500
     sample_iters = 4
 if script == 'eval_shapes':  # the base model's adherence at its sampling settings, then the control table
     iters_list, steps_list, inpaint = (4,), (25,), False
