@@ -30,13 +30,13 @@ def noised(x0, noise, t):
 def flow_loss(model, x0, text, mask, iters, weighting='none', t=None, eps=None):
     """Per-sample loss (B,) and the t it was drawn at (B,); t and eps are drawn unless given.
 
-    weighting 'none' is SD3's choice; 'seed' is the seed document's t / (1 - t + 0.05),
+    weighting 'none' is SD3's choice; 'high_noise' is the seed document's t / (1 - t + 0.05),
     which leans on the noisy end, where the layout is decided."""
     t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device)) if t is None else t
     eps = torch.randn_like(x0) if eps is None else eps
     x_t = noised(x0, eps, t.view(-1, 1, 1, 1))
     error = (model(x_t, t, text, mask, iters) - (eps - x0)).float().square().mean(dim=(1, 2, 3))
-    if weighting == 'seed':
+    if weighting == 'high_noise':
         error = error * t / (1 - t + 0.05)
     return error, t
 

@@ -796,7 +796,7 @@ def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
     for bad, message in [(['--lr=1e30', '--warmup_steps=1', '--grad_clip=1e30'], 'loss is inf at step 1; lower --lr'),
                          (['--batch_size=4096'], 'larger than the 64 training images'),
                          (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
-                         (['--loss_weighting=sd3'], "must be 'none' or 'seed'"),
+                         (['--loss_weighting=seed'], "must be 'none' or 'high_noise' (called 'seed' before)"),
                          (['--dtype=float8'], "dtype must be one of auto, float32, bfloat16, float16")]:
         result = _run(flow + bad, tiny_runs)
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-1500:]

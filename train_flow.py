@@ -65,7 +65,7 @@ backprop_iters = 0  # backpropagate through the last k core iterations only (0 =
 control = ''  # '' (train a generator), 'edges' or 'silhouette' (data.control_map)
 base_dir = ''  # with control: the train_flow.py run to control; its model settings win over those above
 # rectified flow
-loss_weighting = 'seed'  # 'seed' (t / (1 - t)): better adherence on shapes than 'none' (SD3's); README
+loss_weighting = 'high_noise'  # t / (1 - t + 0.05), the seed's: better adherence on shapes than 'none' (SD3's)
 cfg_dropout = 0.1
 # the sample grids
 sample_steps = 25
@@ -91,8 +91,8 @@ config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_
                                        'gradient_accumulation_steps', 'max_steps', 'lr'))
 if init_from not in ('scratch', 'resume'):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
-if loss_weighting not in ('none', 'seed'):
-    raise SystemExit(f"error: loss_weighting must be 'none' or 'seed', got '{loss_weighting}'")
+if loss_weighting not in ('none', 'high_noise'):
+    raise SystemExit(f"error: loss_weighting must be 'none' or 'high_noise' (called 'seed' before), got '{loss_weighting}'")
 if mixer not in ('grfm', 'attention'):
     raise SystemExit(f"error: mixer must be 'grfm' or 'attention', got '{mixer}'")
 if control and (control not in CONTROLS or not base_dir):
