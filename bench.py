@@ -41,7 +41,7 @@ from configurator import configure, read_config_file
 from flow import flow_loss
 from model import (SIZES, CoreLayer, FourierMixer, IrisConfig, SelfAttentionMixer, count_parameters, iris_tiny,
                    linear_scan, sequential_scan, wake_up)
-from run_mobile import peak_rss_mb
+from mobile import peak_rss_mb, xnnpack_partitioner
 from training import mixed_precision, optimizer_step
 from vae import WaveletVAE, vae_loss
 
@@ -364,7 +364,7 @@ def run_on_executorch(module, x, partitioners):
 
 
 def bench_runtime():
-    from export_mobile import xnnpack_partitioner  # first: it quiets torchao's warnings (text.py)
+
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     print("## ExecuTorch kernels against eager PyTorch (why export_mobile.py does what it does)\n")
     rows = []

@@ -32,9 +32,9 @@ from data import save_grid
 from flow import consistency_loss, text_to_image, time_grid
 from model import load_generator
 from text import load_text_encoder
-from training import (LossLog, all_sum, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches,
-                      mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
-                      sync_gradients, wrap_distributed)
+from training import (LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema,
+                      micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
+                      stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------
@@ -125,14 +125,12 @@ for step in bar:
                 loss = consistency_loss(train_student, target, teacher, latents[index[share]].to(device),
                                         tokens[rows].float().to(device), masks[rows].to(device), null_tokens, null_mask,
                                         grid[n[share]], grid[n[share] + 1], teacher_cfg, teacher_iters, iters, huber_c)
-            # DDP's mean over processes completes the batch mean
-            scaler.scale(loss * len(share) * world_size / batch_size).backward()
+            backward(loss * len(share), scaler, world_size, batch_size)
         loss_sum += loss.detach().float().cpu() * len(share)
     loss = all_sum(loss_sum) / batch_size
-    if not torch.isfinite(loss):
-        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr (and resume with --init_from=resume)")
+    stop_if_diverged(loss, step)
     optimizer_step(student, optimizer, scaler, grad_clip)
-    ema_update(target, student, max_steps, target_decay)  # a fixed decay: no warm-up for the target
+    ema_update(target, student, step, target_decay, warmup=False)  # the target follows at a fixed rate from the start
     if master and ((step + 1) % eval_interval == 0 or step + 1 == max_steps):
         sample_and_save(step + 1)
     if master and (step % log_interval == 0 or step + 1 == max_steps):

@@ -1209,15 +1209,15 @@ def _exportable_generator(control=''):
 
 
 def _check_generator_export(tmp_path, backend, formats, control=''):
-    import export_mobile
-    from run_mobile import MobileGenerator, load_part
+    import mobile
+    from mobile import MobileGenerator, load_part
     model = _exportable_generator(control)
     z, t, text, mask = _inputs()
-    methods = export_mobile.generator_methods(model, z, t, text, mask)
+    methods = mobile.generator_methods(model, z, t, text, mask)
     assert ('control' in methods) == bool(control)
-    export_mobile.export_pte(methods, str(tmp_path / 'generator.pte'), backend)
+    mobile.export_pte(methods, str(tmp_path / 'generator.pte'), backend)
     if 'onnx' in formats:
-        export_mobile.export_onnx(methods, str(tmp_path), 'generator')
+        mobile.export_onnx(methods, str(tmp_path), 'generator')
     for fmt in formats:
         exported = MobileGenerator(load_part(str(tmp_path), 'generator', fmt, torch.float32), batch=2)
         for iters in (1, 3):  # the core is exported once; r is chosen when it runs
@@ -1247,13 +1247,13 @@ def test_generator_exports_with_the_xnnpack_delegate_and_matches_pytorch(tmp_pat
 
 def test_vae_decoder_export_matches_pytorch(tmp_path):
     pytest.importorskip('executorch', reason='pip install -r requirements-export.txt')
-    import export_mobile
-    from run_mobile import load_part
+    import mobile
+    from mobile import load_part
     torch.manual_seed(0)
     vae = WaveletVAE(channels=(8, 16, 16)).eval()
     z = torch.randn(1, 16, 2, 2)
-    methods = {'forward': (export_mobile.Method(vae, lambda m, x: m.decode_latent(x)), (z,))}
-    export_mobile.export_pte(methods, str(tmp_path / 'vae_decoder.pte'), 'portable')
+    methods = {'forward': (mobile.Method(vae, lambda m, x: m.decode_latent(x)), (z,))}
+    mobile.export_pte(methods, str(tmp_path / 'vae_decoder.pte'), 'portable')
     with torch.no_grad():
         reference = vae.decode_latent(z)
     image = load_part(str(tmp_path), 'vae_decoder', 'pte', torch.float32)('forward', z)[0]
@@ -1262,26 +1262,26 @@ def test_vae_decoder_export_matches_pytorch(tmp_path):
 
 
 def test_executorch_export_of_a_torch_fft_model_says_to_use_dft(tmp_path):
-    import export_mobile
+    import mobile
     model = _wake_up(Iris(_tiny_config(fft_impl='torch'))).eval()
-    methods = export_mobile.generator_methods(model, *_inputs())
+    methods = mobile.generator_methods(model, *_inputs())
     with pytest.raises(SystemExit, match="fft_impl='dft'"):
-        export_mobile.export_pte(methods, str(tmp_path / 'generator.pte'), 'portable')
+        mobile.export_pte(methods, str(tmp_path / 'generator.pte'), 'portable')
 
 
 def test_missing_export_package_is_one_clear_line(monkeypatch):
-    import export_mobile
+    import mobile
     monkeypatch.setitem(sys.modules, 'executorch', None)  # makes `import executorch` fail
     with pytest.raises(SystemExit, match='pip install -r requirements-export.txt'):
-        export_mobile.require_export_packages()
+        mobile.require_export_packages()
 
 
 @pytest.mark.parametrize('precision,tolerance', [('fp16', 1e-2), ('int8', 5e-2)])
 def test_reduced_precision_copy_for_export_stays_close(precision, tolerance):
-    import export_mobile
+    import mobile
     model = _exportable_generator()
     z, t, text, mask = _inputs()
-    methods = export_mobile.in_precision(export_mobile.generator_methods(model, z, t, text, mask), precision)
+    methods = mobile.in_precision(mobile.generator_methods(model, z, t, text, mask), precision)
     converted = {id(method.module) for method, _ in methods.values()}
     assert len(converted) == 1 and id(model) not in converted  # one copy, shared by the three methods
     assert next(model.parameters()).dtype == torch.float32 and type(model.core[0].ffn.net[0].weight) is nn.Parameter
@@ -1300,10 +1300,10 @@ def test_reduced_precision_copy_for_export_stays_close(precision, tolerance):
 
 
 def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
-    import export_mobile
-    from run_mobile import MobileTextEncoder
+    import mobile
+    from mobile import MobileTextEncoder
     encoder = load_text_encoder('minilm')
-    export_mobile.save_tokenizer(encoder, str(tmp_path / 'tokenizer.json'))
+    mobile.save_tokenizer(encoder, str(tmp_path / 'tokenizer.json'))
     prompts = ['a large red circle in the center on a blue background', '']
     run = lambda method, ids, mask: [encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state]  # noqa: E731
     tokens, mask = MobileTextEncoder(run, str(tmp_path / 'tokenizer.json'))(prompts)
@@ -1319,12 +1319,12 @@ def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
 
 
 ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'distill.py', 'sample.py', 'eval_shapes.py', 'eval_real.py',
-                 'export_mobile.py', 'bench.py')
+                 'export_mobile.py', 'run_mobile.py', 'bench.py')
 CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype', 'precision', 'backend', 'sections',
-                   'sampler', 'control')
+                   'format', 'sampler', 'control')
 READ_PATHS = {'train_vae.py': ('data_dir',), 'train_flow.py': ('vae_dir', 'data_dir'), 'distill.py': ('teacher_dir',),
               'sample.py': ('out_dir', 'init_image'), 'eval_shapes.py': ('out_dir',), 'eval_real.py': ('out_dir',),
-              'export_mobile.py': ('out_dir',)}
+              'export_mobile.py': ('out_dir',), 'run_mobile.py': ('export_dir',)}
 
 
 def _settings_block(script):
@@ -1383,8 +1383,6 @@ def _fuzz_cases(tmp_path, seed=0, per_script=4):
         for name in READ_PATHS.get(script, ()):
             cases += [(script, f'--{name}={tmp_path / "missing"}'), (script, f'--{name}={"x" * 10000}')]
             cases += [(script, f'--{name}={empty_file if name == "init_image" else corrupt_run}')]
-    cases += [('run_mobile.py', str(tmp_path / 'missing')), ('run_mobile.py', str(corrupt_run)),
-              ('run_mobile.py', '--steps=abc')]
     return cases
 
 

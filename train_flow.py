@@ -33,9 +33,9 @@ from data import CONTROLS, save_grid
 from flow import flow_loss, pad_text, text_to_image
 from model import SIZES, count_parameters, load_generator
 from text import load_text_encoder
-from training import (LossLog, all_sum, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches,
-                      mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
-                      sync_gradients, wrap_distributed)
+from training import (LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema,
+                      micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
+                      stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -192,16 +192,13 @@ for step in bar:
                 per_sample, _ = flow_loss(step_model, latents[index[share]].to(device), text[share].to(device),
                                           mask[share].to(device), iters, loss_weighting, t[share].to(device),
                                           eps[share].to(device))
-            # sum / batch_size here, and DDP's mean over processes, give the mean over the whole batch
-            scaler.scale(per_sample.sum() * world_size / batch_size).backward()
+            backward(per_sample.sum(), scaler, world_size, batch_size)
         loss_sum += per_sample.detach().float().sum().cpu()
         band = (t[share] * 4).long().clamp(max=3)
         band_sum.index_add_(0, band, per_sample.detach().float().cpu())
         band_count.index_add_(0, band, torch.ones_like(band, dtype=torch.float))
     loss = all_sum(loss_sum) / batch_size
-    if not torch.isfinite(loss):
-        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
-                         f"(and resume from the last checkpoint with --init_from=resume)")
+    stop_if_diverged(loss, step)
     optimizer_step(model, optimizer, scaler, grad_clip)
     ema_update(ema, model, step, ema_decay)
     if master and ((step + 1) % eval_interval == 0 or step + 1 == max_steps):

@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from configurator import configure
 from data import load_data, save_grid, to_float
-from training import (LossLog, all_sum, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches,
-                      mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
-                      sync_gradients, wrap_distributed)
+from training import (LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema,
+                      micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
+                      stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import WaveletVAE, check_image_size, psnr, reconstruct, vae_loss
 
 # -----------------------------------------------------------------------------
@@ -129,13 +129,10 @@ for step in bar:
                 wavelet_hat, mean, logvar = train_step(x[share])
             loss, parts = vae_loss(wavelet_hat.float(), x[share], mean.float(), logvar.float(), wavelet_weight,
                                    high_freq_weight, kl_weight, mse_weight)
-            # DDP's mean over processes completes the batch mean
-            scaler.scale(loss * len(share) * world_size / batch_size).backward()
+            backward(loss * len(share), scaler, world_size, batch_size)
         loss_sum += loss.detach().float().cpu() * len(share)
     loss = all_sum(loss_sum) / batch_size
-    if not torch.isfinite(loss):
-        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
-                         f"(and resume from the last checkpoint with --init_from=resume)")
+    stop_if_diverged(loss, step)
     optimizer_step(model, optimizer, scaler, grad_clip)
     ema_update(ema, model, step, ema_decay)
     if master and (step + 1) % eval_interval == 0 and step + 1 < max_steps:  # the last one follows the latent stats

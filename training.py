@@ -107,6 +107,20 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
                          f"scale; lower --lr or use --dtype=bfloat16 or float32 (and resume with --init_from=resume)")
 
 
+def backward(share_loss, scaler, world_size, batch_size):
+    """Backpropagate one micro-batch: share_loss is its loss summed over its images. Dividing
+    by the whole batch and multiplying by the processes, which DDP's mean over processes
+    divides again, makes the gradients those of the mean over the whole batch, however it is
+    split. Under fp16 the GradScaler scales the loss first."""
+    scaler.scale(share_loss * world_size / batch_size).backward()
+
+
+def stop_if_diverged(loss, step):
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
+                         f"(and resume from the last checkpoint with --init_from=resume)")
+
+
 def lr_at(step, max_steps, warmup_steps, lr, min_lr):
     """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
     if step < warmup_steps:
@@ -122,9 +136,9 @@ def make_ema(model):
 
 
 @torch.no_grad()
-def ema_update(ema, model, step, decay):
+def ema_update(ema, model, step, decay, warmup=True):
     # warm the decay up (1+s)/(10+s): early weights are noise, so don't average them in for long
-    d = min(decay, (1 + step) / (10 + step))
+    d = min(decay, (1 + step) / (10 + step)) if warmup else decay
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1.0 - d)
     for e, b in zip(ema.buffers(), model.buffers()):

@@ -1,0 +1,295 @@
+"""
+The phone's pipeline as a library: exporting IRIS's parts (export_mobile.py) and running
+them from the files alone (run_mobile.py), with ExecuTorch or ONNX Runtime.
+
+The parts, in the order the phone runs them, each loaded when needed and freed after:
+    text_encoder  input_ids, attention_mask (1, 77) -> tokens (1, 77, W); tokenizer.json beside it
+    generator     prompt (text, mask) -> text_kv, text_cond           once per prompt
+                  control (map) -> tokens, added to e (a control run)  once per control map
+                  prelude (z, t, text_cond) -> e, c                   once per step
+                  core (s, e, c, i / r, text_kv, mask) -> s          r times per step
+                  coda (s, c) -> velocity                            (ONNX: one file per method)
+    vae_decoder   z (1, 16, S/16, S/16) -> image (1, 3, S, S) in [-1, 1]
+The core is one method the app calls r times, so r is chosen at run time and the file
+holds the shared weights once.
+"""
+import copy
+import importlib
+import json
+import os
+import resource
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import control_map, make_shapes
+from flow import consistency_sample, euler_sample
+from model import FourierMixer
+from text import MAX_TOKENS
+
+
+def peak_rss_mb():
+    """This process's peak resident memory. Linux's VmHWM, because ru_maxrss survives exec
+    and so would report the memory of a parent that started this process."""
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == 'darwin' else 1)
+
+
+def load_part(export_dir, part, fmt, dtype):
+    """-> run(method, *tensors) -> list of float32 tensors, over ExecuTorch or ONNX Runtime.
+    Inputs are cast to the export's float dtype (fp16 exports take fp16)."""
+    if fmt == 'pte':
+        from executorch.runtime import Runtime
+        program = Runtime.get().load_program(os.path.join(export_dir, f'{part}.pte'))
+        methods = {}
+
+        def call(method, inputs):
+            if method not in methods:
+                methods[method] = program.load_method(method)
+            return methods[method].execute(inputs)
+    else:
+        import onnxruntime
+        sessions = {}
+
+        def call(method, inputs):
+            # one ONNX file per method: generator_core.onnx; text_encoder.onnx for 'forward'
+            name = part if method == 'forward' else f'{part}_{method}'
+            if name not in sessions:
+                sessions[name] = onnxruntime.InferenceSession(os.path.join(export_dir, f'{name}.onnx'),
+                                                              providers=['CPUExecutionProvider'])
+            session = sessions[name]
+            feeds = {spec.name: x.numpy() for spec, x in zip(session.get_inputs(), inputs)}
+            return [torch.from_numpy(y) for y in session.run(None, feeds)]
+
+    def run(method, *tensors):
+        inputs = [(x.to(dtype) if x.is_floating_point() else x).contiguous() for x in tensors]
+        return [y.float() for y in call(method, inputs)]
+    return run
+
+
+class MobileTextEncoder:
+    """prompts -> tokens (B, L, W), mask (B, L): the tokenizer.json export_mobile.py saved
+    (pads and truncates to the exported length) and the text encoder, one prompt at a time."""
+
+    def __init__(self, run, tokenizer_path):
+        from tokenizers import Tokenizer
+        self.run, self.tokenizer = run, Tokenizer.from_file(tokenizer_path)
+
+    def __call__(self, prompts):
+        tokens, masks = [], []
+        for encoding in self.tokenizer.encode_batch(list(prompts)):
+            ids = torch.tensor([encoding.ids], dtype=torch.long)
+            mask = torch.tensor([encoding.attention_mask], dtype=torch.long)
+            tokens.append(self.run('forward', ids, mask)[0])
+            masks.append(mask.bool())
+        return torch.cat(tokens), torch.cat(masks)
+
+
+class MobileGenerator:
+    """model.Iris's encode_prompt, velocity and model(z, t, text, mask, iters) -> velocity
+    from the four exported methods; flow.py's samplers take it as they take the PyTorch
+    model, and encode each prompt once per sampling call."""
+
+    def __init__(self, run, batch):
+        self.run, self.batch = run, batch
+
+    def encode_prompt(self, text, mask):
+        return (*self.run('prompt', text, mask), mask)
+
+    def encode_control(self, control, strength=1.0):
+        return strength * self.run('control', control)[0]
+
+    def velocity(self, z, t, prompt, iters, control=None):
+        if len(z) != self.batch:
+            raise SystemExit(f"error: this generator was exported for batch {self.batch}, not {len(z)}; "
+                             f"re-export it or use its sampler and guidance settings")
+        text_kv, text_cond, mask = prompt
+        e, c_base = self.run('prelude', z, t, text_cond)
+        if control is not None:
+            e = e + control
+        s = e
+        for i in range(iters):
+            s = self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
+        return self.run('coda', s, c_base)[0]
+
+    def __call__(self, z, t, text, mask, iters):
+        return self.velocity(z, t, self.encode_prompt(text, mask), iters)
+
+
+def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, generator, control=None):
+    """Prompts -> float images (B, 3, H, W) in about [-1, 1]. get_part(name) returns the
+    'text_encoder', 'generator' or 'vae_decoder'; each is dropped once used, so only one
+    part is in memory at a time. export_mobile.py runs this with the PyTorch models too.
+    control: a control map (B, 1, H, W) for a control run's generator."""
+    encoder = get_part('text_encoder')
+    text, mask = encoder(prompts)
+    null_text, null_mask = encoder([''])
+    del encoder
+    model = get_part('generator')
+    control = None if control is None else model.encode_control(control)
+    if sampler == 'consistency':
+        z = consistency_sample(model, noise, text, mask, steps, iters, generator, control=control)
+    else:
+        z = euler_sample(model, noise, text, mask, null_text, null_mask, steps, cfg_scale, iters, shift, control=control)
+    del model
+    return get_part('vae_decoder')(z)
+
+
+def read_manifest(export_dir):
+    path = os.path.join(export_dir, 'mobile.json')
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no {path}; export first with `python export_mobile.py --out_dir=<run>`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def exported_parts(export_dir, manifest, fmt):
+    """get_part for generate(): loads each part from export_dir when asked."""
+    dtype = getattr(torch, manifest['dtype'])
+
+    def get_part(name):
+        run = load_part(export_dir, name, fmt, dtype)
+        if name == 'text_encoder':
+            return MobileTextEncoder(run, os.path.join(export_dir, 'tokenizer.json'))
+        if name == 'generator':
+            return MobileGenerator(run, manifest['generator_batch'])
+        return lambda z: run('forward', z)[0]
+    return get_part
+
+
+def initial_noise(manifest, seed):
+    side = manifest['image_size'] // 16
+    return torch.randn(1, manifest['latent_channels'], side, side, generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# export
+
+PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'int8': torch.float32}  # int8: float inputs, quantised inside
+warnings.filterwarnings('ignore', message='.*LeafSpec', category=FutureWarning)  # torch's, raised inside ExecuTorch
+
+
+def require_export_packages():
+    for name in ('executorch', 'onnx', 'onnxscript', 'onnxruntime'):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise SystemExit(f"error: export needs {name}: pip install -r requirements-export.txt") from None
+
+
+class Method(nn.Module):
+    """fn(module, *inputs) as a module's forward: one exported method of module."""
+
+    def __init__(self, module, fn):
+        super().__init__()
+        self.module, self.fn = module, fn
+        self.training = module.training  # exporters warn about a wrapper left in training mode
+
+    def forward(self, *inputs):
+        return self.fn(self.module, *inputs)
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 inside an fp16 model: ExecuTorch's fp16 layer_norm kernel
+    is wrong at our widths (bench.py --sections=runtime; its group_norm is right)."""
+
+    def forward(self, x):
+        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def in_precision(methods, precision):
+    """One part's methods, {name: (Method, inputs)}, over a copy of the module they share:
+    fp16 weights with fp32 LayerNorms and fp16 inputs; or dynamic int8 in every Linear
+    (int8 weights per output channel, activations quantised per call: torchao's 8da8w,
+    ExecuTorch's LLM recipe), embeddings and convolutions left fp32; fp32 returns them as they are."""
+    if precision == 'fp32':
+        return methods
+    methods = copy.deepcopy(methods)  # one deepcopy: the methods keep sharing one copy of the module
+    module = next(iter(methods.values()))[0].module
+    if precision == 'int8':
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerAxis
+        quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+                  filter_fn=lambda m, name: isinstance(m, nn.Linear))
+        return methods
+    module.half()
+    for m in module.modules():
+        if type(m) is nn.LayerNorm:
+            m.__class__ = Float32LayerNorm
+    return {name: (method, tuple(x.half() if x.is_floating_point() else x for x in inputs))
+            for name, (method, inputs) in methods.items()}
+
+
+def xnnpack_partitioner():
+    """XNNPACK's, less its GELU, which ignores approximate='tanh' and computes the erf form
+    (4.7e-4 apart, bench.py --sections=runtime): ExecuTorch's own kernel honours it."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS, GeluConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c is not GeluConfig])
+
+
+def export_pte(methods, path, backend):
+    """methods: {name: (module, example inputs)} -> one .pte holding every method."""
+    from executorch.exir import to_edge_transform_and_lower
+    for module, _ in methods.values():
+        if any(isinstance(m, FourierMixer) and m.fft_impl != 'dft' for m in module.modules()):
+            raise SystemExit("error: ExecuTorch has no complex tensors, so it cannot run torch.fft; build the generator "
+                             "with fft_impl='dft' (load_generator(out_dir, fft_impl='dft'), as export_mobile.py does)")
+    with torch.no_grad():
+        programs = {name: torch.export.export(module, inputs) for name, (module, inputs) in methods.items()}
+    partitioners = [xnnpack_partitioner()] if backend == 'xnnpack' else []
+    program = to_edge_transform_and_lower(programs, partitioner=partitioners).to_executorch()
+    with open(path + '.tmp', 'wb') as f:  # a stopped export leaves no half-written program behind
+        program.write_to_file(f)
+    os.replace(path + '.tmp', path)
+
+
+def export_onnx(methods, export_dir, part):
+    """One ONNX file per method: text_encoder.onnx, generator_core.onnx, ..."""
+    for name, (module, inputs) in methods.items():
+        path = os.path.join(export_dir, part if name == 'forward' else f'{part}_{name}') + '.onnx'
+        with torch.no_grad():
+            torch.onnx.export(module, inputs, path, dynamo=True, opset_version=18, external_data=False, verbose=False)
+
+
+def as_tuple(outputs):
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def generator_methods(model, z, t, text, mask):
+    """The generator's four stages, each with example inputs taken from a real forward pass."""
+    hw = (z.shape[-2] // model.config.patch_size, z.shape[-1] // model.config.patch_size)
+    progress = torch.full((len(z),), 0.5)  # half-way through the core iterations
+    with torch.no_grad():
+        text_kv, text_cond, _ = (x.contiguous() for x in model.encode_prompt(text, mask))
+        e, c_base = (x.contiguous() for x in model.prelude_forward(z, t, text_cond))
+        s = model.core_iteration(e, e, c_base, progress, text_kv, mask, hw).contiguous()
+    methods = {'prompt': (Method(model, lambda m, *x: m.encode_prompt(*x)[:2]), (text, mask)),
+               'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text_cond)),
+               'core': (Method(model, lambda m, *x: m.core_iteration(*x, hw)), (s, e, c_base, progress, text_kv, mask)),
+               'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
+    if model.control_adapter is not None:  # control image -> tokens, once per image; the app adds them to e
+        control = control_map(make_shapes(len(z), 16 * z.shape[-1], seed=0)[0], model.config.control)
+        methods['control'] = (Method(model, lambda m, x: m.encode_control(x)), (control,))
+    return methods
+
+
+def save_tokenizer(encoder, path):
+    """The tokenizer as one tokenizer.json that pads and truncates to the exported length:
+    a phone runs it with the same Rust/C++ library (tokenizers, or pytorch-tokenizers)."""
+    tokenizer = copy.deepcopy(encoder.tokenizer.backend_tokenizer)
+    tokenizer.enable_truncation(MAX_TOKENS)
+    tokenizer.enable_padding(length=MAX_TOKENS, pad_id=encoder.tokenizer.pad_token_id, pad_token=encoder.tokenizer.pad_token)
+    tokenizer.save(path)
+
+
+def save_manifest(target, manifest):
+    with open(os.path.join(target, 'mobile.json'), 'w') as f:
+        json.dump(manifest, f, indent=1)
