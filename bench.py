@@ -180,7 +180,7 @@ def bench_latency():
                 reset_peak_rss()
                 ms = 1e3 * median_time(lambda: model(z, t, text, mask, iters=r), repeats=3)
                 rows.append([name, size, r, f"{ms:.0f}", f"{peak_rss_mb():.0f}"])
-        del model
+        model = None  # free it before the next size is built
     vae = WaveletVAE(channels=(64, 128, 256), blocks_per_stage=2).eval()
     for size in (256, 512):
         reset_peak_rss()
@@ -390,14 +390,13 @@ def bench_runtime():
           f"with portable kernels, {sizes[1] / 1e6:.2f} MB with XNNPACK (which stores them as fp32)\n")
 
 
-if __name__ == "__main__":
-    benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan, "step": bench_step,
-               "latency": bench_latency, "flops": bench_flops, "memory": bench_memory, "compile": bench_compile,
-               "runtime": bench_runtime}
-    unknown = set(sections.split(",")) - set(benches)
-    if unknown:
-        raise SystemExit(f"error: unknown bench.py section(s) {', '.join(sorted(unknown))}; "
-                         f"choose from {','.join(benches)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
-    for section in sections.split(","):
-        benches[section]()
+benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan, "step": bench_step,
+           "latency": bench_latency, "flops": bench_flops, "memory": bench_memory, "compile": bench_compile,
+           "runtime": bench_runtime}
+unknown = set(sections.split(",")) - set(benches)
+if unknown:
+    raise SystemExit(f"error: unknown bench.py section(s) {', '.join(sorted(unknown))}; "
+                     f"choose from {','.join(benches)}")
+print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+for section in sections.split(","):
+    benches[section]()

@@ -250,16 +250,6 @@ def control_map(images, kind):
     return (strength > CONTROLS[kind]).float()
 
 
-def control_f1(maps, references, tolerance=1):
-    """Per-image F1 of binary maps (N, 1, S, S) against reference maps: precision is the share
-    of a map's pixels within `tolerance` pixels of a reference pixel, recall the converse
-    (edges drawn one pixel off still agree, as in the BSDS edge benchmark)."""
-    near = lambda m: F.max_pool2d(m, 2 * tolerance + 1, stride=1, padding=tolerance)  # noqa: E731
-    precision = (maps * near(references)).sum((1, 2, 3)) / maps.sum((1, 2, 3)).clamp_min(1)
-    recall = (references * near(maps)).sum((1, 2, 3)) / references.sum((1, 2, 3)).clamp_min(1)
-    return 2 * precision * recall / (precision + recall).clamp_min(1e-8)
-
-
 def save_grid(images, path, columns=8):
     """Write uint8 (N, 3, S, S) images as one PNG grid."""
     n, _, h, w = images.shape

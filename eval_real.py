@@ -32,17 +32,16 @@ import os
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure
-from data import control_f1, control_map, load_imagefolder, save_grid, to_float, to_uint8
+from data import control_map, load_imagefolder, save_grid, to_float, to_uint8
 from flow import flow_loss, text_to_image, upscale
+from metrics import accuracy, control_f1, frechet_distance, nearest_distance, read, sharpness, ssim, train_classifier
 from model import load_generator
 from text import load_text_encoder
 from training import mixed_precision, resolve_dtype
 from vae import load_vae, psnr, reconstruct
-from wavelet import dwt
 
 # -----------------------------------------------------------------------------
 out_dir = ''  # a train_flow.py / distill.py run; '' = the newest generator checkpoint under out*/
@@ -60,97 +59,7 @@ seed = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast for sampling: 'auto', 'float32', 'bfloat16' or 'float16'
 # -----------------------------------------------------------------------------
-
-
-def ssim(images, references, window=11, sigma=1.5):
-    """Mean SSIM of uint8 (N, 3, H, W) batches: Gaussian-weighted local means, variances and
-    covariance per channel, with the paper's constants for 8-bit images."""
-    x, y = images.double(), references.double()
-    g = torch.exp(-(torch.arange(window, dtype=torch.float64) - window // 2) ** 2 / (2 * sigma ** 2))
-    g = (g / g.sum())
-    kernel = (g[:, None] * g[None, :]).expand(3, 1, window, window)
-    blur = lambda t: F.conv2d(t, kernel, groups=3)  # noqa: E731 ('valid': no padding artefacts)
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.mean().item()
-
-
-def frechet_distance(a, b):
-    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (N, D), in float64.
-    Tr (S_a S_b)^(1/2) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), which is symmetric."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    values, vectors = torch.linalg.eigh(cov_a)
-    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
-    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
-
-
-class GroupClassifier(nn.Module):
-    """Four stride-2 conv blocks and a linear head; features() is the pooled 128-d vector."""
-
-    def __init__(self, groups):
-        super().__init__()
-        layers, width = [], 3
-        for out in (32, 64, 128, 128):
-            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.SiLU()]
-            width = out
-        self.body, self.head = nn.Sequential(*layers), nn.Linear(width, groups)
-
-    def features(self, x):
-        return self.body(x).mean(dim=(2, 3))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def classifier_input(images):
-    return F.interpolate(to_float(images), size=classifier_size, mode='area')
-
-
-def train_classifier(images, labels, groups):
-    """Batches drawn group-balanced (People & Body is over half of Twemoji: a classifier trained
-    on plain batches learns to answer it, and its accuracy says little), mirrored and shifted."""
-    torch.manual_seed(seed)
-    model = GroupClassifier(groups)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=classifier_steps)
-    x = F.pad(classifier_input(images), (4, 4, 4, 4), value=1.0)  # white, like the images' background
-    weights = 1.0 / torch.bincount(labels, minlength=groups).float()[labels]
-    for step in range(classifier_steps):
-        index = torch.multinomial(weights, batch_size, replacement=True)
-        dx, dy = torch.randint(9, (2,)).tolist()
-        batch = x[index, :, dy:dy + classifier_size, dx:dx + classifier_size]
-        batch = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, batch, batch.flip(-1))
-        loss = F.cross_entropy(model(batch), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def read(classifier, images):
-    """-> (predicted group, features) for uint8 images."""
-    features = torch.cat([classifier.features(classifier_input(images[i:i + 256])) for i in range(0, len(images), 256)])
-    return classifier.head(features).argmax(-1), features
-
-
-def accuracy(predicted, labels):
-    """(balanced accuracy, plain accuracy): the first is the mean of the per-group recalls, so
-    that each group counts the same however many test images it has."""
-    recalls = [(predicted[labels == g] == g).float().mean() for g in labels.unique() if g >= 0]  # -1: unseen group
-    return torch.stack(recalls).mean().item(), (predicted == labels).float().mean().item()
-
-
-def nearest_distance(features, reference):
-    """For each row of features, the L2 distance to its nearest row of reference, and which."""
-    distance = torch.cdist(features, reference)
-    return distance.min(dim=1)
+configure(globals(), positive=('steps_list', 'loss_iters', 'classifier_size', 'classifier_steps', 'batch_size'))
 
 
 def load_split(folder, image_size):
@@ -186,12 +95,6 @@ def generate(model, vae, encoder, captions, noise, steps, sample=text_to_image, 
                                  generator=torch.Generator().manual_seed(seed + 1),
                                  **{k: v[i:i + batch_size] if torch.is_tensor(v) else v for k, v in more.items()})
                           for i in range(0, len(captions), batch_size)])
-
-
-def sharpness(images, references):
-    """Energy of the Haar detail subbands (LH, HL, HH) relative to the references'."""
-    detail = lambda x: dwt(to_float(x).double())[:, 3:].square().sum()  # noqa: E731 (channels 0-2 are LL)
-    return (detail(images) / detail(references)).item()
 
 
 def eval_upscale(model, vae, encoder, real, captions, noise, steps):
@@ -230,82 +133,81 @@ def eval_control(model, vae, encoder, real, captions, noise, steps):
     print(f"rows of {out_dir}/eval_control.png: the control, IRIS at strength 1, the real test image")
 
 
-if __name__ == '__main__':
-    configure(globals(), positive=('steps_list', 'loss_iters', 'classifier_size', 'classifier_steps', 'batch_size'))
-    sections = sections.split(',')
-    unknown = set(sections) - {'vae', 'loss', 'classifier', 'upscale', 'control'}
-    if unknown:
-        raise SystemExit(f"error: unknown section(s) {', '.join(sorted(unknown))}; pick from vae,loss,classifier,upscale,"
-                         f"control")
-    autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)  # a bad --dtype stops here, before any work
-    model, run, out_dir = load_generator(out_dir, device)
-    test_dir = test_dir or os.path.join(os.path.dirname(run.get('data_dir', '').rstrip('/')), 'test')
-    if not os.path.isfile(os.path.join(test_dir, 'metadata.jsonl')):
-        raise SystemExit(f"error: no test split at '{test_dir}' for {out_dir}; train on an imagefolder with a sibling "
-                         f"'test' folder (python data/twemoji/prepare.py) or pass --test_dir")
-    size = run['image_size']
-    train_images, _, train_groups = load_split(run['data_dir'], size)
-    test_images, test_captions, test_groups = load_split(test_dir, size)
-    if None in train_groups or None in test_groups:
-        raise SystemExit("error: every metadata.jsonl line needs a \"group\" for the classifier")
-    names = sorted(set(train_groups))
-    train_labels = torch.tensor([names.index(g) for g in train_groups])
-    test_labels = torch.tensor([names.index(g) if g in names else -1 for g in test_groups])
-    vae = load_vae(run['vae_dir'], device)
-    encoder = load_text_encoder(model.config.text_encoder, device)
-    iters = iters or run['sample_iters']
-    noise = torch.randn(len(test_captions), model.config.latent_channels, size // 16, size // 16,
-                        generator=torch.Generator().manual_seed(seed)).to(device)
-    print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test images at {size} px\n")
+sections = sections.split(',')
+unknown = set(sections) - {'vae', 'loss', 'classifier', 'upscale', 'control'}
+if unknown:
+    raise SystemExit(f"error: unknown section(s) {', '.join(sorted(unknown))}; pick from vae,loss,classifier,upscale,"
+                     f"control")
+autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)  # a bad --dtype stops here, before any work
+model, run, out_dir = load_generator(out_dir, device)
+test_dir = test_dir or os.path.join(os.path.dirname(run.get('data_dir', '').rstrip('/')), 'test')
+if not os.path.isfile(os.path.join(test_dir, 'metadata.jsonl')):
+    raise SystemExit(f"error: no test split at '{test_dir}' for {out_dir}; train on an imagefolder with a sibling "
+                     f"'test' folder (python data/twemoji/prepare.py) or pass --test_dir")
+size = run['image_size']
+train_images, _, train_groups = load_split(run['data_dir'], size)
+test_images, test_captions, test_groups = load_split(test_dir, size)
+if None in train_groups or None in test_groups:
+    raise SystemExit("error: every metadata.jsonl line needs a \"group\" for the classifier")
+names = sorted(set(train_groups))
+train_labels = torch.tensor([names.index(g) for g in train_groups])
+test_labels = torch.tensor([names.index(g) if g in names else -1 for g in test_groups])
+vae = load_vae(run['vae_dir'], device)
+encoder = load_text_encoder(model.config.text_encoder, device)
+iters = iters or run['sample_iters']
+noise = torch.randn(len(test_captions), model.config.latent_channels, size // 16, size // 16,
+                    generator=torch.Generator().manual_seed(seed)).to(device)
+print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test images at {size} px\n")
 
-    if 'vae' in sections:
-        recon = reconstruct(vae, test_images)
-        print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, SSIM {ssim(recon, test_images):.4f}\n")
+if 'vae' in sections:
+    recon = reconstruct(vae, test_images)
+    print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, SSIM {ssim(recon, test_images):.4f}\n")
 
-    if 'loss' in sections:
-        with torch.no_grad():
-            latents = torch.cat([vae.encode_latent(to_float(test_images[i:i + batch_size]).to(device))
-                                 for i in range(0, len(test_images), batch_size)])
-        tokens, mask = encoder(test_captions)
-        with autocast:
-            losses = held_out_flow_loss(model, latents, tokens.to(device), mask.to(device))
-        print("| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean |\n|---|---|---|---|---|---|")
-        for r, bands in losses.items():
-            print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} |")
+if 'loss' in sections:
+    with torch.no_grad():
+        latents = torch.cat([vae.encode_latent(to_float(test_images[i:i + batch_size]).to(device))
+                             for i in range(0, len(test_images), batch_size)])
+    tokens, mask = encoder(test_captions)
+    with autocast:
+        losses = held_out_flow_loss(model, latents, tokens.to(device), mask.to(device))
+    print("| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean |\n|---|---|---|---|---|---|")
+    for r, bands in losses.items():
+        print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} |")
 
-    if 'classifier' in sections:
-        classifier = train_classifier(train_images, train_labels, len(names))
-        _, train_features = read(classifier, train_images)
-        predicted, real_features = read(classifier, test_images)
-        real_nearest, _ = nearest_distance(real_features, train_features)
-        real_accuracy = accuracy(predicted, test_labels)
-        print(f"\ngroup classifier: {len(names)} groups, balanced accuracy = the mean of the per-group recalls (chance "
-              f"{100 / len(test_labels.unique()):.1f}%); {100 * (test_labels == test_labels.mode().values).float().mean():.1f}% "
-              f"of the test split is its largest group\n")
-        print("| images | balanced accuracy | accuracy | of real balanced accuracy | classifier Fréchet distance | "
-              "nearest training image, median distance |\n|---|---|---|---|---|---|")
-        print(f"| real test images | {100 * real_accuracy[0]:.1f} | {100 * real_accuracy[1]:.1f} | 100% | 0 | "
-              f"{real_nearest.median():.3f} |")
-        for steps in steps_list:
-            generated = generate(model, vae, encoder, test_captions, noise, steps)
-            predicted, features = read(classifier, generated)
-            nearest, which = nearest_distance(features, train_features)
-            acc = accuracy(predicted, test_labels)
-            print(f"| {steps} {run.get('sampler', 'euler')} steps, r = {iters} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | "
-                  f"{100 * acc[0] / real_accuracy[0]:.0f}% | {frechet_distance(real_features, features):.3f} | "
-                  f"{nearest.median():.3f} |")
-            if steps == steps_list[-1]:
-                shown = torch.stack([(test_labels == g).nonzero()[0, 0] for g in test_labels.unique()])[:6]  # a column
-                # per group, in name order; 6 columns keep the figure under 200 KB
-                save_grid(torch.cat([test_images[shown], generated[shown], train_images[which[shown]]]),
-                          os.path.join(out_dir, 'eval_real.png'), columns=6)
-                with open(os.path.join(out_dir, 'eval_real.txt'), 'w') as f:
-                    f.write('\n'.join(test_captions[i] for i in shown) + '\n')
-        print(f"\nrows of {out_dir}/eval_real.png: real test image, generated from its caption "
-              f"({out_dir}/eval_real.txt), nearest training image")
+if 'classifier' in sections:
+    classifier = train_classifier(train_images, train_labels, len(names), classifier_size, classifier_steps, batch_size,
+                              seed)
+    _, train_features = read(classifier, train_images)
+    predicted, real_features = read(classifier, test_images)
+    real_nearest, _ = nearest_distance(real_features, train_features)
+    real_accuracy = accuracy(predicted, test_labels)
+    print(f"\ngroup classifier: {len(names)} groups, balanced accuracy = the mean of the per-group recalls (chance "
+          f"{100 / len(test_labels.unique()):.1f}%); {100 * (test_labels == test_labels.mode().values).float().mean():.1f}% "
+          f"of the test split is its largest group\n")
+    print("| images | balanced accuracy | accuracy | of real balanced accuracy | classifier Fréchet distance | "
+          "nearest training image, median distance |\n|---|---|---|---|---|---|")
+    print(f"| real test images | {100 * real_accuracy[0]:.1f} | {100 * real_accuracy[1]:.1f} | 100% | 0 | "
+          f"{real_nearest.median():.3f} |")
+    for steps in steps_list:
+        generated = generate(model, vae, encoder, test_captions, noise, steps)
+        predicted, features = read(classifier, generated)
+        nearest, which = nearest_distance(features, train_features)
+        acc = accuracy(predicted, test_labels)
+        print(f"| {steps} {run.get('sampler', 'euler')} steps, r = {iters} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | "
+              f"{100 * acc[0] / real_accuracy[0]:.0f}% | {frechet_distance(real_features, features):.3f} | "
+              f"{nearest.median():.3f} |")
+        if steps == steps_list[-1]:
+            shown = torch.stack([(test_labels == g).nonzero()[0, 0] for g in test_labels.unique()])[:6]  # a column
+            # per group, in name order; 6 columns keep the figure under 200 KB
+            save_grid(torch.cat([test_images[shown], generated[shown], train_images[which[shown]]]),
+                      os.path.join(out_dir, 'eval_real.png'), columns=6)
+            with open(os.path.join(out_dir, 'eval_real.txt'), 'w') as f:
+                f.write('\n'.join(test_captions[i] for i in shown) + '\n')
+    print(f"\nrows of {out_dir}/eval_real.png: real test image, generated from its caption "
+          f"({out_dir}/eval_real.txt), nearest training image")
 
-    if 'upscale' in sections:
-        eval_upscale(model, vae, encoder, test_images, test_captions, noise, steps_list[-1])
+if 'upscale' in sections:
+    eval_upscale(model, vae, encoder, test_images, test_captions, noise, steps_list[-1])
 
-    if 'control' in sections and model.config.control:
-        eval_control(model, vae, encoder, test_images, test_captions, noise, steps_list[-1])
+if 'control' in sections and model.config.control:
+    eval_control(model, vae, encoder, test_images, test_captions, noise, steps_list[-1])

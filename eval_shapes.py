@@ -6,16 +6,12 @@ read back what was drawn with a deterministic analyser (no learned model to trus
     python eval_shapes.py --out_dir=out-shapes-flow --iters_list="(4,)" --steps_list="(25,)"
     python eval_shapes.py --validate_only=True               # the analyser on real images only
     python eval_shapes.py --out_dir=out-shapes-cd --steps_list="(1,2,4)" --iters_list="(4,8)"   # a distilled student
-    python eval_shapes.py --out_dir=out-shapes-edges --iters_list="(4,)" --steps_list="(25,)"  # a control adapter
+    python eval_shapes.py config/shapes_edges.py              # a control adapter: follows the control or the caption?
 
-The analyser labels every pixel with the nearest of the 8 palette colours: the most
-common label is the background, the next the shape. The shape's pixels are then compared
-with the four shapes as data.py draws them, each with the same area and centroid: the
-best overlap (IoU) names the type, and that template's centre and radius give the
-position (nearest of the 9) and the size. Before it scores any sample it is scored on
-real data-set images, and the eval stops if it reads fewer than 98% of those right.
+The analyser (metrics.py) reads background and shape colour, shape type, position and size
+back from the pixels. Before it scores any sample it is scored on real data-set images, and
+the eval stops if it reads fewer than 98% of those right.
 """
-import math
 import os
 import time
 
@@ -23,9 +19,10 @@ import numpy as np
 import torch
 
 from configurator import configure
-from data import (COLOURS, POSITIONS, SHAPES, SIZES, control_f1, control_map, make_shapes, save_grid, shape_attributes,
-                  shape_caption, to_float)
+from data import (COLOURS, POSITIONS, SHAPES, SIZES, control_map, make_shapes, save_grid, shape_attributes, shape_caption,
+                  to_float)
 from flow import text_to_image
+from metrics import ATTRIBUTES, adherence, analyse, control_f1
 from model import load_generator
 from text import load_text_encoder
 from training import mixed_precision, resolve_dtype
@@ -45,60 +42,7 @@ batch_size = 128
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast for sampling, as in training: 'auto', 'float32', 'bfloat16' or 'float16'
 # -----------------------------------------------------------------------------
-ATTRIBUTES = ('background', 'colour', 'shape', 'position', 'size')
-PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
-CENTRES = np.array([centre for centre, _ in POSITIONS.values()], dtype=np.float32)
-AREA_PER_R2 = {'circle': math.pi, 'square': 4 * 0.85 ** 2, 'triangle': 1.8, 'diamond': 2.0}  # as data.draw_shape draws them
-
-
-def shape_template(shape, cx, cy, r, size):
-    """Boolean (size, size) mask of a shape as data.draw_shape draws it, sampled at pixel centres."""
-    y, x = np.mgrid[0:size, 0:size] + 0.5
-    dx, dy = np.abs(x - cx), y - cy
-    if shape == 'circle':
-        return dx ** 2 + dy ** 2 <= r ** 2
-    if shape == 'square':
-        return (dx <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
-    if shape == 'diamond':
-        return dx + np.abs(dy) <= r
-    return (dy >= -r) & (dy <= 0.8 * r) & (dx <= (dy + r) / 1.8)  # triangle, apex up
-
-
-def analyse(image):
-    """uint8 (3, S, S) -> the attributes it shows, as in data.shape_attributes."""
-    pixels = image.permute(1, 2, 0).numpy().astype(np.float32)
-    S = pixels.shape[0]
-    labels = np.square(pixels[:, :, None] - PALETTE).sum(-1).argmin(-1)   # (S, S) nearest palette colour
-    counts = np.bincount(labels.ravel(), minlength=len(PALETTE))
-    background, colour = np.argsort(-counts)[:2]
-    names = list(COLOURS)
-    found = dict(background=names[background], colour=names[colour], shape=None, position=None, size=None)
-    mask = labels == colour
-    area = mask.sum()
-    if area < 4:
-        return found
-    ys, xs = np.nonzero(mask)
-    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
-    best_iou = -1.0
-    for shape in SHAPES:  # the template of the same area and centroid that overlaps the pixels most
-        r = math.sqrt(area / AREA_PER_R2[shape])
-        centre_y = cy - (0.2 * r if shape == 'triangle' else 0.0)  # a triangle's centroid sits 0.2 r below its centre
-        template = shape_template(shape, cx, centre_y, r, S)
-        iou = (template & mask).sum() / (template | mask).sum()
-        if iou > best_iou:
-            best_iou, found['shape'], radius, centre = iou, shape, r / S, np.array([cx, centre_y]) / S
-    found['position'] = list(POSITIONS)[np.square(CENTRES - centre).sum(-1).argmin()]
-    found['size'] = 'small' if radius < (SIZES['small'] + SIZES['large']) / 2 else 'large'
-    return found
-
-
-def adherence(images, attributes):
-    """Fraction right per attribute, all of the four the caption names first, and all five."""
-    found = [analyse(image) for image in images]
-    right = {a: np.mean([f[a] == t[a] for f, t in zip(found, attributes)]) for a in ATTRIBUTES}
-    right['all 4'] = np.mean([all(f[a] == t[a] for a in ATTRIBUTES[:4]) for f, t in zip(found, attributes)])
-    right['all 5'] = np.mean([all(f[a] == t[a] for a in ATTRIBUTES) for f, t in zip(found, attributes)])
-    return right
+configure(globals(), positive=('num_prompts', 'iters_list', 'steps_list', 'shift', 'batch_size'))
 
 
 def row(name, scores, seconds=None):
@@ -186,43 +130,41 @@ def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, 
         f.write('\n'.join(captions[:8]) + '\n')
 
 
-if __name__ == '__main__':
-    configure(globals(), positive=('num_prompts', 'iters_list', 'steps_list', 'shift', 'batch_size'))
-    print("| images | " + " | ".join(ATTRIBUTES) + " | all 4 | all 5 | s / image |\n" + "|---" * 9 + "|")
-    if validate_only:
-        for size in (64, 128):
-            print(row(f"real, {size} px", adherence(make_shapes(1024, size, seed=2)[0], [shape_attributes(2, i) for i in range(1024)])))
-        raise SystemExit
-    model, run, out_dir = load_generator(out_dir, device)
-    if run.get('dataset') != 'shapes' or run.get('data_dir'):
-        raise SystemExit(f"error: {out_dir} was not trained on the shapes data; eval_shapes.py can only read shapes back")
-    attributes = [shape_attributes(1, i) for i in range(num_prompts)]  # train_flow.py's held-out seed
-    captions = [shape_caption(a) for a in attributes]
-    real = make_shapes(num_prompts, run['image_size'], seed=1)[0]
-    check = adherence(real, attributes)
-    print(row('real held-out images', check))
-    if check['all 5'] < 0.98:
-        raise SystemExit(f"error: the analyser reads only {100 * check['all 5']:.1f}% of real images right; "
-                         f"it cannot be trusted on samples at {run['image_size']} px")
-    vae = load_vae(run['vae_dir'], device)
-    print(row('their VAE reconstructions', adherence(reconstruct(vae, real), attributes)))
-    encoder = load_text_encoder(model.config.text_encoder, device)
-    noise = torch.randn(num_prompts, model.config.latent_channels, run['image_size'] // 16, run['image_size'] // 16,
-                        generator=torch.Generator().manual_seed(seed)).to(device)
-    sampler = run.get('sampler', 'euler')
-    settings = [(steps_list[-1], r) for r in iters_list] + [(s, run['sample_iters']) for s in steps_list[:-1]]
-    for steps, iters in settings:
-        start = time.time()
-        images = generate(model, vae, encoder, captions, noise, steps, iters, sampler)
-        name = f"{steps} {sampler} steps, r = {iters}" + ('' if sampler == 'consistency' else f", cfg {cfg_scale}, shift {shift}")
-        print(row(name, adherence(images, attributes), (time.time() - start) / num_prompts))
-        if (steps, iters) == settings[0]:
-            save_grid(images[:32], os.path.join(out_dir, 'eval_samples.png'))
-    if model.config.control:
-        eval_control(model, vae, encoder, attributes, captions, real, noise, steps_list[-1], run['sample_iters'], sampler)
-    if inpaint:
-        steps, iters = steps_list[-1], run['sample_iters']
-        scores, kept_psnr = eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sampler)
-        print(row(f"inpainting a new colour and type, {steps} steps, r = {iters}", scores))
-        print(f"\ninpainting: PSNR of the region outside the hole against the original: {kept_psnr:.2f} dB "
-              f"(grid: {out_dir}/eval_inpainting.png, rows: original, hole, result)")
+print("| images | " + " | ".join(ATTRIBUTES) + " | all 4 | all 5 | s / image |\n" + "|---" * 9 + "|")
+if validate_only:
+    for size in (64, 128):
+        print(row(f"real, {size} px", adherence(make_shapes(1024, size, seed=2)[0], [shape_attributes(2, i) for i in range(1024)])))
+    raise SystemExit
+model, run, out_dir = load_generator(out_dir, device)
+if run.get('dataset') != 'shapes' or run.get('data_dir'):
+    raise SystemExit(f"error: {out_dir} was not trained on the shapes data; eval_shapes.py can only read shapes back")
+attributes = [shape_attributes(1, i) for i in range(num_prompts)]  # train_flow.py's held-out seed
+captions = [shape_caption(a) for a in attributes]
+real = make_shapes(num_prompts, run['image_size'], seed=1)[0]
+check = adherence(real, attributes)
+print(row('real held-out images', check))
+if check['all 5'] < 0.98:
+    raise SystemExit(f"error: the analyser reads only {100 * check['all 5']:.1f}% of real images right; "
+                     f"it cannot be trusted on samples at {run['image_size']} px")
+vae = load_vae(run['vae_dir'], device)
+print(row('their VAE reconstructions', adherence(reconstruct(vae, real), attributes)))
+encoder = load_text_encoder(model.config.text_encoder, device)
+noise = torch.randn(num_prompts, model.config.latent_channels, run['image_size'] // 16, run['image_size'] // 16,
+                    generator=torch.Generator().manual_seed(seed)).to(device)
+sampler = run.get('sampler', 'euler')
+settings = [(steps_list[-1], r) for r in iters_list] + [(s, run['sample_iters']) for s in steps_list[:-1]]
+for steps, iters in settings:
+    start = time.time()
+    images = generate(model, vae, encoder, captions, noise, steps, iters, sampler)
+    name = f"{steps} {sampler} steps, r = {iters}" + ('' if sampler == 'consistency' else f", cfg {cfg_scale}, shift {shift}")
+    print(row(name, adherence(images, attributes), (time.time() - start) / num_prompts))
+    if (steps, iters) == settings[0]:
+        save_grid(images[:32], os.path.join(out_dir, 'eval_samples.png'))
+if model.config.control:
+    eval_control(model, vae, encoder, attributes, captions, real, noise, steps_list[-1], run['sample_iters'], sampler)
+if inpaint:
+    steps, iters = steps_list[-1], run['sample_iters']
+    scores, kept_psnr = eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sampler)
+    print(row(f"inpainting a new colour and type, {steps} steps, r = {iters}", scores))
+    print(f"\ninpainting: PSNR of the region outside the hole against the original: {kept_psnr:.2f} dB "
+          f"(grid: {out_dir}/eval_inpainting.png, rows: original, hole, result)")

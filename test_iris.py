@@ -28,11 +28,10 @@ from safetensors.torch import save_file
 import cache
 from cache import load_training_set
 from configurator import configure, read_config_file
-from data import (control_f1, control_map, load_data, load_hub, load_imagefolder, make_shapes, shape_attributes, to_float,
+from data import (control_map, load_data, load_hub, load_imagefolder, make_shapes, shape_attributes, to_float,
                   to_uint8)
-import eval_real
-from eval_real import frechet_distance, ssim
-from eval_shapes import adherence, analyse
+import metrics
+from metrics import adherence, analyse, control_f1, frechet_distance, ssim
 from flow import (consistency_fn, consistency_loss, consistency_sample, encode_once, euler_sample, flow_loss, guided,
                   time_grid, upscale)
 from model import (CHUNK, SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SelfAttentionMixer,
@@ -1001,7 +1000,7 @@ def test_every_config_file_sets_only_settings_each_stage_has(config):
 
 
 # -----------------------------------------------------------------------------
-# eval_real.py: the metrics against closed forms
+# metrics.py: the real-image metrics against closed forms
 
 
 def test_ssim_is_one_on_itself_and_the_closed_form_on_flat_images():
@@ -1027,19 +1026,17 @@ def test_frechet_distance_matches_the_two_by_two_closed_form():
     assert abs(frechet_distance(a, a)) < 1e-9
 
 
-def test_group_classifier_learns_a_rare_group_and_balanced_accuracy_weighs_groups_equally(monkeypatch):
+def test_group_classifier_learns_a_rare_group_and_balanced_accuracy_weighs_groups_equally():
     labels = torch.tensor([0, 0, 0, 0, 1, 1, -1])  # -1: a group the classifier never learned, left out
     predicted = torch.tensor([0, 0, 0, 0, 1, 0, 0])
-    balanced, plain = eval_real.accuracy(predicted, labels)
+    balanced, plain = metrics.accuracy(predicted, labels)
     assert balanced == (1.0 + 0.5) / 2 and abs(plain - 5 / 7) < 1e-7
-    monkeypatch.setattr(eval_real, 'classifier_steps', 100)
-    monkeypatch.setattr(eval_real, 'classifier_size', 16)
     colours = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=torch.uint8)
     groups = torch.tensor([0] * 400 + [1] * 2 + [2] * 2)  # 200:1:1, like People & Body against the rest
     images = torch.full((len(groups), 3, 32, 32), 255, dtype=torch.uint8)
     images[:, :, 8:24, 8:24] = colours[groups][:, :, None, None]  # a coloured square on white
-    classifier = eval_real.train_classifier(images, groups, 3)
-    assert eval_real.accuracy(eval_real.read(classifier, images)[0], groups)[0] == 1.0
+    classifier = metrics.train_classifier(images, groups, 3, size=16, steps=100)
+    assert metrics.accuracy(metrics.read(classifier, images)[0], groups)[0] == 1.0
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""
+Measures of images that need no pretrained network, shared by the eval scripts:
+
+- the shapes analyser (eval_shapes.py): it labels every pixel with the nearest of the 8
+  palette colours (the most common label is the background, the next the shape), then
+  compares the shape's pixels with the four shapes as data.py draws them, each with the same
+  area and centroid: the best overlap (IoU) names the type, and that template's centre and
+  radius give the position (nearest of the 9) and the size;
+- for real images (eval_real.py): SSIM (Wang et al. 2004), the Fréchet distance of two
+  feature sets, a small group classifier trained on the training split, and sharpness;
+- control agreement (both): the F1 of two binary maps within a pixel's tolerance.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import COLOURS, POSITIONS, SHAPES, SIZES, to_float
+from wavelet import dwt
+
+# -----------------------------------------------------------------------------
+# the shapes analyser
+
+ATTRIBUTES = ('background', 'colour', 'shape', 'position', 'size')
+PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+CENTRES = np.array([centre for centre, _ in POSITIONS.values()], dtype=np.float32)
+AREA_PER_R2 = {'circle': math.pi, 'square': 4 * 0.85 ** 2, 'triangle': 1.8, 'diamond': 2.0}  # as data.draw_shape draws them
+
+
+def shape_template(shape, cx, cy, r, size):
+    """Boolean (size, size) mask of a shape as data.draw_shape draws it, sampled at pixel centres."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    dx, dy = np.abs(x - cx), y - cy
+    if shape == 'circle':
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if shape == 'square':
+        return (dx <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+    if shape == 'diamond':
+        return dx + np.abs(dy) <= r
+    return (dy >= -r) & (dy <= 0.8 * r) & (dx <= (dy + r) / 1.8)  # triangle, apex up
+
+
+def analyse(image):
+    """uint8 (3, S, S) -> the attributes it shows, as in data.shape_attributes."""
+    pixels = image.permute(1, 2, 0).numpy().astype(np.float32)
+    S = pixels.shape[0]
+    labels = np.square(pixels[:, :, None] - PALETTE).sum(-1).argmin(-1)   # (S, S) nearest palette colour
+    counts = np.bincount(labels.ravel(), minlength=len(PALETTE))
+    background, colour = np.argsort(-counts)[:2]
+    names = list(COLOURS)
+    found = dict(background=names[background], colour=names[colour], shape=None, position=None, size=None)
+    mask = labels == colour
+    area = mask.sum()
+    if area < 4:
+        return found
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    best_iou = -1.0
+    for shape in SHAPES:  # the template of the same area and centroid that overlaps the pixels most
+        r = math.sqrt(area / AREA_PER_R2[shape])
+        centre_y = cy - (0.2 * r if shape == 'triangle' else 0.0)  # a triangle's centroid sits 0.2 r below its centre
+        template = shape_template(shape, cx, centre_y, r, S)
+        iou = (template & mask).sum() / (template | mask).sum()
+        if iou > best_iou:
+            best_iou, found['shape'], radius, centre = iou, shape, r / S, np.array([cx, centre_y]) / S
+    found['position'] = list(POSITIONS)[np.square(CENTRES - centre).sum(-1).argmin()]
+    found['size'] = 'small' if radius < (SIZES['small'] + SIZES['large']) / 2 else 'large'
+    return found
+
+
+def adherence(images, attributes):
+    """Fraction right per attribute, all of the four the caption names first, and all five."""
+    found = [analyse(image) for image in images]
+    right = {a: np.mean([f[a] == t[a] for f, t in zip(found, attributes)]) for a in ATTRIBUTES}
+    right['all 4'] = np.mean([all(f[a] == t[a] for a in ATTRIBUTES[:4]) for f, t in zip(found, attributes)])
+    right['all 5'] = np.mean([all(f[a] == t[a] for a in ATTRIBUTES) for f, t in zip(found, attributes)])
+    return right
+
+
+# -----------------------------------------------------------------------------
+# real images
+
+
+def ssim(images, references, window=11, sigma=1.5):
+    """Mean SSIM of uint8 (N, 3, H, W) batches: Gaussian-weighted local means, variances and
+    covariance per channel, with the paper's constants for 8-bit images."""
+    x, y = images.double(), references.double()
+    g = torch.exp(-(torch.arange(window, dtype=torch.float64) - window // 2) ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum())
+    kernel = (g[:, None] * g[None, :]).expand(3, 1, window, window)
+    blur = lambda t: F.conv2d(t, kernel, groups=3)  # noqa: E731 ('valid': no padding artefacts)
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean().item()
+
+
+def frechet_distance(a, b):
+    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (N, D), in float64.
+    Tr (S_a S_b)^(1/2) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), which is symmetric."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+class GroupClassifier(nn.Module):
+    """Four stride-2 conv blocks and a linear head; features() is the pooled 128-d vector of
+    uint8 images, read at size x size."""
+
+    def __init__(self, groups, size):
+        super().__init__()
+        self.size = size
+        layers, width = [], 3
+        for out in (32, 64, 128, 128):
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.SiLU()]
+            width = out
+        self.body, self.head = nn.Sequential(*layers), nn.Linear(width, groups)
+
+    def resized(self, images):
+        return F.interpolate(to_float(images), size=self.size, mode='area')
+
+    def features(self, x):
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_classifier(images, labels, groups, size=64, steps=3000, batch_size=64, seed=0):
+    """Batches drawn group-balanced (People & Body is over half of Twemoji: a classifier trained
+    on plain batches learns to answer it, and its accuracy says little), mirrored and shifted."""
+    torch.manual_seed(seed)
+    model = GroupClassifier(groups, size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    x = F.pad(model.resized(images), (4, 4, 4, 4), value=1.0)  # white, like the images' background
+    weights = 1.0 / torch.bincount(labels, minlength=groups).float()[labels]
+    for _ in range(steps):
+        index = torch.multinomial(weights, batch_size, replacement=True)
+        dx, dy = torch.randint(9, (2,)).tolist()
+        batch = x[index, :, dy:dy + size, dx:dx + size]
+        batch = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, batch, batch.flip(-1))
+        loss = F.cross_entropy(model(batch), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def read(classifier, images):
+    """-> (predicted group, features) for uint8 images."""
+    features = torch.cat([classifier.features(classifier.resized(images[i:i + 256])) for i in range(0, len(images), 256)])
+    return classifier.head(features).argmax(-1), features
+
+
+def accuracy(predicted, labels):
+    """(balanced accuracy, plain accuracy): the first is the mean of the per-group recalls, so
+    that each group counts the same however many test images it has."""
+    recalls = [(predicted[labels == g] == g).float().mean() for g in labels.unique() if g >= 0]  # -1: unseen group
+    return torch.stack(recalls).mean().item(), (predicted == labels).float().mean().item()
+
+
+def nearest_distance(features, reference):
+    """For each row of features, the L2 distance to its nearest row of reference, and which."""
+    distance = torch.cdist(features, reference)
+    return distance.min(dim=1)
+
+
+def sharpness(images, references):
+    """Energy of the Haar detail subbands (LH, HL, HH) relative to the references'."""
+    detail = lambda x: dwt(to_float(x).double())[:, 3:].square().sum()  # noqa: E731 (channels 0-2 are LL)
+    return (detail(images) / detail(references)).item()
+
+
+# -----------------------------------------------------------------------------
+# control agreement
+
+
+def control_f1(maps, references, tolerance=1):
+    """Per-image F1 of binary maps (N, 1, S, S) against reference maps: precision is the share
+    of a map's pixels within `tolerance` pixels of a reference pixel, recall the converse
+    (edges drawn one pixel off still agree, as in the BSDS edge benchmark)."""
+    near = lambda m: F.max_pool2d(m, 2 * tolerance + 1, stride=1, padding=tolerance)  # noqa: E731
+    precision = (maps * near(references)).sum((1, 2, 3)) / maps.sum((1, 2, 3)).clamp_min(1)
+    recall = (references * near(maps)).sum((1, 2, 3)) / references.sum((1, 2, 3)).clamp_min(1)
+    return 2 * precision * recall / (precision + recall).clamp_min(1e-8)
