@@ -283,8 +283,8 @@ def bench_memory():
         with autocast:
             wavelet_hat, mean, logvar = vae(x)
         return vae_loss(wavelet_hat.float(), x, mean.float(), logvar.float())[0]
-    measured = [("train_vae", vae, measure_training_step(vae, vae_step), config_setting(vae_settings, "max_steps", "train_vae"),
-                 f"{batch} x {size}px")]
+    measured = [("train_vae", vae, measure_training_step(vae, vae_step),
+                 config_setting(vae_settings, "max_steps", "train_vae"), f"{batch} x {size}px")]
 
     flow_settings = config_settings("train_flow")
     size, batch, patch, train_iters, backprop_iters = (config_setting(flow_settings, k, "train_flow") for k in (
@@ -312,13 +312,13 @@ def bench_memory():
         total_minutes += steps * seconds / 60
         rows.append([script, shape, f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M",
                      f"{(m['weights'] + m['gradients'] + m['adamw'] + m['ema']) / 2**30:.2f}",
-                     f"{m['activations'] / 2**30:.2f}", f"{held / 2**30:.2f}", f"{m['flops'] / 1e12:.2f}", f"{m['ops']:.0f}",
-                     f"{1e3 * seconds:.0f}", steps, f"{steps * seconds / 60:.0f}"])
+                     f"{m['activations'] / 2**30:.2f}", f"{held / 2**30:.2f}", f"{m['flops'] / 1e12:.2f}",
+                     f"{m['ops']:.0f}", f"{1e3 * seconds:.0f}", steps, f"{steps * seconds / 60:.0f}"])
     table(["stage", "batch", "params", "weights+grads+AdamW+EMA GiB", "activations GiB", "total GiB", "TFLOPs/step",
            "ops/step", "T4 ms/step (est.)", "steps", "T4 min (est.)"], rows)
     print(f"T4 estimate = FLOPs / {T4_FLOPS / 1e12:.0f} TFLOP/s + 3 x activation bytes / {T4_BANDWIDTH / 1e9:.0f} GB/s "
-          f"+ ops x {T4_SECONDS_PER_OP * 1e6:.0f} us: {total_minutes:.0f} min for both stages. Not counted: CUDA's own\n"
-          f"~0.4 GiB, the allocator's slack, sample grids and checkpoints. A T4 has 15 GiB.\n")
+          f"+ ops x {T4_SECONDS_PER_OP * 1e6:.0f} us: {total_minutes:.0f} min for both stages. Not counted: "
+          f"CUDA's own\n~0.4 GiB, the allocator's slack, sample grids and checkpoints. A T4 has 15 GiB.\n")
 
 
 def bench_compile():
@@ -359,7 +359,8 @@ def run_on_executorch(module, x, partitioners):
     """-> (output of the ExecuTorch program, its size in bytes)"""
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
-    program = to_edge_transform_and_lower(torch.export.export(module.eval(), (x,)), partitioner=partitioners).to_executorch()
+    exported = torch.export.export(module.eval(), (x,))
+    program = to_edge_transform_and_lower(exported, partitioner=partitioners).to_executorch()
     return Runtime.get().load_program(program.buffer).load_method("forward").execute([x])[0], len(program.buffer)
 
 
@@ -369,18 +370,21 @@ def bench_runtime():
     print("## ExecuTorch kernels against eager PyTorch (why export_mobile.py does what it does)\n")
     rows = []
     gelu, x = nn.GELU(approximate="tanh"), 4 * torch.randn(1, 256, 384)
-    for name, partitioners in (("all of XNNPACK", [XnnpackPartitioner()]), ("export_mobile.py's", [xnnpack_partitioner()])):
+    for name, partitioners in (("all of XNNPACK", [XnnpackPartitioner()]),
+                               ("export_mobile.py's", [xnnpack_partitioner()])):
         out, _ = run_on_executorch(gelu, x, partitioners)
         rows.append([f"GELU(tanh), {name} partitioner", f"{(out - gelu(x)).abs().max().item():.1e}"])
     for width in (64, 576):
         norm, x = nn.LayerNorm(width).half(), (3 * torch.randn(2, 256, width) + 1).half()
         out, _ = run_on_executorch(norm, x, [])
         reference = F.layer_norm(x.float(), (width,))
-        rows.append([f"fp16 layer_norm, width {width} (eager fp16: {(norm(x).float() - reference).abs().max().item():.1e})",
+        eager = (norm(x).float() - reference).abs().max().item()
+        rows.append([f"fp16 layer_norm, width {width} (eager fp16: {eager:.1e})",
                      f"{(out.float() - reference).abs().max().item():.1e}"])
     norm, x = nn.GroupNorm(32, 256).half(), (3 * torch.randn(1, 256, 64, 64) + 1).half()
     out, _ = run_on_executorch(norm, x, [])
-    rows.append(["fp16 group_norm, 256 channels", f"{(out.float() - F.group_norm(x.float(), 32)).abs().max().item():.1e}"])
+    group_norm_error = (out.float() - F.group_norm(x.float(), 32)).abs().max().item()
+    rows.append(["fp16 group_norm, 256 channels", f"{group_norm_error:.1e}"])
     table(["kernel", "max abs diff"], rows)
     convs = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.SiLU(), nn.Conv2d(256, 256, 3, padding=1)).half()
     x = torch.randn(1, 256, 16, 16).half()

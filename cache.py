@@ -27,7 +27,8 @@ def encode_captions(encoder, captions, batch_size=256):
     """Distinct captions -> tokens (U, L, width) fp16, mask (U, L); and each caption's row."""
     distinct = sorted(set(captions))
     row = {caption: i for i, caption in enumerate(distinct)}
-    pieces = [encoder(distinct[i:i + batch_size]) for i in tqdm(range(0, len(distinct), batch_size), desc='text', leave=False)]
+    pieces = [encoder(distinct[i:i + batch_size])
+              for i in tqdm(range(0, len(distinct), batch_size), desc='text', leave=False)]
     length = max(tokens.shape[1] for tokens, _ in pieces)
     tokens = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t, _ in pieces]).half()
     mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m in pieces])
@@ -76,7 +77,8 @@ def load_training_set(data_settings, vae, vae_dir, encoder, cache_dir):
     (images, captions), (_, holdout_captions) = load_data(**data_settings)
     tokens, mask, caption_ids = encode_captions(encoder, captions)
     data = dict(latents=encode_images(vae, images), caption_ids=caption_ids, tokens=tokens, mask=mask)
-    save_atomically(data, path, metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
+    save_atomically(data, path,
+                    metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
     print(f"cache: encoded {len(images)} images and {len(tokens)} distinct captions into {path}")
     return dict(data, holdout_captions=holdout_captions)
 

@@ -36,7 +36,8 @@ def _settings(script_globals):
 
 def _checked(key, value, defaults, source, script):
     if key not in defaults:
-        raise SystemExit(f"error: {script}.py has no setting '{key}' (from {source}); its settings are: {', '.join(sorted(defaults))}")
+        raise SystemExit(f"error: {script}.py has no setting '{key}' (from {source}); "
+                         f"its settings are: {', '.join(sorted(defaults))}")
     default = defaults[key]
     if type(default) is float and type(value) is int:
         value = float(value)  # --lr=1 means 1.0
@@ -105,7 +106,8 @@ def read_config_file(path, script):
         with open(path) as f:
             source = f.read()
     except OSError as e:
-        raise SystemExit(f"error: cannot read config file '{path}' ({e.strerror}); pass a path like config/shapes.py or --key=value")
+        raise SystemExit(f"error: cannot read config file '{path}' ({e.strerror}); "
+                         f"pass a path like config/shapes.py or --key=value")
     overrides = {'script': script}
     try:
         exec(compile(source, path, 'exec'), {}, overrides)

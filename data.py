@@ -164,7 +164,8 @@ def read_metadata(data_dir):
 
 def load_imagefolder(data_dir, image_size):
     if not os.path.isdir(data_dir):
-        raise SystemExit(f"error: data_dir '{data_dir}' is not a folder; point --data_dir at a folder of images with a metadata.jsonl")
+        raise SystemExit(f"error: data_dir '{data_dir}' is not a folder; point --data_dir at a folder of images "
+                         f"with a metadata.jsonl")
     if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
         raise SystemExit(f"error: {data_dir} has no metadata.jsonl; add one line per image: "
                          '{"file_name": "0001.png", "text": "a caption"}')
@@ -189,8 +190,9 @@ def load_hub(name, image_size):
     try:
         ds = datasets.load_dataset(name, split='train')
     except Exception as e:  # datasets raises many types here; all mean "not available"
-        raise SystemExit(f"error: cannot load data set '{name}' from the Hub ({type(e).__name__}); check the name, or "
-                         f"without network put its images in a folder with a metadata.jsonl and pass --data_dir=PATH") from None
+        raise SystemExit(f"error: cannot load data set '{name}' from the Hub ({type(e).__name__}); check the name, "
+                         f"or without network put its images in a folder with a metadata.jsonl and pass "
+                         f"--data_dir=PATH") from None
     image_column = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     if image_column is None or 'text' not in ds.column_names:
         raise SystemExit(f"error: data set '{name}' needs an image column and a 'text' column, has {ds.column_names}")

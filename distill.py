@@ -91,20 +91,25 @@ target = make_ema(student)
 optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
-start_step = load_checkpoint(ckpt_path, student, target, optimizer, data_generator, scaler) if init_from == 'resume' else 0
+start_step = 0
+if init_from == 'resume':
+    start_step = load_checkpoint(ckpt_path, student, target, optimizer, data_generator, scaler)
 train_student = wrap_distributed(student, world_size)
 if master:
-    log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'lr'], resume_step=start_step if init_from == 'resume' else None)
+    log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'lr'],
+                  resume_step=start_step if init_from == 'resume' else None)
 huber_c = 0.00054 * latents[0].numel() ** 0.5  # iCT's choice of the pseudo-Huber constant (arXiv 2310.14189)
 # what sample.py and eval_shapes.py need to find the VAE, the prompts and the sampler
 saved_config = run | config | dict(sampler='consistency', sample_iters=iters, teacher_dir=teacher_dir)
-sample_noise = torch.randn(len(run['sample_prompts']), *latents.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
+sample_noise = torch.randn(len(run['sample_prompts']), *latents.shape[1:],
+                           generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def sample_and_save(step):
     with autocast:
         rows = [text_to_image(target, vae, encoder, run['sample_prompts'], sample_noise, steps, iters=iters,
-                              sampler='consistency', generator=torch.Generator().manual_seed(seed)) for steps in (1, 2, 4)]
+                              sampler='consistency', generator=torch.Generator().manual_seed(seed))
+                for steps in (1, 2, 4)]
     save_grid(torch.cat(rows), os.path.join(out_dir, f"samples_{step:06d}.png"), columns=len(run['sample_prompts']))
     save_checkpoint(ckpt_path, student, target, optimizer, step, saved_config, data_generator, scaler)
 
@@ -138,7 +143,7 @@ for step in bar:
         bar.set_postfix(loss=f"{loss.item():.4f}")
 
 if master:
-    print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; samples {out_dir}/samples_{max_steps:06d}.png "
-          f"(rows: 1, 2 and 4 steps)")
+    print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; "
+          f"samples {out_dir}/samples_{max_steps:06d}.png (rows: 1, 2 and 4 steps)")
 if world_size > 1:
     torch.distributed.destroy_process_group()

@@ -103,7 +103,8 @@ def eval_upscale(model, vae, encoder, real, captions, noise, steps):
     rows = [('bicubic', bicubic), ('VAE round trip of bicubic', reconstruct(vae, bicubic))]
     for strength in upscale_strengths:
         rows.append((f"IRIS, strength {strength:g}, {steps} steps, r = {iters}",
-                     generate(model, vae, encoder, captions, noise, steps, sample=upscale, small=small, strength=strength)))
+                     generate(model, vae, encoder, captions, noise, steps, sample=upscale, small=small,
+                              strength=strength)))
     print(f"\n| {small.shape[-1]} -> {real.shape[-1]} px, {len(real)} test images | PSNR | SSIM | sharpness | "
           f"2x2 means - input, max |\n|---|---|---|---|---|")
     for name, images in rows:
@@ -113,9 +114,9 @@ def eval_upscale(model, vae, encoder, real, captions, noise, steps):
     print(f"| real {real.shape[-1]} px images | | 1 | 1 | |")
     shown = slice(0, 6)
     save_grid(torch.cat([small[shown].repeat_interleave(2, -1).repeat_interleave(2, -2), bicubic[shown],
-                         rows[-1][1][shown], real[shown]]), os.path.join(out_dir, 'eval_upscale.png'), columns=6)
+                         rows[2][1][shown], real[shown]]), os.path.join(out_dir, 'eval_upscale.png'), columns=6)
     print(f"rows of {out_dir}/eval_upscale.png: the {small.shape[-1]} px input (pixels doubled), bicubic, IRIS at "
-          f"strength {upscale_strengths[-1]:g}, the real image")
+          f"strength {upscale_strengths[0]:g}, the real image")
 
 
 def eval_control(model, vae, encoder, real, captions, noise, steps):
@@ -123,7 +124,8 @@ def eval_control(model, vae, encoder, real, captions, noise, steps):
     maps = control_map(real, kind)
     print(f"\n| {kind} of the test image, its caption, {steps} steps, r = {iters} | {kind} F1 |\n|---|---|")
     for strength in (0.0, 1.0):
-        images = generate(model, vae, encoder, captions, noise, steps, control=maps.to(device), control_strength=strength)
+        images = generate(model, vae, encoder, captions, noise, steps, control=maps.to(device),
+                          control_strength=strength)
         print(f"| control strength {strength:g}{' (the base generator)' if strength == 0 else ''} | "
               f"{control_f1(control_map(images, kind), maps).mean():.3f} |")
     print(f"| the real images after a VAE round trip (the ceiling) | "
@@ -161,7 +163,8 @@ print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test imag
 
 if 'vae' in sections:
     recon = reconstruct(vae, test_images)
-    print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, SSIM {ssim(recon, test_images):.4f}\n")
+    print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, "
+          f"SSIM {ssim(recon, test_images):.4f}\n")
 
 if 'loss' in sections:
     with torch.no_grad():
@@ -181,9 +184,9 @@ if 'classifier' in sections:
     predicted, real_features = read(classifier, test_images)
     real_nearest, _ = nearest_distance(real_features, train_features)
     real_accuracy = accuracy(predicted, test_labels)
+    largest = (test_labels == test_labels.mode().values).float().mean()
     print(f"\ngroup classifier: {len(names)} groups, balanced accuracy = the mean of the per-group recalls (chance "
-          f"{100 / len(test_labels.unique()):.1f}%); {100 * (test_labels == test_labels.mode().values).float().mean():.1f}% "
-          f"of the test split is its largest group\n")
+          f"{100 / len(test_labels.unique()):.1f}%); {100 * largest:.1f}% of the test split is its largest group\n")
     print("| images | balanced accuracy | accuracy | of real balanced accuracy | classifier Fréchet distance | "
           "nearest training image, median distance |\n|---|---|---|---|---|---|")
     print(f"| real test images | {100 * real_accuracy[0]:.1f} | {100 * real_accuracy[1]:.1f} | 100% | 0 | "

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from configurator import configure
-from data import (COLOURS, POSITIONS, SHAPES, SIZES, control_map, make_shapes, save_grid, shape_attributes, shape_caption,
-                  to_float)
+from data import (COLOURS, POSITIONS, SHAPES, SIZES, control_map, make_shapes, save_grid, shape_attributes,
+                  shape_caption, to_float)
 from flow import text_to_image
 from metrics import ATTRIBUTES, adherence, analyse, control_f1
 from model import load_generator
@@ -79,14 +79,16 @@ def eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sa
     tasks = [inpainting_task(a, i, S) for i, a in enumerate(attributes)]
     new_attributes, holes = [t[0] for t in tasks], torch.stack([t[1] for t in tasks])
     with torch.no_grad():
-        init = torch.cat([vae.encode_latent(to_float(real[i:i + batch_size]).to(device)) for i in range(0, len(real), batch_size)])
+        init = torch.cat([vae.encode_latent(to_float(real[i:i + batch_size]).to(device))
+                          for i in range(0, len(real), batch_size)])
     noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     images = generate(model, vae, encoder, [shape_caption(a) for a in new_attributes], noise, steps, iters, sampler,
                       init=init, keep=latent_keep_mask(holes).to(device))
     outside = ~holes.expand(-1, 3, -1, -1)
     mse = [(images[i].float() - real[i].float())[outside[i]].square().mean() for i in range(len(real))]
     kept_psnr = float(np.mean([10 * np.log10(255.0 ** 2 / max(m.item(), 1e-10)) for m in mse]))
-    save_grid(torch.cat([real[:8], (real[:8] * ~holes[:8]).to(torch.uint8), images[:8]]), os.path.join(out_dir, 'eval_inpainting.png'))
+    save_grid(torch.cat([real[:8], (real[:8] * ~holes[:8]).to(torch.uint8), images[:8]]),
+              os.path.join(out_dir, 'eval_inpainting.png'))
     return adherence(images, new_attributes), kept_psnr
 
 
@@ -108,15 +110,16 @@ def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, 
     partners = control_partners(attributes)
     maps = control_map(real[partners], kind)
     ceiling = control_f1(control_map(reconstruct(vae, real[partners]), kind), maps).mean()
-    print(f"\n| {kind} of another held-out image, {steps} steps, r = {iters} | control's type and position | caption's colours "
-          f"| caption's type and position | {kind} F1 |\n|---|---|---|---|---|")
+    print(f"\n| {kind} of another held-out image, {steps} steps, r = {iters} | control's type and position "
+          f"| caption's colours | caption's type and position | {kind} F1 |\n|---|---|---|---|---|")
     for strength in (0.0, 1.0):
         images = generate(model, vae, encoder, captions, noise, steps, iters, sampler, control_strength=strength,
                           control=maps.to(device))
         found = [analyse(image) for image in images]
         layout = lambda f, a: f['shape'] == a['shape'] and f['position'] == a['position']  # noqa: E731
         follows = np.mean([layout(f, attributes[j]) for f, j in zip(found, partners)])
-        colours = np.mean([f['background'] == a['background'] and f['colour'] == a['colour'] for f, a in zip(found, attributes)])
+        colours = np.mean([f['background'] == a['background'] and f['colour'] == a['colour']
+                           for f, a in zip(found, attributes)])
         captions_layout = np.mean([layout(f, a) for f, a in zip(found, attributes)])
         f1 = control_f1(control_map(images, kind), maps).mean()
         print(f"| strength {strength:g}{' (the base generator)' if strength == 0 else ''} | {100 * follows:.1f} | "
@@ -133,7 +136,8 @@ def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, 
 print("| images | " + " | ".join(ATTRIBUTES) + " | all 4 | all 5 | s / image |\n" + "|---" * 9 + "|")
 if validate_only:
     for size in (64, 128):
-        print(row(f"real, {size} px", adherence(make_shapes(1024, size, seed=2)[0], [shape_attributes(2, i) for i in range(1024)])))
+        real = make_shapes(1024, size, seed=2)[0]
+        print(row(f"real, {size} px", adherence(real, [shape_attributes(2, i) for i in range(1024)])))
     raise SystemExit
 model, run, out_dir = load_generator(out_dir, device)
 if run.get('dataset') != 'shapes' or run.get('data_dir'):
@@ -156,7 +160,8 @@ settings = [(steps_list[-1], r) for r in iters_list] + [(s, run['sample_iters'])
 for steps, iters in settings:
     start = time.time()
     images = generate(model, vae, encoder, captions, noise, steps, iters, sampler)
-    name = f"{steps} {sampler} steps, r = {iters}" + ('' if sampler == 'consistency' else f", cfg {cfg_scale}, shift {shift}")
+    name = f"{steps} {sampler} steps, r = {iters}"
+    name += '' if sampler == 'consistency' else f", cfg {cfg_scale}, shift {shift}"
     print(row(name, adherence(images, attributes), (time.time() - start) / num_prompts))
     if (steps, iters) == settings[0]:
         save_grid(images[:32], os.path.join(out_dir, 'eval_samples.png'))

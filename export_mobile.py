@@ -10,8 +10,9 @@ check every export on this machine against PyTorch before trusting it.
     python run_mobile.py --export_dir=out-shapes-flow/mobile-fp32   # the phone's pipeline from the files alone
 
 The parts and their methods are listed in mobile.py, which holds the export code; they are
-exported at a fixed image size and batch (ExecuTorch plans memory ahead). The generator's batch is 2 for a train_flow.py run (guidance runs both prompts at once)
-and 1 for a distill.py student.
+exported at a fixed image size and batch (ExecuTorch plans memory ahead). The generator's
+batch is 2 for a train_flow.py run (guidance runs both prompts at once) and 1 for a
+distill.py student.
 
 Each export is run right away (ExecuTorch's runtime, ONNX Runtime) on the inputs PyTorch
 saw; the script prints the max difference, file size, time to load and run once, and
@@ -41,7 +42,7 @@ out_dir = ''  # a train_flow.py or distill.py run; '' = the newest under out*/
 model_size = ''  # 'tiny', 'small' or 'base': export an untrained model of that size instead (files, memory, speed)
 size = 0  # image side in pixels; 0 = the run's training size (512 for an untrained model)
 precision = 'fp32'  # 'fp32', 'fp16' or 'int8'
-backend = 'xnnpack'  # 'xnnpack' (the phone's CPU delegate) or 'portable' (reference kernels: quick to export, slow to run)
+backend = 'xnnpack'  # 'xnnpack' (the phone's CPU delegate) or 'portable' (reference kernels: quick to export, slow)
 onnx = True  # also export and check ONNX models (fp32 only)
 iters = 4  # core iterations r of the checks and the default of run_mobile.py (any r runs)
 steps = 0  # sampling steps of the pipeline check; 0 = 25 Euler steps, or 2 for a distilled student
@@ -89,8 +90,8 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
         save_grid(example, os.path.join(target, 'control_example.png'))
         control_args = [f"--control={os.path.join(target, 'control_example.png')}"]
     with torch.no_grad():
-        reference = generate(eager.get, [manifest['sample_prompt']], noise, *settings, torch.Generator().manual_seed(seed + 1),
-                             control)
+        reference = generate(eager.get, [manifest['sample_prompt']], noise, *settings,
+                             torch.Generator().manual_seed(seed + 1), control)
     results = {}
     for fmt in formats:
         image = generate(exported_parts(target, manifest, fmt), [manifest['sample_prompt']], noise, *settings,
@@ -102,8 +103,8 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
         if manifest['precision'] == 'fp32' and diff > FP32_TOLERANCE:
             raise SystemExit(f"error: the {fmt} pipeline differs from PyTorch by {diff:.1e} of the output's scale")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_mobile.py')
-        measured = subprocess.run([sys.executable, script, f'--export_dir={target}', f'--format={fmt}', f'--seed={seed}',
-                                   *control_args], capture_output=True, text=True)
+        command = [sys.executable, script, f'--export_dir={target}', f'--format={fmt}', f'--seed={seed}', *control_args]
+        measured = subprocess.run(command, capture_output=True, text=True)
         if measured.returncode:
             raise SystemExit(f"error: run_mobile.py failed:\n{measured.stderr[-2000:]}")
         print(measured.stdout.strip())
@@ -116,7 +117,8 @@ if precision not in PRECISIONS:
 if backend not in ('xnnpack', 'portable'):
     raise SystemExit(f"error: --backend must be 'xnnpack' or 'portable', not {backend!r}")
 if model_size and model_size not in SIZES:
-    raise SystemExit(f"error: --model_size must be one of {', '.join(SIZES)} (or '' for a trained run), not {model_size!r}")
+    raise SystemExit(f"error: --model_size must be one of {', '.join(SIZES)} (or '' for a trained run), "
+                     f"not {model_size!r}")
 require_export_packages()
 torch.manual_seed(seed)
 if model_size:  # an untrained model: its files, memory and speed are those of a trained one
@@ -149,7 +151,8 @@ text, mask = tokens.expand(batch, -1, -1).contiguous(), attention.bool().expand(
 mask[1:, 2:] = False  # the unconditional branch's shorter prompt
 latent = torch.randn(batch, model.config.latent_channels, side // 16, side // 16)
 parts = {
-    'text_encoder': {'forward': (Method(encoder.model, lambda m, i, a: m(input_ids=i, attention_mask=a).last_hidden_state),
+    'text_encoder': {'forward': (Method(encoder.model,
+                                        lambda m, i, a: m(input_ids=i, attention_mask=a).last_hidden_state),
                                  (ids, attention))},
     'generator': generator_methods(model, latent, torch.full((batch,), 0.7), text, mask),
     'vae_decoder': {'forward': (Method(vae, lambda m, z: m.decode_latent(z)), (latent[:1],))},
@@ -172,9 +175,10 @@ for part, methods in parts.items():
         export_s = time.time() - start
         row = check_part(target, part, fmt, methods, references, precision) | dict(export_s=export_s)
         report.append(row)
-        print(f"{part} {fmt}: {row['mb']:.1f} MB, exported in {export_s:.0f} s, loaded and run once in {row['cold_start_s']:.2f} s; "
-              + '; '.join(f"{name} {row['latency_ms'][name]:.0f} ms, max diff {row['max_diff'][name]:.2e} "
-                          f"({row['relative_diff'][name]:.1e} of scale)" for name in methods), flush=True)
+        timings = '; '.join(f"{name} {row['latency_ms'][name]:.0f} ms, max diff {row['max_diff'][name]:.2e} "
+                            f"({row['relative_diff'][name]:.1e} of scale)" for name in methods)
+        print(f"{part} {fmt}: {row['mb']:.1f} MB, exported in {export_s:.0f} s, "
+              f"loaded and run once in {row['cold_start_s']:.2f} s; {timings}", flush=True)
         worst = max(row['relative_diff'].values())
         if precision == 'fp32' and worst > FP32_TOLERANCE:
             raise SystemExit(f"error: the {fmt} export of {part} differs from PyTorch by {worst:.1e} of the output's "

@@ -164,7 +164,7 @@ def text_to_image(model, vae, encoder, prompts, noise, steps=25, cfg_scale=4.0, 
 
 
 @torch.no_grad()
-def upscale(model, vae, encoder, small, prompts, noise, strength=0.5, **sampling):
+def upscale(model, vae, encoder, small, prompts, noise, strength=0.3, **sampling):
     """Super-resolution with the text-to-image model: uint8 (B, 3, S/2, S/2) -> uint8
     (B, 3, S, S) whose Haar LL subband is the input's (its 2x2 block means are the input).
     The bicubic upsample is encoded and denoised from t = strength (img2img: low noise

@@ -26,7 +26,7 @@ from wavelet import dwt
 ATTRIBUTES = ('background', 'colour', 'shape', 'position', 'size')
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 CENTRES = np.array([centre for centre, _ in POSITIONS.values()], dtype=np.float32)
-AREA_PER_R2 = {'circle': math.pi, 'square': 4 * 0.85 ** 2, 'triangle': 1.8, 'diamond': 2.0}  # as data.draw_shape draws them
+AREA_PER_R2 = {'circle': math.pi, 'square': 4 * 0.85 ** 2, 'triangle': 1.8, 'diamond': 2.0}  # as data.draw_shape does
 
 
 def shape_template(shape, cx, cy, r, size):
@@ -158,7 +158,8 @@ def train_classifier(images, labels, groups, size=64, steps=3000, batch_size=64,
 @torch.no_grad()
 def read(classifier, images):
     """-> (predicted group, features) for uint8 images."""
-    features = torch.cat([classifier.features(classifier.resized(images[i:i + 256])) for i in range(0, len(images), 256)])
+    features = torch.cat([classifier.features(classifier.resized(images[i:i + 256]))
+                          for i in range(0, len(images), 256)])
     return classifier.head(features).argmax(-1), features
 
 

@@ -92,9 +92,9 @@ class MobileTextEncoder:
 
 
 class MobileGenerator:
-    """model.Iris's encode_prompt, velocity and model(z, t, text, mask, iters) -> velocity
-    from the four exported methods; flow.py's samplers take it as they take the PyTorch
-    model, and encode each prompt once per sampling call."""
+    """model.Iris's encode_prompt, encode_control, velocity and model(z, t, text, mask, iters)
+    from the exported methods; flow.py's samplers take it as they take the PyTorch model,
+    and encode each prompt (and control map) once per sampling call."""
 
     def __init__(self, run, batch):
         self.run, self.batch = run, batch
@@ -136,7 +136,8 @@ def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, 
     if sampler == 'consistency':
         z = consistency_sample(model, noise, text, mask, steps, iters, generator, control=control)
     else:
-        z = euler_sample(model, noise, text, mask, null_text, null_mask, steps, cfg_scale, iters, shift, control=control)
+        z = euler_sample(model, noise, text, mask, null_text, null_mask, steps, cfg_scale, iters, shift,
+                         control=control)
     del model
     return get_part('vae_decoder')(z)
 
@@ -171,7 +172,7 @@ def initial_noise(manifest, seed):
 # -----------------------------------------------------------------------------
 # export
 
-PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'int8': torch.float32}  # int8: float inputs, quantised inside
+PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'int8': torch.float32}  # int8: float in, quantised inside
 warnings.filterwarnings('ignore', message='.*LeafSpec', category=FutureWarning)  # torch's, raised inside ExecuTorch
 
 
@@ -240,8 +241,9 @@ def export_pte(methods, path, backend):
     from executorch.exir import to_edge_transform_and_lower
     for module, _ in methods.values():
         if any(isinstance(m, FourierMixer) and m.fft_impl != 'dft' for m in module.modules()):
-            raise SystemExit("error: ExecuTorch has no complex tensors, so it cannot run torch.fft; build the generator "
-                             "with fft_impl='dft' (load_generator(out_dir, fft_impl='dft'), as export_mobile.py does)")
+            raise SystemExit("error: ExecuTorch has no complex tensors, so it cannot run torch.fft; build the "
+                             "generator with fft_impl='dft' (load_generator(out_dir, fft_impl='dft'), as "
+                             "export_mobile.py does)")
     with torch.no_grad():
         programs = {name: torch.export.export(module, inputs) for name, (module, inputs) in methods.items()}
     partitioners = [xnnpack_partitioner()] if backend == 'xnnpack' else []
@@ -286,7 +288,8 @@ def save_tokenizer(encoder, path):
     a phone runs it with the same Rust/C++ library (tokenizers, or pytorch-tokenizers)."""
     tokenizer = copy.deepcopy(encoder.tokenizer.backend_tokenizer)
     tokenizer.enable_truncation(MAX_TOKENS)
-    tokenizer.enable_padding(length=MAX_TOKENS, pad_id=encoder.tokenizer.pad_token_id, pad_token=encoder.tokenizer.pad_token)
+    tokenizer.enable_padding(length=MAX_TOKENS, pad_id=encoder.tokenizer.pad_token_id,
+                             pad_token=encoder.tokenizer.pad_token)
     tokenizer.save(path)
 
 

@@ -89,7 +89,8 @@ def _sincos_2d(h, w, dim):
     # Half the channels encode the row, half the column (DiT's 2D sin-cos), in token units,
     # so any grid size works: a fixed learned table would tie the model to one resolution.
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    return torch.cat([sinusoidal_embedding(ys.flatten(), dim // 2), sinusoidal_embedding(xs.flatten(), dim // 2)], dim=1)
+    return torch.cat([sinusoidal_embedding(ys.flatten(), dim // 2), sinusoidal_embedding(xs.flatten(), dim // 2)],
+                     dim=1)
 
 
 def position_embedding(h, w, dim, device, dtype):
@@ -745,8 +746,8 @@ def newest_generator_run():
             if "text_encoder" in (f.metadata() or {}).get("model_config", ""):  # a generator, not a VAE
                 runs.append(path)
     if not runs:
-        raise SystemExit("error: no generator checkpoint under out*/; train one with `python train_flow.py config/shapes.py` "
-                         "or pass --out_dir")
+        raise SystemExit("error: no generator checkpoint under out*/; train one with "
+                         "`python train_flow.py config/shapes.py` or pass --out_dir")
     return os.path.dirname(max(runs, key=os.path.getmtime))
 
 
@@ -758,8 +759,8 @@ def load_generator(out_dir="", device="cpu", **overrides):
     out_dir = out_dir or newest_generator_run()
     path = os.path.join(out_dir, "ckpt.safetensors")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no generator checkpoint at {path}; train one with `python train_flow.py config/<name>.py` "
-                         f"or point --out_dir at one")
+        raise SystemExit(f"error: no generator checkpoint at {path}; train one with "
+                         f"`python train_flow.py config/<name>.py` or point --out_dir at one")
     tensors, meta = read_checkpoint(path, prefixes=("ema.",))
     if "text_encoder" not in meta["model_config"]:
         raise SystemExit(f"error: {path} is a VAE checkpoint, not a generator; point --out_dir at a train_flow.py "

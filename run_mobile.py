@@ -3,10 +3,10 @@ Text to image from the files export_mobile.py wrote, and nothing else: no model 
 checkpoint. This is what the phone app does, run on this machine with the same runtimes
 (ExecuTorch's, or ONNX Runtime), and it reports the process's peak memory.
 
-    python run_mobile.py --export_dir=out-shapes-flow/mobile-fp32 --prompt "a large red circle in the center on a blue background"
+    python run_mobile.py --export_dir=out-shapes-flow/mobile-fp32 --prompt "a large red circle in the center"
     python run_mobile.py --export_dir=out-mobile-small-512-fp16 --iters 8 --steps 10 --output small.png
     python run_mobile.py --export_dir=out-mobile-small-512-fp32 --format onnx
-    python run_mobile.py --export_dir=out-shapes-edges/mobile-fp32 --control photo.png   # a control run: photo.png's edges
+    python run_mobile.py --export_dir=out-shapes-edges/mobile-fp32 --control photo.png   # follows photo.png's edges
 
 The parts are loaded one at a time and freed after use (text encoder, then generator,
 then VAE decoder), so peak memory is the largest part plus activations, not their sum
@@ -37,7 +37,8 @@ output = ''  # '' = EXPORT_DIR/sample-<format>.png
 # -----------------------------------------------------------------------------
 configure(globals())
 if not export_dir:
-    raise SystemExit("error: say which export to run: --export_dir=out-shapes-flow/mobile-fp32 (export_mobile.py wrote it)")
+    raise SystemExit("error: say which export to run, e.g. --export_dir=out-shapes-flow/mobile-fp32 "
+                     "(export_mobile.py writes it)")
 if format not in ('pte', 'onnx'):
     raise SystemExit(f"error: --format must be 'pte' or 'onnx', not {format!r}")
 manifest = read_manifest(export_dir)
@@ -60,8 +61,9 @@ if control:
 importlib.import_module('executorch.runtime' if format == 'pte' else 'onnxruntime')
 imports_mb = peak_rss_mb()  # Python, torch and the runtime, before any model
 start = time.time()
-image = generate(exported_parts(export_dir, manifest, format), [prompt], initial_noise(manifest, seed), steps, cfg_scale,
-                 iters, manifest['shift'], manifest['sampler'], torch.Generator().manual_seed(seed + 1), control_image)
+image = generate(exported_parts(export_dir, manifest, format), [prompt], initial_noise(manifest, seed), steps,
+                 cfg_scale, iters, manifest['shift'], manifest['sampler'], torch.Generator().manual_seed(seed + 1),
+                 control_image)
 seconds = time.time() - start
 output = output or os.path.join(export_dir, f'sample-{format}.png')
 save_grid(to_uint8(image), output, columns=1)

@@ -49,7 +49,8 @@ size = 0  # image side in pixels; 0 = the training size
 output = ''  # the PNG to write; '' = out_dir/sample.png
 # editing with the same model
 init_image = ''  # img2img: start from this image instead of pure noise (the grid shows it first)
-strength = -1.0  # how far init_image (or upscale) is noised: 0 keeps it, 1 ignores it; -1 = 0.75, 1 with a mask, 0.5 to upscale
+strength = -1.0  # how far init_image (or upscale) is noised: 0 keeps it, 1 ignores it; -1 = 0.75, 1 with a mask,
+# 0.3 to upscale (eval_real.py: better than 0.5 on every measure)
 mask = ''  # inpainting: an image the size of init_image, white where to repaint, black where to keep
 # spatial control and super-resolution
 control = ''  # an image whose edges (or silhouette) a control run's adapter follows (train_flow.py --control)
@@ -84,7 +85,8 @@ def load_edit(vae, init_image, mask, size):
         levels = np.asarray(hole)
         grey = ((levels > 15) & (levels < 240)).mean()
         if grey > 0.01:
-            raise SystemExit(f"error: --mask has {100 * grey:.0f}% grey pixels; make it black (keep) and white (repaint)")
+            raise SystemExit(f"error: --mask has {100 * grey:.0f}% grey pixels; "
+                             f"make it black (keep) and white (repaint)")
         keep = latent_keep_mask(torch.from_numpy(np.asarray(to_square_rgb(hole, size))[:, :, 0] > 127)[None, None])
     with torch.no_grad():
         init = vae.encode_latent(to_float(picture).to(device))
@@ -93,8 +95,8 @@ def load_edit(vae, init_image, mask, size):
 
 model, run, out_dir = load_generator(out_dir, device)
 if text_encoder and text_encoder != model.config.text_encoder:
-    raise SystemExit(f"error: {out_dir} was trained with text encoder '{model.config.text_encoder}', not '{text_encoder}'; "
-                     f"drop --text_encoder or train with it")
+    raise SystemExit(f"error: {out_dir} was trained with text encoder '{model.config.text_encoder}', "
+                     f"not '{text_encoder}'; drop --text_encoder or train with it")
 prompts = prompt.split('|') if prompt else run['sample_prompts']
 empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
 if empty:
@@ -105,10 +107,10 @@ if mask and not init_image:
 if upscale and (init_image or not prompt):
     raise SystemExit("error: --upscale needs a --prompt that describes the image, and no --init_image")
 if control and not model.config.control:
-    raise SystemExit(f"error: {out_dir} has no control adapter; train one (python train_flow.py config/shapes_edges.py) "
-                     f"and pass its --out_dir")
+    raise SystemExit(f"error: {out_dir} has no control adapter; train one "
+                     f"(python train_flow.py config/shapes_edges.py) and pass its --out_dir")
 if strength == -1:
-    strength = 0.5 if upscale else 1.0 if mask or not init_image else 0.75
+    strength = 0.3 if upscale else 1.0 if mask or not init_image else 0.75
 elif not 0 <= strength <= 1:
     raise SystemExit(f"error: --strength must be between 0 (keep the image) and 1 (ignore it), got {strength}")
 autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)
@@ -134,15 +136,16 @@ if control:
 prompts = [p for p in prompts for _ in range(num_samples)]
 noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
-sampling = dict(steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift, generator=torch.Generator().manual_seed(seed + 1),
-                sampler=run.get('sampler', 'euler'))  # a distill.py student samples in 1-4 consistency steps
+sampling = dict(steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift,
+                sampler=run.get('sampler', 'euler'),  # a distill.py student samples in 1-4 consistency steps
+                generator=torch.Generator().manual_seed(seed + 1))
 with autocast:
     if upscale:
         images = super_resolve(model, vae, encoder, small.expand(len(prompts), -1, -1, -1), prompts, noise, strength,
                                **sampling)
     else:
         images = text_to_image(model, vae, encoder, prompts, noise, init=init, strength=strength, keep=keep,
-                               control=None if control_image is None else control_image.expand(len(prompts), -1, -1, -1),
+                               control=control_image.expand(len(prompts), -1, -1, -1) if control else None,
                                control_strength=control_strength, **sampling)
 if init_image:
     images = torch.cat([picture, images])  # before, then after
@@ -154,7 +157,8 @@ output = output or os.path.join(out_dir, 'sample.png')
 edited = init_image or upscale or control
 save_grid(images, output, columns=num_samples if num_samples > 1 and not edited else min(8, len(images)))
 sampler = sampling['sampler']
-settings = f"{size}x{size}, {steps} {sampler} steps, r={iters}" + ('' if sampler == 'consistency' else f", cfg {cfg_scale}")
+settings = f"{size}x{size}, {steps} {sampler} steps, r={iters}"
+settings += '' if sampler == 'consistency' else f", cfg {cfg_scale}"
 if init_image or upscale:
     settings += f", from {init_image or upscale} at strength {strength}" + (f" inside {mask}" if mask else '')
 if control:

@@ -45,6 +45,7 @@ from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
 from wavelet import dwt, idwt, impose_lowpass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES_CONFIG = os.path.join(HERE, 'config', 'shapes.py')
 # Every precision a GPU trains in, run here through CPU autocast (and the GradScaler for fp16):
 # the same lines of training.py a T4 (fp16) or an A100 (bf16) runs
 DTYPES = ['float32', 'bfloat16', 'float16']
@@ -59,6 +60,7 @@ def _train_step(model, optimizer, precision, compute_loss):
     scaler.scale(loss).backward()
     optimizer_step(model, optimizer, scaler, grad_clip=float('inf'))
     return loss.item()
+
 
 # -----------------------------------------------------------------------------
 # wavelet.py
@@ -89,7 +91,8 @@ def test_dwt_rejects_odd_sizes_with_a_clear_message():
 def test_impose_lowpass_makes_the_2x2_means_the_small_image_and_keeps_the_details():
     torch.manual_seed(0)
     small = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
-    x = F.interpolate(torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5, scale_factor=2) + 0.1 * torch.randn(2, 3, 16, 16)
+    coarse = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
+    x = F.interpolate(coarse, scale_factor=2) + 0.1 * torch.randn(2, 3, 16, 16)
     exact = x - F.interpolate(F.avg_pool2d(x, 2) - small, scale_factor=2)  # the projection, written out
     assert exact.abs().max() < 1  # the [-1, 1] box does not bind: the projection is the answer
     torch.testing.assert_close(impose_lowpass(x, small), exact, rtol=0, atol=1e-12)
@@ -141,6 +144,7 @@ def test_psnr_of_a_perfect_and_a_known_reconstruction():
     a = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
     assert psnr(a, a) > 100
     assert abs(psnr(a + 1, a) - 10 * torch.log10(torch.tensor(255.0 ** 2)).item()) < 1e-4  # mse = 1
+
 
 # -----------------------------------------------------------------------------
 # model.py: each GRFM pathway against an independent reference, then the generator
@@ -357,24 +361,6 @@ def test_a_new_control_adapter_leaves_the_output_bit_identical_and_is_what_train
         base.encode_control(control)
 
 
-def test_control_maps_of_a_drawn_square_against_hand_made_ones():
-    image = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
-    image[:, 0] = 200  # a red background
-    image[:, :, 4:12, 6:10] = torch.tensor([0, 0, 255], dtype=torch.uint8)[:, None, None]  # a blue rectangle
-    inside = torch.zeros(1, 1, 16, 16)
-    inside[..., 4:12, 6:10] = 1
-    assert torch.equal(control_map(image, 'silhouette'), inside)
-    # Sobel reads a step on the two pixels either side of it: the rectangle's ring and the one outside it
-    grown = F.max_pool2d(inside, 3, stride=1, padding=1)
-    shrunk = -F.max_pool2d(-inside, 3, stride=1, padding=1)
-    assert torch.equal(control_map(image, 'edges'), grown - shrunk)
-    ring = grown - shrunk
-    assert control_f1(ring, ring).item() == 1.0
-    assert control_f1(ring.roll(1, -1), ring).item() == 1.0  # one pixel off is within the tolerance
-    assert control_f1(ring.roll(4, -1), ring, tolerance=0).item() < 0.5
-    assert control_f1(torch.zeros_like(ring), ring).item() == 0.0
-
-
 def test_outputs_finite_at_one_and_sixteen_iterations():
     model = _wake_up(Iris(_tiny_config())).eval()
     with torch.no_grad():
@@ -400,647 +386,7 @@ def test_model_sizes_match_the_seed_within_ten_percent(name, target):
 
 
 # -----------------------------------------------------------------------------
-# text.py, cache.py, flow.py, train_flow.py, sample.py, eval_shapes.py
-
-
-def test_minilm_tokens_masks_empty_and_overlong_prompts():
-    encoder = load_text_encoder('minilm')
-    assert encoder.width == 384 and len(encoder.tokenizer) == 30522
-    with pytest.warns(UserWarning, match='only the first 77'):
-        tokens, mask = encoder(['a red circle', '', 'red ' * 200])
-    assert tokens.shape == (3, 77, 384) and mask.sum(1).tolist() == [5, 2, 77]  # '' is [CLS] [SEP], not nothing
-    alone, _ = encoder(['a red circle'])
-    torch.testing.assert_close(alone[0], tokens[0, :5], rtol=0, atol=1e-4)  # padding does not leak into real tokens
-    assert (alone[0] - encoder(['a blue circle'])[0][0]).abs().max() > 0.1
-
-
-def test_missing_clip_fails_at_once_with_a_message():
-    with pytest.raises(SystemExit, match='not on this machine'):
-        load_text_encoder('openai/clip-vit-large-patch14')
-
-
-class _Offset(nn.Module):
-    """A stand-in text encoder: each prompt becomes one token per word."""
-    name, width = 'offset', 4
-
-    def forward(self, prompts):
-        length = max(len(p.split()) for p in prompts) + 1
-        mask = torch.tensor([[i <= len(p.split()) for i in range(length)] for p in prompts])
-        return torch.arange(length, dtype=torch.float)[None, :, None].repeat(len(prompts), 1, 4) * mask[..., None], mask
-
-
-def test_training_set_cache_is_built_once_and_keyed(tmp_path, monkeypatch):
-    vae = WaveletVAE(channels=(8, 16, 16))
-    vae_dir = tmp_path / 'vae'
-    vae_dir.mkdir()
-    (vae_dir / 'ckpt.safetensors').write_bytes(b'stands for the checkpoint: only its hash is read')
-    settings = dict(dataset='shapes', data_dir='', image_size=32, num_images=12, num_holdout=4)
-    first = load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
-    images, captions = make_shapes(12, 32)
-    assert first['latents'].shape == (12, 16, 2, 2) and len(first['holdout_captions']) == 4
-    torch.testing.assert_close(first['latents'], vae.encode_latent(to_float(images)), rtol=0, atol=1e-5)
-    assert first['mask'][first['caption_ids']].sum(1).tolist() == [len(c.split()) + 1 for c in captions]
-
-    monkeypatch.setattr(cache, 'load_data', lambda **kw: pytest.fail('a cache hit must not load the data again'))
-    second = load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
-    for k in ('latents', 'caption_ids', 'tokens', 'mask'):
-        assert torch.equal(first[k], second[k])
-    assert second['holdout_captions'] == first['holdout_captions']
-    (vae_dir / 'ckpt.safetensors').write_bytes(b'another VAE')
-    with pytest.raises(pytest.fail.Exception):
-        load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
-    assert len(os.listdir(tmp_path / 'cache')) == 1
-
-
-def test_euler_integrates_a_known_flow_exactly():
-    # data = one point c: the exact velocity is v(x_t, t) = (x_t - c) / t, and its paths are
-    # straight lines, which Euler integrates exactly at any step count
-    c = torch.randn(1, 16, 2, 2)
-    exact = lambda x, t, text, mask, iters: (x - c) / t.view(-1, 1, 1, 1)  # noqa: E731
-    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
-    for steps in (1, 3, 25):
-        x0 = euler_sample(exact, torch.randn(3, 16, 2, 2), text, mask, text[:1], mask[:1], steps, cfg_scale=1.0, iters=1)
-        torch.testing.assert_close(x0, c.expand(3, -1, -1, -1), rtol=0, atol=1e-5)
-    loss, t = flow_loss(exact, c.expand(64, -1, -1, -1), text[:1].expand(64, -1, -1), mask[:1].expand(64, -1), 1)
-    assert loss.shape == t.shape == (64,) and loss.max() < 1e-8 and 0 < t.min() and t.max() < 1
-
-
-def test_guidance_combines_the_two_branches():
-    model = lambda x, t, text, mask, iters: x * (text * mask[..., None]).sum((1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)  # noqa: E731
-    x, t = torch.randn(2, 16, 2, 2), torch.tensor(0.5)
-    text, mask = torch.ones(2, 3, 4), torch.tensor([[True, True, True], [True, False, False]])
-    null, null_mask = torch.ones(1, 2, 4), torch.tensor([[True, False]])
-    v_cond = model(x, t.expand(2), text, mask, 1)
-    v_uncond = model(x, t.expand(2), null.expand(2, -1, -1), null_mask.expand(2, -1), 1)
-    guided_velocity = guided(model, text, mask, null, null_mask, 3.0)
-    torch.testing.assert_close(guided_velocity(x, t, 1), v_uncond + 3 * (v_cond - v_uncond))
-
-
-@pytest.mark.parametrize('dtype,mixer', [(dtype, 'grfm') for dtype in DTYPES] + [('float32', 'attention')])
-def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype, mixer):
-    # 64 px -> a 4x4 latent, which 3x3 Coda windows must pad; r = 3 with backprop through 2
-    torch.manual_seed(0)
-    vae = WaveletVAE(channels=(8, 16, 16))
-    images, captions = make_shapes(32, 64)
-    x0 = vae.encode_latent(to_float(images)).detach()
-    x0 = (x0 - x0.mean()) / x0.std()
-    text, mask = _Offset()(captions)
-    model = Iris(_tiny_config(text_dim=4, backprop_iters=2, window=3, mixer=mixer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    precision = mixed_precision(dtype, 'cpu')
-    t, eps = torch.sigmoid(torch.randn(32)), torch.randn_like(x0)  # a fixed draw to measure on
-
-    def held_loss():
-        with torch.no_grad(), precision[0]:
-            return flow_loss(model, x0, text, mask, 3, t=t, eps=eps)[0].mean().item()
-    before = held_loss()
-    losses = [_train_step(model, optimizer, precision, lambda: flow_loss(model, x0, text, mask, 3)[0].mean())
-              for _ in range(60)]
-    assert np.isfinite(losses).all() and held_loss() < 0.8 * before, (before, held_loss())  # 2.01 -> 1.49 in each dtype
-
-
-@pytest.fixture(scope='module')
-def tiny_runs(tmp_path_factory):
-    """A tiny VAE and a tiny generator trained by the real scripts, shared by the tests below."""
-    root = tmp_path_factory.mktemp('runs')
-    result = _run(['train_vae.py', os.path.join(HERE, 'config', 'shapes.py'), '--image_size=32', '--num_images=64',
-                   '--num_holdout=8', '--channels=(8, 16, 16)', '--batch_size=8', '--max_steps=4', '--out_dir=vae'], root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=3'], root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root
-
-
-TINY_FLOW = ['--vae_dir=vae', '--image_size=32', '--num_images=64', '--num_holdout=8', '--dim=32', '--heads=2',
-             '--core_layers=1', '--batch_size=8', '--eval_interval=2', '--sample_steps=2', '--train_iters=(1, 2)',
-             '--cache_dir=cache', '--out_dir=out-flow']
-
-
-def test_train_flow_on_shapes_writes_everything_and_resumes(tiny_runs):
-    out = tiny_runs / 'out-flow'
-    assert {'ckpt.safetensors', 'config.json', 'log.csv', 'samples.txt', 'samples_000002.png', 'samples_000003.png'} <= set(os.listdir(out))
-    assert Image.open(out / 'samples_000003.png').size == (8 * 32, 32)
-    _, meta = read_checkpoint(str(out / 'ckpt.safetensors'), prefixes=())
-    assert meta['step'] == 3 and meta['model_config']['text_encoder'] == 'minilm' and len(meta['config']['sample_prompts']) == 8
-    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=5', '--init_from=resume'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert 'cache: 64 latents' in result.stdout  # the second run read the cache
-    steps = [int(line.split(',')[0]) for line in (out / 'log.csv').read_text().splitlines()[1:]]
-    assert steps == sorted(steps) and steps[-1] == 4
-    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--dim=48', '--init_from=resume'], tiny_runs)
-    assert result.returncode != 0 and 'dim=32 there, 48 here' in result.stderr and 'Traceback' not in result.stderr
-
-
-def test_train_flow_on_the_pokemon_config_with_a_local_folder(tiny_runs, tmp_path):
-    folder = tmp_path / 'images'
-    folder.mkdir()
-    _write_folder(folder)
-    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'pokemon.py'), f'--data_dir={folder}', '--num_holdout=1',
-                   '--image_size=32', '--patch_size=1', '--dim=32', '--heads=2', '--core_layers=1', '--batch_size=2',
-                   '--max_steps=1', '--train_iters=(2,)', '--sample_steps=1', f'--vae_dir={tiny_runs / "vae"}',
-                   f'--cache_dir={tmp_path / "cache"}', f'--out_dir={tmp_path / "flow"}'], tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / 'flow' / 'ckpt.safetensors').exists()
-
-
-def test_sample_script_end_to_end_and_its_errors(tiny_runs):
-    result = _run(['sample.py', '--prompt=a red circle|a blue square', '--num_samples=2', '--steps=2', '--iters=3',
-                   '--output=two.png'], tiny_runs)  # no --out_dir: the newest generator run
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert Image.open(tiny_runs / 'two.png').size == (2 * 32, 2 * 32)
-    for bad, message in [('--prompt=a red circle|  ', 'prompt 2 of 2 is empty'),
-                         ('--text_encoder=openai/clip-vit-large-patch14', "trained with text encoder 'minilm'"),
-                         ('--size=40', 'not a multiple of 16'), ('--out_dir=nowhere', 'no generator checkpoint')]:
-        result = _run(['sample.py', bad], tiny_runs)
-        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
-
-
-def test_consistency_boundary_condition_is_exact():
-    model = _wake_up(Iris(_tiny_config()))
-    z, _, text, mask = _inputs()
-    assert torch.equal(consistency_fn(encode_once(model, text, mask), z, torch.zeros(2), 2), z)
-    assert not torch.equal(consistency_fn(encode_once(model, text, mask), z, torch.full((2,), 0.5), 2), z)
-
-
-@pytest.mark.parametrize('dtype', DTYPES)
-def test_distillation_steps_lower_the_consistency_loss(dtype):
-    torch.manual_seed(0)
-    images, captions = make_shapes(32, 32)
-    x0 = WaveletVAE(channels=(8, 16, 16)).encode_latent(to_float(images)).detach()
-    x0 = (x0 - x0.mean()) / x0.std()
-    text, mask = _Offset()(captions)
-    null_text, null_mask = _Offset()([''])
-    teacher = _wake_up(Iris(_tiny_config(text_dim=4))).requires_grad_(False)
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    target = make_ema(student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    grid = torch.linspace(0, 1, 9)
-    n = torch.arange(32) % 8
-
-    def loss(seed):
-        torch.manual_seed(seed)
-        return consistency_loss(student, target, teacher, x0, text, mask, null_text, null_mask, grid[n], grid[n + 1],
-                                3.0, 2, 2, huber_c=0.01)
-    precision = mixed_precision(dtype, 'cpu')
-    with torch.no_grad(), precision[0]:
-        before = sum(loss(seed).item() for seed in range(4))
-    for step in range(40):
-        _train_step(student, optimizer, precision, lambda: loss(100 + step))
-        ema_update(target, student, 1000, 0.95)
-    with torch.no_grad(), precision[0]:
-        after = sum(loss(seed).item() for seed in range(4))
-    assert np.isfinite(after) and after < 0.7 * before, (before, after)
-
-
-@pytest.mark.slow  # inductor compiles each r once: about 80 s per dtype on 2 cores
-@pytest.mark.parametrize('dtype', DTYPES)
-def test_train_flow_compiles_with_inductor_in_every_dtype(tiny_runs, dtype):
-    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=4', '--compile=True',
-                   f'--dtype={dtype}', f'--out_dir=out-compiled-{dtype}'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    losses = [float(line.split(',')[1]) for line in (tiny_runs / f'out-compiled-{dtype}' / 'log.csv').read_text().splitlines()[1:]]
-    assert len(losses) == 2 and np.isfinite(losses).all()  # rows for step 0 and the last step
-    assert (tiny_runs / f'out-compiled-{dtype}' / 'samples_000004.png').exists()
-
-
-def test_distill_script_then_one_step_sampling(tiny_runs):
-    result = _run(['distill.py', os.path.join(HERE, 'config', 'shapes.py'), '--teacher_dir=out-flow', '--cache_dir=cache',
-                   '--out_dir=out-cd', '--batch_size=8', '--max_steps=3', '--eval_interval=2', '--iters=2',
-                   '--dtype=float16'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = tiny_runs / 'out-cd'
-    assert {'ckpt.safetensors', 'log.csv', 'samples_000002.png', 'samples_000003.png'} <= set(os.listdir(out))
-    assert Image.open(out / 'samples_000003.png').size == (8 * 32, 3 * 32)  # rows: 1, 2 and 4 steps
-    result = _run(['sample.py', '--out_dir=out-cd', '--steps=1', '--prompt=a red circle', '--output=one.png',
-                   '--dtype=bfloat16'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert '1 consistency steps' in result.stdout and Image.open(tiny_runs / 'one.png').size == (32, 32)
-    result = _run(['distill.py', '--teacher_dir=out-cd', '--out_dir=out-cd2'], tiny_runs)
-    assert result.returncode != 0 and 'already a distilled student' in result.stderr
-
-
-class _Recorder(nn.Module):
-    """Wraps a generator and keeps every latent it is asked about."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.seen = model, []
-
-    def forward(self, x, t, text, mask, iters):
-        self.seen.append((x[:len(x) // 2].clone(), t[0].item()))  # the conditional half of the guided batch
-        return self.model(x, t, text, mask, iters)
-
-
-def test_img2img_strength_is_the_starting_time():
-    init, noise = torch.randn(1, 16, 2, 2), torch.randn(3, 16, 2, 2)
-    still = lambda x, t, text, mask, iters: torch.zeros_like(x)  # noqa: E731  v = 0: x stays where it starts
-    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
-    for strength in (0.0, 0.3, 1.0):
-        assert time_grid(5, 1.0, strength)[0] == strength
-        x = euler_sample(still, noise, text, mask, text[:1], mask[:1], 5, 1.0, 1, init=init, strength=strength)
-        torch.testing.assert_close(x, (1 - strength) * init + strength * noise)
-
-
-def test_inpainting_keeps_the_known_latent_exactly_at_every_step():
-    model = _Recorder(_wake_up(Iris(_tiny_config())))
-    z, _, text, mask = _inputs(side=4)
-    init, noise = torch.randn(1, 16, 4, 4), torch.randn(2, 16, 4, 4)
-    keep = torch.ones(1, 1, 4, 4)
-    keep[..., :2, :2] = 0      # repaint the top-left 2x2 cells
-    keep[..., 2, :2] = 0.5     # and blend the row below
-    x = euler_sample(model, noise, text, mask, text[:1, :2], mask[:1, :2], 6, 3.0, 2, init=init, keep=keep)
-    known = (keep == 1).expand_as(noise)
-    for latent, t in model.seen:
-        assert torch.equal(latent[known], ((1 - t) * init + t * noise)[known])
-    assert torch.equal(x[known], init.expand_as(noise)[known]) and not torch.equal(x, init.expand_as(noise))
-    consistency = consistency_sample(model.model, noise, text, mask, 2, 2, init=init, keep=keep)
-    assert torch.equal(consistency[known], init.expand_as(noise)[known])
-
-
-def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
-    images, _ = make_shapes(1, 32, seed=3)
-    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tiny_runs / 'before.png')
-    hole = np.zeros((32, 32), dtype=np.uint8)
-    hole[:16, :16] = 255
-    Image.fromarray(hole).save(tiny_runs / 'hole.png')
-    Image.fromarray(hole).resize((48, 40), Image.NEAREST).save(tiny_runs / 'hole_other_size.png')
-    Image.fromarray(np.full((32, 32), 128, dtype=np.uint8)).save(tiny_runs / 'grey.png')
-    (tiny_runs / 'broken.png').write_bytes(b'not an image')
-    base = ['sample.py', '--out_dir=out-flow', '--prompt=a red circle', '--steps=2', '--iters=2', '--init_image=before.png']
-    result = _run(base + ['--mask=hole.png', '--output=inpainted.png'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert 'at strength 1.0 inside hole.png' in result.stdout and Image.open(tiny_runs / 'inpainted.png').size == (64, 32)
-    result = _run(base + ['--strength=0', '--output=kept.png'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    vae = load_vae(str(tiny_runs / 'vae'))
-    expected = to_uint8(vae.decode_latent(vae.encode_latent(to_float(images))))
-    assert torch.equal(torch.from_numpy(np.array(Image.open(tiny_runs / 'kept.png')))[:, 32:].permute(2, 0, 1), expected[0])
-    result = _run(base + ['--mask=hole_other_size.png', '--output=x.png'], tiny_runs)
-    assert result.returncode == 0 and 'resized to the image' in result.stderr
-    for bad, message in [(['--init_image=missing.png'], 'cannot read --init_image'),
-                         (['--init_image=broken.png'], 'cannot read --init_image'),
-                         (['--strength=1.5'], 'between 0 (keep the image) and 1'),
-                         (['--mask=grey.png'], 'grey pixels'),
-                         (['--mask=broken.png'], 'cannot read --mask')]:
-        result = _run(base + bad, tiny_runs)
-        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
-    result = _run(['sample.py', '--out_dir=out-flow', '--mask=hole.png'], tiny_runs)
-    assert result.returncode != 0 and 'needs the --init_image' in result.stderr
-
-
-def test_upscale_keeps_the_small_image_as_the_outputs_2x2_means():
-    torch.manual_seed(0)
-    vae = WaveletVAE(channels=(8, 16, 16)).eval()
-    model = _wake_up(Iris(_tiny_config()))
-    encoder = lambda prompts: (torch.randn(len(prompts), 5, 24), torch.ones(len(prompts), 5, dtype=torch.bool))  # noqa: E731
-    small = make_shapes(2, 32, seed=5)[0]
-    images = upscale(model, vae, encoder, small, ['a', 'b'], torch.randn(2, 16, 4, 4), strength=0.5, steps=2, iters=2)
-    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
-    means = F.avg_pool2d(images.float(), 2)
-    assert (means - small.float()).abs().max() <= 0.5 + 1e-3  # equal up to rounding each pixel to 8 bits
-    assert (images.float() - small.float().repeat_interleave(2, -1).repeat_interleave(2, -2)).abs().max() > 0
-
-
-def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_runs):
-    args = ['train_flow.py', os.path.join(HERE, 'config', 'shapes_edges.py'), '--vae_dir=vae', '--base_dir=out-flow',
-            '--image_size=32', '--num_images=64', '--num_holdout=8', '--batch_size=8', '--max_steps=3', '--eval_interval=2',
-            '--sample_steps=2', '--train_iters=(1, 2)', '--cache_dir=cache', '--out_dir=out-edges']
-    result = _run(args, tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert 'training only the edges adapter' in result.stdout and 'cache: edges maps of 64 images' in result.stdout
-    assert Image.open(tiny_runs / 'out-edges' / 'samples_000003.png').size == (8 * 32, 2 * 32)  # maps above images
-    base, _ = read_checkpoint(str(tiny_runs / 'out-flow' / 'ckpt.safetensors'), prefixes=('ema.',))
-    controlled, meta = read_checkpoint(str(tiny_runs / 'out-edges' / 'ckpt.safetensors'), prefixes=('ema.', 'model.'))
-    assert meta['model_config']['control'] == 'edges'
-    assert all(torch.equal(controlled[k], v) for k, v in base.items())  # the base stayed frozen
-    assert controlled['model.control_adapter.out.weight'].abs().sum() > 0  # the adapter learned
-    images, _ = make_shapes(2, 32, seed=3)
-    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tiny_runs / 'shape.png')
-    Image.fromarray(images[1, :, ::2, ::2].permute(1, 2, 0).numpy()).save(tiny_runs / 'small.png')
-    Image.fromarray(images[1, :, :12, :12].permute(1, 2, 0).numpy()).save(tiny_runs / 'twelve.png')
-    result = _run(['sample.py', '--out_dir=out-edges', '--control=shape.png', '--prompt=a red square', '--steps=2',
-                   '--iters=2', '--output=controlled.png'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    grid = torch.from_numpy(np.array(Image.open(tiny_runs / 'controlled.png'))).permute(2, 0, 1)
-    assert grid.shape == (3, 32, 64) and torch.equal(grid[:1, :, :32] // 255, control_map(images[:1], 'edges')[0].byte())
-    result = _run(['sample.py', '--out_dir=out-flow', '--upscale=small.png', '--prompt=a circle', '--steps=2',
-                   '--iters=2', '--output=big.png'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    big = torch.from_numpy(np.array(Image.open(tiny_runs / 'big.png'))).permute(2, 0, 1)[:, :, 32:].float()
-    small = torch.from_numpy(np.array(Image.open(tiny_runs / 'small.png'))).permute(2, 0, 1).float()
-    assert big.shape == (3, 32, 32) and (F.avg_pool2d(big, 2) - small).abs().max() <= 0.5 + 1e-3
-    for bad, message in [(['--out_dir=out-flow', '--control=shape.png'], 'has no control adapter'),
-                         (['--out_dir=out-edges', '--control=missing.png'], 'cannot read --control'),
-                         (['--out_dir=out-flow', '--upscale=small.png'], '--upscale needs a --prompt'),
-                         (['--out_dir=out-flow', '--upscale=twelve.png', '--prompt=a'], 'twice the --upscale image side')]:
-        result = _run(['sample.py', '--steps=1', *bad], tiny_runs)
-        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
-    result = _run(args[:2] + ['--base_dir=', '--out_dir=out-none'], tiny_runs)
-    assert result.returncode != 0 and 'needs --base_dir' in result.stderr
-
-
-@pytest.mark.parametrize('dtype', ['float32', 'float16'])  # fp16 also carries the GradScaler's state
-def test_resume_from_a_checkpoint_is_bit_exact(tiny_runs, dtype):
-    # straight to step 4 (checkpoints at 2 and 4), against: the step-2 checkpoint resumed to 4
-    args = ['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--max_steps=4', '--eval_interval=2',
-            f'--dtype={dtype}']
-    result = _run(args + [f'--out_dir=out-straight-{dtype}'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    straight = tiny_runs / f'out-straight-{dtype}'
-    assert sorted(f for f in os.listdir(straight) if f.startswith('ckpt_')) == ['ckpt_000002.safetensors', 'ckpt_000004.safetensors']
-    resumed = tiny_runs / f'out-resumed-{dtype}'
-    resumed.mkdir()
-    shutil.copy(straight / 'ckpt_000002.safetensors', resumed / 'ckpt.safetensors')
-    result = _run(args + [f'--out_dir=out-resumed-{dtype}', '--init_from=resume'], tiny_runs)
-    assert result.returncode == 0, result.stderr[-2000:]
-    expected, _ = read_checkpoint(str(straight / 'ckpt.safetensors'))
-    got, meta = read_checkpoint(str(resumed / 'ckpt.safetensors'))
-    assert meta['step'] == 4 and expected.keys() == got.keys() and meta['scaler'] == read_checkpoint(
-        str(straight / 'ckpt.safetensors'), prefixes=())[1]['scaler']
-    assert all(torch.equal(expected[k], got[k]) for k in expected), [k for k in expected if not torch.equal(expected[k], got[k])]
-
-
-def test_torchrun_two_processes_train_like_one(tiny_runs):
-    # the same global batch of 8: one process, against 2 gloo processes x 2 accumulation steps of 2
-    args = [os.path.join(HERE, 'train_flow.py'), os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW,
-            '--max_steps=3', '--log_interval=1']
-    one = subprocess.run([sys.executable, *args, '--out_dir=out-one'], cwd=tiny_runs, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args,
-                          '--out_dir=out-two', '--gradient_accumulation_steps=2'],
-                         cwd=tiny_runs, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    losses = [[float(line.split(',')[1]) for line in (tiny_runs / run / 'log.csv').read_text().splitlines()[1:]]
-              for run in ('out-one', 'out-two')]
-    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=0, atol=1e-5), losses
-    weights = [read_checkpoint(str(tiny_runs / run / 'ckpt.safetensors'), prefixes=('model.',))[0] for run in ('out-one', 'out-two')]
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-5)
-    bad = _run(['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--gradient_accumulation_steps=3'], tiny_runs)
-    assert bad.returncode != 0 and 'does not split into 1 processes x 3' in bad.stderr
-    for script, out, extra in [('train_vae.py', 'out-vae-two', ['--image_size=32', '--num_images=64', '--num_holdout=8',
-                                                                '--channels=(8, 16, 16)', '--batch_size=8', '--max_steps=2']),
-                               ('distill.py', 'out-cd-two', ['--teacher_dir=out-flow', '--cache_dir=cache', '--batch_size=8',
-                                                             '--max_steps=2', '--iters=2', '--gradient_accumulation_steps=2'])]:
-        result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                                 os.path.join(HERE, script), os.path.join(HERE, 'config', 'shapes.py'), *extra, f'--out_dir={out}'],
-                                cwd=tiny_runs, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, (script, result.stderr[-3000:])
-        assert (tiny_runs / out / 'ckpt.safetensors').exists()
-        assert len((tiny_runs / out / 'log.csv').read_text().splitlines()) == 3  # header, steps 0 and 1
-
-
-def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
-    flow = ['train_flow.py', os.path.join(HERE, 'config', 'shapes.py'), *TINY_FLOW, '--out_dir=out-bad', '--max_steps=20']
-    for bad, message in [(['--lr=1e30', '--warmup_steps=1', '--grad_clip=1e30'], 'loss is inf at step 1; lower --lr'),
-                         (['--batch_size=4096'], 'larger than the 64 training images'),
-                         (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
-                         (['--loss_weighting=seed'], "must be 'none' or 'high_noise' (called 'seed' before)"),
-                         (['--dtype=float8'], "dtype must be one of auto, float32, bfloat16, float16")]:
-        result = _run(flow + bad, tiny_runs)
-        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-1500:]
-
-
-def test_fp16_skips_an_overflowed_step_and_stops_when_the_scale_collapses():
-    model = nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    _, scaler = mixed_precision('float16', 'cpu')
-    scaler.scale(torch.ones(()))  # the scale is made on first use: 2^16
-
-    def overflowed_step():
-        model.weight.grad, model.bias.grad = torch.full((1, 2), float('inf')), torch.zeros(1)
-        optimizer_step(model, optimizer, scaler, grad_clip=1.0)
-    weight = model.weight.detach().clone()
-    overflowed_step()  # skipped and halved, not an error
-    assert torch.equal(model.weight, weight) and scaler.get_scale() == 2.0 ** 15
-    with pytest.raises(SystemExit, match='loss scale fell to 2.0e-03: the gradients overflow at every scale'):
-        for _ in range(30):
-            overflowed_step()
-
-
-@pytest.mark.parametrize('hard_links', [True, False])
-def test_keep_last_checkpoints(tmp_path, monkeypatch, hard_links):
-    if not hard_links:  # Google Drive's mount in Colab, and other file systems that refuse them
-        def refuse(src, dst):
-            raise OSError(errno.EPERM, 'Operation not permitted', src)
-        monkeypatch.setattr(os, 'link', refuse)
-    model = WaveletVAE(channels=(8, 16, 16))
-    path = str(tmp_path / 'ckpt.safetensors')
-    for step in range(1, 6):
-        save_checkpoint(path, model, make_ema(model), torch.optim.AdamW(model.parameters()), step, {}, torch.Generator(), keep_last=2)
-    assert sorted(os.listdir(tmp_path)) == ['ckpt.safetensors', 'ckpt_000004.safetensors', 'ckpt_000005.safetensors', 'config.json']
-    assert read_checkpoint(str(tmp_path / 'ckpt_000004.safetensors'), prefixes=())[1]['step'] == 4
-    newest = tmp_path / 'ckpt_000005.safetensors'
-    assert newest.read_bytes() == (tmp_path / 'ckpt.safetensors').read_bytes()
-    assert os.stat(newest).st_nlink == (2 if hard_links else 1)
-
-
-def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
-    saver = (f"import sys, torch; sys.path.insert(0, {HERE!r})\n"
-             "from training import make_ema, save_checkpoint\nfrom vae import WaveletVAE\n"
-             "model = WaveletVAE(channels=(64, 128, 256), blocks_per_stage=2)  # 10M parameters: a save takes a while\n"
-             "ema, optimizer = make_ema(model), torch.optim.AdamW(model.parameters())\n"
-             "for step in range(1, 1000):\n"
-             "    save_checkpoint(sys.argv[1], model, ema, optimizer, step, {}, torch.Generator())\n"
-             "    print(step, flush=True)\n")
-    path = tmp_path / 'ckpt.safetensors'
-    delays = iter([0.05, 0.13, 0.29, 0.41])
-    for delay in delays:
-        process = subprocess.Popen([sys.executable, '-c', saver, str(path)], stdout=subprocess.PIPE, text=True)
-        assert process.stdout.readline().strip() == '1'  # one complete checkpoint exists
-        time.sleep(delay)
-        process.kill()  # SIGKILL, most likely in the middle of the next save
-        process.wait()
-        tensors, meta = read_checkpoint(str(path))
-        assert meta['step'] >= 1 and len(tensors) > 100
-
-
-def test_a_full_disk_during_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    model = WaveletVAE(channels=(8, 16, 16))
-    ema, optimizer, path = make_ema(model), torch.optim.AdamW(model.parameters()), str(tmp_path / 'ckpt.safetensors')
-    save_checkpoint(path, model, ema, optimizer, 1, {}, torch.Generator())
-
-    def disk_full(tensors, filename, metadata=None):
-        with open(filename, 'wb') as f:
-            f.write(b'half a checkpoint')
-        raise OSError(errno.ENOSPC, 'No space left on device', filename)
-    monkeypatch.setattr(training, 'save_file', disk_full)
-    with pytest.raises(SystemExit, match='cannot write checkpoint .* at step 2 .No space left on device.') as e:
-        save_checkpoint(path, model, ema, optimizer, 2, {}, torch.Generator())
-    assert '\n' not in str(e.value)
-    assert sorted(os.listdir(tmp_path)) == ['ckpt.safetensors', 'ckpt_000001.safetensors', 'config.json']
-    assert read_checkpoint(path)[1]['step'] == 1
-
-
-def test_unreadable_checkpoints_are_one_line_and_resume_takes_the_newest_intact_one(tmp_path, capsys):
-    model = WaveletVAE(channels=(8, 16, 16))
-    ema, optimizer, path = make_ema(model), torch.optim.AdamW(model.parameters()), tmp_path / 'ckpt.safetensors'
-    for step in (1, 2, 3):
-        save_checkpoint(str(path), model, ema, optimizer, step, {}, torch.Generator())
-    good = path.read_bytes()
-    save_file({'x': torch.zeros(2)}, str(tmp_path / 'foreign.safetensors'))
-    for bad in (good[:len(good) // 2], good[:5], b'', b'PK\x03\x04 a zip renamed', (tmp_path / 'foreign.safetensors').read_bytes()):
-        path.unlink()  # a new file, as a copy or a sync writes it: ckpt_000003 keeps the old one
-        path.write_bytes(bad)
-        with pytest.raises(SystemExit, match='is not a readable IRIS checkpoint .*copy it again') as e:
-            read_checkpoint(str(path))
-        assert '\n' not in str(e.value)
-        assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator()) == 3
-        assert 'resuming from' in capsys.readouterr().out
-    (tmp_path / 'ckpt_000003.safetensors').write_bytes(good[:100])  # the newest numbered copy is cut short too
-    assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator()) == 2
-    assert 'ckpt_000002.safetensors (step 2)' in capsys.readouterr().out
-
-
-def test_one_run_per_out_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
-    lock = tmp_path / 'run.lock'
-    lock.write_text(str(os.getppid()))  # a live process holds it
-    with pytest.raises(SystemExit, match=f'another run .pid {os.getppid()}. is writing to'):
-        training.lock_out_dir(str(tmp_path))
-    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
-    lock.write_text(gone.stdout.strip())  # a run killed before it could remove its lock
-    holder = (f"import os, sys; sys.path.insert(0, {HERE!r}); from training import lock_out_dir\n"
-              "lock_out_dir(sys.argv[1]); print(os.getpid(), open(sys.argv[1] + '/run.lock').read())")
-    result = subprocess.run([sys.executable, '-c', holder, str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert 'no longer runs; taking it over' in result.stdout, result.stderr
-    pid, held_by = result.stdout.splitlines()[-1].split()
-    assert pid == held_by and not lock.exists()  # it held the lock, and removed it at exit
-
-
-def test_a_checkpoint_of_the_other_kind_is_one_line(tmp_path):
-    vae, generator = WaveletVAE(channels=(8, 16, 16)), Iris(_tiny_config())
-    for name, model in (('vae', vae), ('flow', generator)):
-        os.makedirs(tmp_path / name)
-        save_checkpoint(str(tmp_path / name / 'ckpt.safetensors'), model, make_ema(model),
-                        torch.optim.AdamW(model.parameters()), 1, {}, torch.Generator())
-    with pytest.raises(SystemExit, match='is a VAE checkpoint, not a generator'):
-        load_generator(str(tmp_path / 'vae'))
-    with pytest.raises(SystemExit, match='is a generator checkpoint, not a VAE'):
-        load_vae(str(tmp_path / 'flow'))
-
-
-def test_shapes_analyser_reads_real_images():
-    for size in (32, 64, 128):
-        images, _ = make_shapes(200, size, seed=5)
-        scores = adherence(images, [shape_attributes(5, i) for i in range(200)])
-        assert scores['all 5'] >= 0.98, (size, scores)
-    blank = torch.full((3, 64, 64), 128, dtype=torch.uint8)
-    assert analyse(blank)['shape'] is None  # nothing drawn: nothing read, no crash
-
-
-# -----------------------------------------------------------------------------
-# configurator.py
-
-
-def _script_globals():
-    return {'__file__': '/somewhere/train_vae.py', 'batch_size': 32, 'lr': 1e-3, 'out_dir': 'out',
-            'compile': False, 'channels': (32, 64), 'torch': torch}
-
-
-def test_config_file_and_command_line_override_in_order(tmp_path):
-    config_file = tmp_path / 'c.py'
-    config_file.write_text("import math\nbatch_size = 8\nif script == 'train_vae':\n    lr = 3e-4\n"
-                           "if script == 'train_flow':\n    nonsense_for_another_script = 1\n")
-    g = _script_globals()
-    settings = configure(g, [str(config_file), '--batch_size=16', '--out_dir=out-test', '--lr', '1', '--channels=[8, 16]'])
-    assert (g['batch_size'], g['lr'], g['out_dir'], g['channels']) == (16, 1.0, 'out-test', (8, 16))
-    assert settings['batch_size'] == 16 and 'torch' not in settings
-
-
-@pytest.mark.parametrize('args,message', [
-    (['--batch_sise=16'], "has no setting 'batch_sise'"),
-    (['--batch_size=1.5'], "'batch_size' .* must be int"),
-    (['--compile=yes'], "'compile' .* must be bool"),
-    (['--lr'], 'has no value'),
-    (['no/such/config.py'], 'cannot read config file'),
-    (['--lr=nan'], "'lr' .* must be float"),
-    (['--lr=1e400'], "'lr' .* must be a finite number"),
-    (['--lr=-0.1'], "'lr' .* must be a finite number, not negative"),
-    (['--batch_size=100000000000000000000'], "'batch_size' .* below 2\\^63"),
-    (['--batch_size=-3'], "'batch_size' .* from 0"),
-])
-def test_config_errors_are_one_line_messages(args, message):
-    with pytest.raises(SystemExit, match=message) as e:
-        configure(_script_globals(), args)
-    assert '\n' not in str(e.value)
-
-
-def test_config_values_are_literals_only_when_they_look_like_one():
-    g = {'__file__': '/somewhere/sample.py', 'prompt': '', 'strength': -1.0, 'size': 0}
-    long_prompt = 'a red apple on a plate, ' * 2000  # 48k characters: once a MemoryError in the parser
-    configure(g, [f'--prompt={long_prompt}', '--strength=-1', '--size=64'])
-    assert (g['prompt'], g['strength'], g['size']) == (long_prompt, -1.0, 64)  # -1: the default is a sentinel
-    for text in ('(two apples', '-1 apples', '[' * 10000):
-        configure(g, [f'--prompt={text}'])
-        assert g['prompt'] == text
-
-
-def test_config_file_with_an_unknown_key_is_an_error(tmp_path):
-    config_file = tmp_path / 'c.py'
-    config_file.write_text('learning_rate = 1e-3\n')
-    with pytest.raises(SystemExit, match=f"no setting 'learning_rate' .*{config_file}"):
-        configure(_script_globals(), [str(config_file)])
-
-def _script_settings(script):
-    """The names a script assigns at module level: its settings block and what follows."""
-    with open(os.path.join(HERE, f'{script}.py')) as f:
-        tree = ast.parse(f.read())
-    return {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
-            if isinstance(target, ast.Name)}
-
-
-@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py', 'shapes_edges.py',
-                                    'emoji_edges.py'])
-def test_every_config_file_sets_only_settings_each_stage_has(config):
-    for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes', 'eval_real'):
-        unknown = set(read_config_file(os.path.join(HERE, 'config', config), script)) - _script_settings(script)
-        assert not unknown, (config, script, unknown)
-    # every text-to-image setup distils too; a control adapter is an add-on to one, and distil.py leaves it alone
-    assert bool(read_config_file(os.path.join(HERE, 'config', config), 'distill')) == (not config.endswith('_edges.py'))
-
-
-# -----------------------------------------------------------------------------
-# metrics.py: the real-image metrics against closed forms
-
-
-def test_ssim_is_one_on_itself_and_the_closed_form_on_flat_images():
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
-    assert abs(ssim(x, x) - 1) < 1e-12
-    noisy = (x.float() + 40 * torch.randn(x.shape)).clamp(0, 255).to(torch.uint8)
-    assert ssim(noisy, x) < 0.9
-    a, b = torch.full((1, 3, 16, 16), 100, dtype=torch.uint8), torch.full((1, 3, 16, 16), 140, dtype=torch.uint8)
-    c1 = (0.01 * 255) ** 2  # flat images: no variance, so SSIM is its luminance term alone
-    assert abs(ssim(a, b) - (2 * 100 * 140 + c1) / (100 ** 2 + 140 ** 2 + c1)) < 1e-12
-
-
-def test_frechet_distance_matches_the_two_by_two_closed_form():
-    torch.manual_seed(0)
-    a = torch.randn(500, 2) @ torch.tensor([[1.0, 0.5], [0.0, 2.0]])
-    b = torch.randn(400, 2) @ torch.tensor([[0.7, -0.3], [0.2, 1.0]]) + torch.tensor([1.0, -2.0])
-    cov_a, cov_b = torch.cov(a.T.double()), torch.cov(b.T.double())
-    product = cov_a @ cov_b  # its eigenvalues are positive: Tr sqrt = sqrt(tr + 2 sqrt(det)) for 2x2
-    trace_root = torch.sqrt(product.trace() + 2 * torch.sqrt(torch.linalg.det(product)))
-    expected = (a.double().mean(0) - b.double().mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
-    assert abs(frechet_distance(a, b) - expected.item()) < 1e-9
-    assert abs(frechet_distance(a, a)) < 1e-9
-
-
-def test_group_classifier_learns_a_rare_group_and_balanced_accuracy_weighs_groups_equally():
-    labels = torch.tensor([0, 0, 0, 0, 1, 1, -1])  # -1: a group the classifier never learned, left out
-    predicted = torch.tensor([0, 0, 0, 0, 1, 0, 0])
-    balanced, plain = metrics.accuracy(predicted, labels)
-    assert balanced == (1.0 + 0.5) / 2 and abs(plain - 5 / 7) < 1e-7
-    colours = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=torch.uint8)
-    groups = torch.tensor([0] * 400 + [1] * 2 + [2] * 2)  # 200:1:1, like People & Body against the rest
-    images = torch.full((len(groups), 3, 32, 32), 255, dtype=torch.uint8)
-    images[:, :, 8:24, 8:24] = colours[groups][:, :, None, None]  # a coloured square on white
-    classifier = metrics.train_classifier(images, groups, 3, size=16, steps=100)
-    assert metrics.accuracy(metrics.read(classifier, images)[0], groups)[0] == 1.0
-
-
-# -----------------------------------------------------------------------------
-# data.py
+# data.py and text.py
 
 
 def test_shapes_are_deterministic_and_captioned():
@@ -1050,6 +396,24 @@ def test_shapes_are_deterministic_and_captioned():
     assert torch.equal(images[:4], again) and captions[:4] == captions_again  # item i does not depend on N
     assert all(c.startswith('a ') and c.endswith(' background') for c in captions)
     assert not torch.equal(make_shapes(4, 32, seed=6)[0], again)
+
+
+def test_control_maps_of_a_drawn_square_against_hand_made_ones():
+    image = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    image[:, 0] = 200  # a red background
+    image[:, :, 4:12, 6:10] = torch.tensor([0, 0, 255], dtype=torch.uint8)[:, None, None]  # a blue rectangle
+    inside = torch.zeros(1, 1, 16, 16)
+    inside[..., 4:12, 6:10] = 1
+    assert torch.equal(control_map(image, 'silhouette'), inside)
+    # Sobel reads a step on the two pixels either side of it: the rectangle's ring and the one outside it
+    grown = F.max_pool2d(inside, 3, stride=1, padding=1)
+    shrunk = -F.max_pool2d(-inside, 3, stride=1, padding=1)
+    assert torch.equal(control_map(image, 'edges'), grown - shrunk)
+    ring = grown - shrunk
+    assert control_f1(ring, ring).item() == 1.0
+    assert control_f1(ring.roll(1, -1), ring).item() == 1.0  # one pixel off is within the tolerance
+    assert control_f1(ring.roll(4, -1), ring, tolerance=0).item() < 0.5
+    assert control_f1(torch.zeros_like(ring), ring).item() == 0.0
 
 
 def _write_folder(folder):
@@ -1076,7 +440,8 @@ def test_twemoji_prepare_is_deterministic_and_keeps_each_emoji_in_one_split(tmp_
         result = _run(['data/twemoji/prepare.py', '--size=32', '--source=png', f'--out={tmp_path / out}'], tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
     files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*') if p.is_file())
-    assert len(files) > 3000 and all((tmp_path / 'a' / f).read_bytes() == (tmp_path / 'b' / f).read_bytes() for f in files)
+    assert len(files) > 3000
+    assert all((tmp_path / 'a' / f).read_bytes() == (tmp_path / 'b' / f).read_bytes() for f in files)
     splits = {}
     for split in ('train', 'test'):
         images, captions = load_imagefolder(str(tmp_path / 'a' / split), 32)
@@ -1128,8 +493,204 @@ def test_missing_folder_and_offline_hub_fail_fast_with_a_clear_message(tmp_path,
         load_hub('someone/some-captioned-images', 32)
     assert time.time() - start < 30  # the real client retries for minutes when left alone
 
+
+def test_minilm_tokens_masks_empty_and_overlong_prompts():
+    encoder = load_text_encoder('minilm')
+    assert encoder.width == 384 and len(encoder.tokenizer) == 30522
+    with pytest.warns(UserWarning, match='only the first 77'):
+        tokens, mask = encoder(['a red circle', '', 'red ' * 200])
+    assert tokens.shape == (3, 77, 384) and mask.sum(1).tolist() == [5, 2, 77]  # '' is [CLS] [SEP], not nothing
+    alone, _ = encoder(['a red circle'])
+    torch.testing.assert_close(alone[0], tokens[0, :5], rtol=0, atol=1e-4)  # padding does not leak into real tokens
+    assert (alone[0] - encoder(['a blue circle'])[0][0]).abs().max() > 0.1
+
+
+def test_missing_clip_fails_at_once_with_a_message():
+    with pytest.raises(SystemExit, match='not on this machine'):
+        load_text_encoder('openai/clip-vit-large-patch14')
+
+
 # -----------------------------------------------------------------------------
-# training.py and train_vae.py
+# cache.py
+
+
+class _Offset(nn.Module):
+    """A stand-in text encoder: each prompt becomes one token per word."""
+    name, width = 'offset', 4
+
+    def forward(self, prompts):
+        length = max(len(p.split()) for p in prompts) + 1
+        mask = torch.tensor([[i <= len(p.split()) for i in range(length)] for p in prompts])
+        return torch.arange(length, dtype=torch.float)[None, :, None].repeat(len(prompts), 1, 4) * mask[..., None], mask
+
+
+def test_training_set_cache_is_built_once_and_keyed(tmp_path, monkeypatch):
+    vae = WaveletVAE(channels=(8, 16, 16))
+    vae_dir = tmp_path / 'vae'
+    vae_dir.mkdir()
+    (vae_dir / 'ckpt.safetensors').write_bytes(b'stands for the checkpoint: only its hash is read')
+    settings = dict(dataset='shapes', data_dir='', image_size=32, num_images=12, num_holdout=4)
+    first = load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
+    images, captions = make_shapes(12, 32)
+    assert first['latents'].shape == (12, 16, 2, 2) and len(first['holdout_captions']) == 4
+    torch.testing.assert_close(first['latents'], vae.encode_latent(to_float(images)), rtol=0, atol=1e-5)
+    assert first['mask'][first['caption_ids']].sum(1).tolist() == [len(c.split()) + 1 for c in captions]
+
+    monkeypatch.setattr(cache, 'load_data', lambda **kw: pytest.fail('a cache hit must not load the data again'))
+    second = load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
+    for k in ('latents', 'caption_ids', 'tokens', 'mask'):
+        assert torch.equal(first[k], second[k])
+    assert second['holdout_captions'] == first['holdout_captions']
+    (vae_dir / 'ckpt.safetensors').write_bytes(b'another VAE')
+    with pytest.raises(pytest.fail.Exception):
+        load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
+    assert len(os.listdir(tmp_path / 'cache')) == 1
+
+
+# -----------------------------------------------------------------------------
+# flow.py: the maths against known flows, then training and editing
+
+
+def test_euler_integrates_a_known_flow_exactly():
+    # data = one point c: the exact velocity is v(x_t, t) = (x_t - c) / t, and its paths are
+    # straight lines, which Euler integrates exactly at any step count
+    c = torch.randn(1, 16, 2, 2)
+    exact = lambda x, t, text, mask, iters: (x - c) / t.view(-1, 1, 1, 1)  # noqa: E731
+    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
+    for steps in (1, 3, 25):
+        x0 = euler_sample(exact, torch.randn(3, 16, 2, 2), text, mask, text[:1], mask[:1], steps, cfg_scale=1.0,
+                          iters=1)
+        torch.testing.assert_close(x0, c.expand(3, -1, -1, -1), rtol=0, atol=1e-5)
+    loss, t = flow_loss(exact, c.expand(64, -1, -1, -1), text[:1].expand(64, -1, -1), mask[:1].expand(64, -1), 1)
+    assert loss.shape == t.shape == (64,) and loss.max() < 1e-8 and 0 < t.min() and t.max() < 1
+
+
+def test_guidance_combines_the_two_branches():
+    def model(x, t, text, mask, iters):
+        return x * (text * mask[..., None]).sum((1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)
+    x, t = torch.randn(2, 16, 2, 2), torch.tensor(0.5)
+    text, mask = torch.ones(2, 3, 4), torch.tensor([[True, True, True], [True, False, False]])
+    null, null_mask = torch.ones(1, 2, 4), torch.tensor([[True, False]])
+    v_cond = model(x, t.expand(2), text, mask, 1)
+    v_uncond = model(x, t.expand(2), null.expand(2, -1, -1), null_mask.expand(2, -1), 1)
+    guided_velocity = guided(model, text, mask, null, null_mask, 3.0)
+    torch.testing.assert_close(guided_velocity(x, t, 1), v_uncond + 3 * (v_cond - v_uncond))
+
+
+@pytest.mark.parametrize('dtype,mixer', [(dtype, 'grfm') for dtype in DTYPES] + [('float32', 'attention')])
+def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype, mixer):
+    # 64 px -> a 4x4 latent, which 3x3 Coda windows must pad; r = 3 with backprop through 2
+    torch.manual_seed(0)
+    vae = WaveletVAE(channels=(8, 16, 16))
+    images, captions = make_shapes(32, 64)
+    x0 = vae.encode_latent(to_float(images)).detach()
+    x0 = (x0 - x0.mean()) / x0.std()
+    text, mask = _Offset()(captions)
+    model = Iris(_tiny_config(text_dim=4, backprop_iters=2, window=3, mixer=mixer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    precision = mixed_precision(dtype, 'cpu')
+    t, eps = torch.sigmoid(torch.randn(32)), torch.randn_like(x0)  # a fixed draw to measure on
+
+    def held_loss():
+        with torch.no_grad(), precision[0]:
+            return flow_loss(model, x0, text, mask, 3, t=t, eps=eps)[0].mean().item()
+    before = held_loss()
+    losses = [_train_step(model, optimizer, precision, lambda: flow_loss(model, x0, text, mask, 3)[0].mean())
+              for _ in range(60)]
+    assert np.isfinite(losses).all() and held_loss() < 0.8 * before, (before, held_loss())  # 2.01 -> 1.49 in each dtype
+
+
+def test_consistency_boundary_condition_is_exact():
+    model = _wake_up(Iris(_tiny_config()))
+    z, _, text, mask = _inputs()
+    assert torch.equal(consistency_fn(encode_once(model, text, mask), z, torch.zeros(2), 2), z)
+    assert not torch.equal(consistency_fn(encode_once(model, text, mask), z, torch.full((2,), 0.5), 2), z)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_distillation_steps_lower_the_consistency_loss(dtype):
+    torch.manual_seed(0)
+    images, captions = make_shapes(32, 32)
+    x0 = WaveletVAE(channels=(8, 16, 16)).encode_latent(to_float(images)).detach()
+    x0 = (x0 - x0.mean()) / x0.std()
+    text, mask = _Offset()(captions)
+    null_text, null_mask = _Offset()([''])
+    teacher = _wake_up(Iris(_tiny_config(text_dim=4))).requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    target = make_ema(student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    grid = torch.linspace(0, 1, 9)
+    n = torch.arange(32) % 8
+
+    def loss(seed):
+        torch.manual_seed(seed)
+        return consistency_loss(student, target, teacher, x0, text, mask, null_text, null_mask, grid[n], grid[n + 1],
+                                3.0, 2, 2, huber_c=0.01)
+    precision = mixed_precision(dtype, 'cpu')
+    with torch.no_grad(), precision[0]:
+        before = sum(loss(seed).item() for seed in range(4))
+    for step in range(40):
+        _train_step(student, optimizer, precision, lambda: loss(100 + step))
+        ema_update(target, student, 1000, 0.95)
+    with torch.no_grad(), precision[0]:
+        after = sum(loss(seed).item() for seed in range(4))
+    assert np.isfinite(after) and after < 0.7 * before, (before, after)
+
+
+class _Recorder(nn.Module):
+    """Wraps a generator and keeps every latent it is asked about."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x, t, text, mask, iters):
+        self.seen.append((x[:len(x) // 2].clone(), t[0].item()))  # the conditional half of the guided batch
+        return self.model(x, t, text, mask, iters)
+
+
+def test_img2img_strength_is_the_starting_time():
+    init, noise = torch.randn(1, 16, 2, 2), torch.randn(3, 16, 2, 2)
+    still = lambda x, t, text, mask, iters: torch.zeros_like(x)  # noqa: E731  v = 0: x stays where it starts
+    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
+    for strength in (0.0, 0.3, 1.0):
+        assert time_grid(5, 1.0, strength)[0] == strength
+        x = euler_sample(still, noise, text, mask, text[:1], mask[:1], 5, 1.0, 1, init=init, strength=strength)
+        torch.testing.assert_close(x, (1 - strength) * init + strength * noise)
+
+
+def test_inpainting_keeps_the_known_latent_exactly_at_every_step():
+    model = _Recorder(_wake_up(Iris(_tiny_config())))
+    z, _, text, mask = _inputs(side=4)
+    init, noise = torch.randn(1, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    keep = torch.ones(1, 1, 4, 4)
+    keep[..., :2, :2] = 0      # repaint the top-left 2x2 cells
+    keep[..., 2, :2] = 0.5     # and blend the row below
+    x = euler_sample(model, noise, text, mask, text[:1, :2], mask[:1, :2], 6, 3.0, 2, init=init, keep=keep)
+    known = (keep == 1).expand_as(noise)
+    for latent, t in model.seen:
+        assert torch.equal(latent[known], ((1 - t) * init + t * noise)[known])
+    assert torch.equal(x[known], init.expand_as(noise)[known]) and not torch.equal(x, init.expand_as(noise))
+    consistency = consistency_sample(model.model, noise, text, mask, 2, 2, init=init, keep=keep)
+    assert torch.equal(consistency[known], init.expand_as(noise)[known])
+
+
+def test_upscale_keeps_the_small_image_as_the_outputs_2x2_means():
+    torch.manual_seed(0)
+    vae = WaveletVAE(channels=(8, 16, 16)).eval()
+    model = _wake_up(Iris(_tiny_config()))
+    def encoder(prompts):
+        return torch.randn(len(prompts), 5, 24), torch.ones(len(prompts), 5, dtype=torch.bool)
+    small = make_shapes(2, 32, seed=5)[0]
+    images = upscale(model, vae, encoder, small, ['a', 'b'], torch.randn(2, 16, 4, 4), strength=0.5, steps=2, iters=2)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
+    means = F.avg_pool2d(images.float(), 2)
+    assert (means - small.float()).abs().max() <= 0.5 + 1e-3  # equal up to rounding each pixel to 8 bits
+    assert (images.float() - small.float().repeat_interleave(2, -1).repeat_interleave(2, -2)).abs().max() > 0
+
+
+# -----------------------------------------------------------------------------
+# training.py: checkpoints, locks, precision
 
 
 def test_checkpoint_round_trip_restores_everything(tmp_path):
@@ -1156,7 +717,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     assert restored_scaler.state_dict() == scaler.state_dict() and restored_scaler.get_scale() == 256.0
     for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
         assert torch.equal(a, b)
-    assert torch.equal(optimizer.state_dict()['state'][0]['exp_avg_sq'], restored_optimizer.state_dict()['state'][0]['exp_avg_sq'])
+    assert torch.equal(optimizer.state_dict()['state'][0]['exp_avg_sq'],
+                       restored_optimizer.state_dict()['state'][0]['exp_avg_sq'])
     assert torch.equal(torch.rand(3), expected_draws[0])
     assert torch.equal(torch.rand(3, generator=restored_generator), expected_draws[1])
     with pytest.raises(SystemExit, match='holds another model'):
@@ -1164,6 +726,131 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
         load_checkpoint(path, other, make_ema(other), torch.optim.AdamW(other.parameters()), torch.Generator())
     with pytest.raises(SystemExit, match='no checkpoint at'):
         read_checkpoint(str(tmp_path / 'missing.safetensors'))
+
+
+def test_fp16_skips_an_overflowed_step_and_stops_when_the_scale_collapses():
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, scaler = mixed_precision('float16', 'cpu')
+    scaler.scale(torch.ones(()))  # the scale is made on first use: 2^16
+
+    def overflowed_step():
+        model.weight.grad, model.bias.grad = torch.full((1, 2), float('inf')), torch.zeros(1)
+        optimizer_step(model, optimizer, scaler, grad_clip=1.0)
+    weight = model.weight.detach().clone()
+    overflowed_step()  # skipped and halved, not an error
+    assert torch.equal(model.weight, weight) and scaler.get_scale() == 2.0 ** 15
+    with pytest.raises(SystemExit, match='loss scale fell to 2.0e-03: the gradients overflow at every scale'):
+        for _ in range(30):
+            overflowed_step()
+
+
+@pytest.mark.parametrize('hard_links', [True, False])
+def test_keep_last_checkpoints(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # Google Drive's mount in Colab, and other file systems that refuse them
+        def refuse(src, dst):
+            raise OSError(errno.EPERM, 'Operation not permitted', src)
+        monkeypatch.setattr(os, 'link', refuse)
+    model = WaveletVAE(channels=(8, 16, 16))
+    path = str(tmp_path / 'ckpt.safetensors')
+    for step in range(1, 6):
+        save_checkpoint(path, model, make_ema(model), torch.optim.AdamW(model.parameters()), step, {},
+                        torch.Generator(), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.safetensors', 'ckpt_000004.safetensors', 'ckpt_000005.safetensors',
+                                            'config.json']
+    assert read_checkpoint(str(tmp_path / 'ckpt_000004.safetensors'), prefixes=())[1]['step'] == 4
+    newest = tmp_path / 'ckpt_000005.safetensors'
+    assert newest.read_bytes() == (tmp_path / 'ckpt.safetensors').read_bytes()
+    assert os.stat(newest).st_nlink == (2 if hard_links else 1)
+
+
+def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    saver = (f"import sys, torch; sys.path.insert(0, {HERE!r})\n"
+             "from training import make_ema, save_checkpoint\nfrom vae import WaveletVAE\n"
+             "model = WaveletVAE(channels=(64, 128, 256), blocks_per_stage=2)  # 10M parameters: a save takes a while\n"
+             "ema, optimizer = make_ema(model), torch.optim.AdamW(model.parameters())\n"
+             "for step in range(1, 1000):\n"
+             "    save_checkpoint(sys.argv[1], model, ema, optimizer, step, {}, torch.Generator())\n"
+             "    print(step, flush=True)\n")
+    path = tmp_path / 'ckpt.safetensors'
+    delays = iter([0.05, 0.13, 0.29, 0.41])
+    for delay in delays:
+        process = subprocess.Popen([sys.executable, '-c', saver, str(path)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == '1'  # one complete checkpoint exists
+        time.sleep(delay)
+        process.kill()  # SIGKILL, most likely in the middle of the next save
+        process.wait()
+        tensors, meta = read_checkpoint(str(path))
+        assert meta['step'] >= 1 and len(tensors) > 100
+
+
+def test_a_full_disk_during_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    model = WaveletVAE(channels=(8, 16, 16))
+    ema, optimizer, path = make_ema(model), torch.optim.AdamW(model.parameters()), str(tmp_path / 'ckpt.safetensors')
+    save_checkpoint(path, model, ema, optimizer, 1, {}, torch.Generator())
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, 'wb') as f:
+            f.write(b'half a checkpoint')
+        raise OSError(errno.ENOSPC, 'No space left on device', filename)
+    monkeypatch.setattr(training, 'save_file', disk_full)
+    with pytest.raises(SystemExit, match='cannot write checkpoint .* at step 2 .No space left on device.') as e:
+        save_checkpoint(path, model, ema, optimizer, 2, {}, torch.Generator())
+    assert '\n' not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.safetensors', 'ckpt_000001.safetensors', 'config.json']
+    assert read_checkpoint(path)[1]['step'] == 1
+
+
+def test_unreadable_checkpoints_are_one_line_and_resume_takes_the_newest_intact_one(tmp_path, capsys):
+    model = WaveletVAE(channels=(8, 16, 16))
+    ema, optimizer, path = make_ema(model), torch.optim.AdamW(model.parameters()), tmp_path / 'ckpt.safetensors'
+    for step in (1, 2, 3):
+        save_checkpoint(str(path), model, ema, optimizer, step, {}, torch.Generator())
+    good = path.read_bytes()
+    save_file({'x': torch.zeros(2)}, str(tmp_path / 'foreign.safetensors'))
+    foreign = (tmp_path / 'foreign.safetensors').read_bytes()
+    for bad in (good[:len(good) // 2], good[:5], b'', b'PK\x03\x04 a zip renamed', foreign):
+        path.unlink()  # a new file, as a copy or a sync writes it: ckpt_000003 keeps the old one
+        path.write_bytes(bad)
+        with pytest.raises(SystemExit, match='is not a readable IRIS checkpoint .*copy it again') as e:
+            read_checkpoint(str(path))
+        assert '\n' not in str(e.value)
+        assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator()) == 3
+        assert 'resuming from' in capsys.readouterr().out
+    (tmp_path / 'ckpt_000003.safetensors').write_bytes(good[:100])  # the newest numbered copy is cut short too
+    assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator()) == 2
+    assert 'ckpt_000002.safetensors (step 2)' in capsys.readouterr().out
+
+
+def test_one_run_per_out_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    lock = tmp_path / 'run.lock'
+    lock.write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(SystemExit, match=f'another run .pid {os.getppid()}. is writing to'):
+        training.lock_out_dir(str(tmp_path))
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    lock.write_text(gone.stdout.strip())  # a run killed before it could remove its lock
+    holder = (f"import os, sys; sys.path.insert(0, {HERE!r}); from training import lock_out_dir\n"
+              "lock_out_dir(sys.argv[1]); print(os.getpid(), open(sys.argv[1] + '/run.lock').read())")
+    result = subprocess.run([sys.executable, '-c', holder, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert 'no longer runs; taking it over' in result.stdout, result.stderr
+    pid, held_by = result.stdout.splitlines()[-1].split()
+    assert pid == held_by and not lock.exists()  # it held the lock, and removed it at exit
+
+
+def test_a_checkpoint_of_the_other_kind_is_one_line(tmp_path):
+    vae, generator = WaveletVAE(channels=(8, 16, 16)), Iris(_tiny_config())
+    for name, model in (('vae', vae), ('flow', generator)):
+        os.makedirs(tmp_path / name)
+        save_checkpoint(str(tmp_path / name / 'ckpt.safetensors'), model, make_ema(model),
+                        torch.optim.AdamW(model.parameters()), 1, {}, torch.Generator())
+    with pytest.raises(SystemExit, match='is a VAE checkpoint, not a generator'):
+        load_generator(str(tmp_path / 'vae'))
+    with pytest.raises(SystemExit, match='is a generator checkpoint, not a VAE'):
+        load_vae(str(tmp_path / 'flow'))
+
+
+# -----------------------------------------------------------------------------
+# the scripts, run as a user runs them: train_vae.py, train_flow.py, sample.py, distill.py
 
 
 def _run(args, cwd):
@@ -1174,12 +861,13 @@ def _run(args, cwd):
 def test_train_vae_script_end_to_end_then_resume(tmp_path):
     tiny = ['--image_size=32', '--num_images=64', '--num_holdout=8', '--channels=(8, 16, 16)',
             '--batch_size=8', '--eval_interval=10', '--out_dir=run']
-    result = _run(['train_vae.py', os.path.join(HERE, 'config', 'shapes.py'), *tiny, '--max_steps=20', '--dtype=bfloat16'],
+    result = _run(['train_vae.py', SHAPES_CONFIG, *tiny, '--max_steps=20', '--dtype=bfloat16'],
                   tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'held-out PSNR' in result.stdout and 'bfloat16 on cpu' in result.stdout
     out = tmp_path / 'run'
-    assert {'ckpt.safetensors', 'config.json', 'log.csv', 'recon_000010.png', 'recon_000020.png'} <= set(os.listdir(out))
+    assert {'ckpt.safetensors', 'config.json', 'log.csv', 'recon_000010.png', 'recon_000020.png'} <= set(
+        os.listdir(out))
     tensors, meta = read_checkpoint(str(out / 'ckpt.safetensors'), prefixes=('ema.',))
     assert meta['step'] == 20 and meta['config']['image_size'] == 32
     assert not torch.equal(tensors['ema.latent_scale'], torch.ones(16))  # measured at the end
@@ -1188,7 +876,7 @@ def test_train_vae_script_end_to_end_then_resume(tmp_path):
     images, _ = make_shapes(4, 32, seed=9)
     assert reconstruct(vae, images).shape == images.shape
 
-    result = _run(['train_vae.py', os.path.join(HERE, 'config', 'shapes.py'), *tiny, '--max_steps=30', '--init_from=resume'], tmp_path)
+    result = _run(['train_vae.py', SHAPES_CONFIG, *tiny, '--max_steps=30', '--init_from=resume'], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     steps = [int(line.split(',')[0]) for line in (out / 'log.csv').read_text().splitlines()[1:]]
     assert steps == sorted(steps) and steps[-1] == 29  # the log continues where it stopped
@@ -1198,8 +886,360 @@ def test_train_vae_script_end_to_end_then_resume(tmp_path):
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
 
 
+@pytest.fixture(scope='module')
+def tiny_runs(tmp_path_factory):
+    """A tiny VAE and a tiny generator trained by the real scripts, shared by the tests below."""
+    root = tmp_path_factory.mktemp('runs')
+    result = _run(['train_vae.py', SHAPES_CONFIG, '--image_size=32', '--num_images=64', '--num_holdout=8',
+                   '--channels=(8, 16, 16)', '--batch_size=8', '--max_steps=4', '--out_dir=vae'], root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--max_steps=3'], root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+TINY_FLOW = ['--vae_dir=vae', '--image_size=32', '--num_images=64', '--num_holdout=8', '--dim=32', '--heads=2',
+             '--core_layers=1', '--batch_size=8', '--eval_interval=2', '--sample_steps=2', '--train_iters=(1, 2)',
+             '--cache_dir=cache', '--out_dir=out-flow']
+
+
+def test_train_flow_on_shapes_writes_everything_and_resumes(tiny_runs):
+    out = tiny_runs / 'out-flow'
+    written = {'ckpt.safetensors', 'config.json', 'log.csv', 'samples.txt', 'samples_000002.png', 'samples_000003.png'}
+    assert written <= set(os.listdir(out))
+    assert Image.open(out / 'samples_000003.png').size == (8 * 32, 32)
+    _, meta = read_checkpoint(str(out / 'ckpt.safetensors'), prefixes=())
+    assert meta['step'] == 3 and meta['model_config']['text_encoder'] == 'minilm'
+    assert len(meta['config']['sample_prompts']) == 8
+    result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--max_steps=5', '--init_from=resume'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'cache: 64 latents' in result.stdout  # the second run read the cache
+    steps = [int(line.split(',')[0]) for line in (out / 'log.csv').read_text().splitlines()[1:]]
+    assert steps == sorted(steps) and steps[-1] == 4
+    result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--dim=48', '--init_from=resume'], tiny_runs)
+    assert result.returncode != 0 and 'dim=32 there, 48 here' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_train_flow_on_the_pokemon_config_with_a_local_folder(tiny_runs, tmp_path):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    _write_folder(folder)
+    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'pokemon.py'), f'--data_dir={folder}',
+                   '--num_holdout=1', '--image_size=32', '--patch_size=1', '--dim=32', '--heads=2', '--core_layers=1',
+                   '--batch_size=2', '--max_steps=1', '--train_iters=(2,)', '--sample_steps=1',
+                   f'--vae_dir={tiny_runs / "vae"}', f'--cache_dir={tmp_path / "cache"}',
+                   f'--out_dir={tmp_path / "flow"}'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / 'flow' / 'ckpt.safetensors').exists()
+
+
+def test_sample_script_end_to_end_and_its_errors(tiny_runs):
+    result = _run(['sample.py', '--prompt=a red circle|a blue square', '--num_samples=2', '--steps=2', '--iters=3',
+                   '--output=two.png'], tiny_runs)  # no --out_dir: the newest generator run
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(tiny_runs / 'two.png').size == (2 * 32, 2 * 32)
+    for bad, message in [('--prompt=a red circle|  ', 'prompt 2 of 2 is empty'),
+                         ('--text_encoder=openai/clip-vit-large-patch14', "trained with text encoder 'minilm'"),
+                         ('--size=40', 'not a multiple of 16'), ('--out_dir=nowhere', 'no generator checkpoint')]:
+        result = _run(['sample.py', bad], tiny_runs)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+
+
+@pytest.mark.slow  # inductor compiles each r once: about 80 s per dtype on 2 cores
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_train_flow_compiles_with_inductor_in_every_dtype(tiny_runs, dtype):
+    result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--max_steps=4', '--compile=True',
+                   f'--dtype={dtype}', f'--out_dir=out-compiled-{dtype}'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (tiny_runs / f'out-compiled-{dtype}' / 'log.csv').read_text()
+    losses = [float(line.split(',')[1]) for line in log.splitlines()[1:]]
+    assert len(losses) == 2 and np.isfinite(losses).all()  # rows for step 0 and the last step
+    assert (tiny_runs / f'out-compiled-{dtype}' / 'samples_000004.png').exists()
+
+
+def test_distill_script_then_one_step_sampling(tiny_runs):
+    result = _run(['distill.py', SHAPES_CONFIG, '--teacher_dir=out-flow', '--cache_dir=cache',
+                   '--out_dir=out-cd', '--batch_size=8', '--max_steps=3', '--eval_interval=2', '--iters=2',
+                   '--dtype=float16'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tiny_runs / 'out-cd'
+    assert {'ckpt.safetensors', 'log.csv', 'samples_000002.png', 'samples_000003.png'} <= set(os.listdir(out))
+    assert Image.open(out / 'samples_000003.png').size == (8 * 32, 3 * 32)  # rows: 1, 2 and 4 steps
+    result = _run(['sample.py', '--out_dir=out-cd', '--steps=1', '--prompt=a red circle', '--output=one.png',
+                   '--dtype=bfloat16'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '1 consistency steps' in result.stdout and Image.open(tiny_runs / 'one.png').size == (32, 32)
+    result = _run(['distill.py', '--teacher_dir=out-cd', '--out_dir=out-cd2'], tiny_runs)
+    assert result.returncode != 0 and 'already a distilled student' in result.stderr
+
+
+def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
+    images, _ = make_shapes(1, 32, seed=3)
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tiny_runs / 'before.png')
+    hole = np.zeros((32, 32), dtype=np.uint8)
+    hole[:16, :16] = 255
+    Image.fromarray(hole).save(tiny_runs / 'hole.png')
+    Image.fromarray(hole).resize((48, 40), Image.NEAREST).save(tiny_runs / 'hole_other_size.png')
+    Image.fromarray(np.full((32, 32), 128, dtype=np.uint8)).save(tiny_runs / 'grey.png')
+    (tiny_runs / 'broken.png').write_bytes(b'not an image')
+    base = ['sample.py', '--out_dir=out-flow', '--prompt=a red circle', '--steps=2', '--iters=2',
+            '--init_image=before.png']
+    result = _run(base + ['--mask=hole.png', '--output=inpainted.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'at strength 1.0 inside hole.png' in result.stdout
+    assert Image.open(tiny_runs / 'inpainted.png').size == (64, 32)
+    result = _run(base + ['--strength=0', '--output=kept.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    vae = load_vae(str(tiny_runs / 'vae'))
+    expected = to_uint8(vae.decode_latent(vae.encode_latent(to_float(images))))
+    kept = torch.from_numpy(np.array(Image.open(tiny_runs / 'kept.png')))
+    assert torch.equal(kept[:, 32:].permute(2, 0, 1), expected[0])
+    result = _run(base + ['--mask=hole_other_size.png', '--output=x.png'], tiny_runs)
+    assert result.returncode == 0 and 'resized to the image' in result.stderr
+    for bad, message in [(['--init_image=missing.png'], 'cannot read --init_image'),
+                         (['--init_image=broken.png'], 'cannot read --init_image'),
+                         (['--strength=1.5'], 'between 0 (keep the image) and 1'),
+                         (['--mask=grey.png'], 'grey pixels'),
+                         (['--mask=broken.png'], 'cannot read --mask')]:
+        result = _run(base + bad, tiny_runs)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    result = _run(['sample.py', '--out_dir=out-flow', '--mask=hole.png'], tiny_runs)
+    assert result.returncode != 0 and 'needs the --init_image' in result.stderr
+
+
+def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_runs):
+    args = ['train_flow.py', os.path.join(HERE, 'config', 'shapes_edges.py'), '--vae_dir=vae', '--base_dir=out-flow',
+            '--image_size=32', '--num_images=64', '--num_holdout=8', '--batch_size=8', '--max_steps=3',
+            '--eval_interval=2', '--sample_steps=2', '--train_iters=(1, 2)', '--cache_dir=cache', '--out_dir=out-edges']
+    result = _run(args, tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'training only the edges adapter' in result.stdout and 'cache: edges maps of 64 images' in result.stdout
+    assert Image.open(tiny_runs / 'out-edges' / 'samples_000003.png').size == (8 * 32, 2 * 32)  # maps above images
+    base, _ = read_checkpoint(str(tiny_runs / 'out-flow' / 'ckpt.safetensors'), prefixes=('ema.',))
+    controlled, meta = read_checkpoint(str(tiny_runs / 'out-edges' / 'ckpt.safetensors'), prefixes=('ema.', 'model.'))
+    assert meta['model_config']['control'] == 'edges'
+    assert all(torch.equal(controlled[k], v) for k, v in base.items())  # the base stayed frozen
+    assert controlled['model.control_adapter.out.weight'].abs().sum() > 0  # the adapter learned
+    images, _ = make_shapes(2, 32, seed=3)
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tiny_runs / 'shape.png')
+    Image.fromarray(images[1, :, ::2, ::2].permute(1, 2, 0).numpy()).save(tiny_runs / 'small.png')
+    Image.fromarray(images[1, :, :12, :12].permute(1, 2, 0).numpy()).save(tiny_runs / 'twelve.png')
+    result = _run(['sample.py', '--out_dir=out-edges', '--control=shape.png', '--prompt=a red square', '--steps=2',
+                   '--iters=2', '--output=controlled.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grid = torch.from_numpy(np.array(Image.open(tiny_runs / 'controlled.png'))).permute(2, 0, 1)
+    assert grid.shape == (3, 32, 64)
+    assert torch.equal(grid[:1, :, :32] // 255, control_map(images[:1], 'edges')[0].byte())
+    result = _run(['sample.py', '--out_dir=out-flow', '--upscale=small.png', '--prompt=a circle', '--steps=2',
+                   '--iters=2', '--output=big.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    big = torch.from_numpy(np.array(Image.open(tiny_runs / 'big.png'))).permute(2, 0, 1)[:, :, 32:].float()
+    small = torch.from_numpy(np.array(Image.open(tiny_runs / 'small.png'))).permute(2, 0, 1).float()
+    assert big.shape == (3, 32, 32) and (F.avg_pool2d(big, 2) - small).abs().max() <= 0.5 + 1e-3
+    for bad, message in [(['--out_dir=out-flow', '--control=shape.png'], 'has no control adapter'),
+                         (['--out_dir=out-edges', '--control=missing.png'], 'cannot read --control'),
+                         (['--out_dir=out-flow', '--upscale=small.png'], '--upscale needs a --prompt'),
+                         (['--out_dir=out-flow', '--upscale=twelve.png', '--prompt=a'],
+                          'twice the --upscale image side')]:
+        result = _run(['sample.py', '--steps=1', *bad], tiny_runs)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    result = _run(args[:2] + ['--base_dir=', '--out_dir=out-none'], tiny_runs)
+    assert result.returncode != 0 and 'needs --base_dir' in result.stderr
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])  # fp16 also carries the GradScaler's state
+def test_resume_from_a_checkpoint_is_bit_exact(tiny_runs, dtype):
+    # straight to step 4 (checkpoints at 2 and 4), against: the step-2 checkpoint resumed to 4
+    args = ['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--max_steps=4', '--eval_interval=2',
+            f'--dtype={dtype}']
+    result = _run(args + [f'--out_dir=out-straight-{dtype}'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    straight = tiny_runs / f'out-straight-{dtype}'
+    kept = sorted(f for f in os.listdir(straight) if f.startswith('ckpt_'))
+    assert kept == ['ckpt_000002.safetensors', 'ckpt_000004.safetensors']
+    resumed = tiny_runs / f'out-resumed-{dtype}'
+    resumed.mkdir()
+    shutil.copy(straight / 'ckpt_000002.safetensors', resumed / 'ckpt.safetensors')
+    result = _run(args + [f'--out_dir=out-resumed-{dtype}', '--init_from=resume'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected, _ = read_checkpoint(str(straight / 'ckpt.safetensors'))
+    got, meta = read_checkpoint(str(resumed / 'ckpt.safetensors'))
+    assert meta['step'] == 4 and expected.keys() == got.keys() and meta['scaler'] == read_checkpoint(
+        str(straight / 'ckpt.safetensors'), prefixes=())[1]['scaler']
+    differ = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not differ, differ
+
+
+def test_torchrun_two_processes_train_like_one(tiny_runs):
+    # the same global batch of 8: one process, against 2 gloo processes x 2 accumulation steps of 2
+    args = [os.path.join(HERE, 'train_flow.py'), SHAPES_CONFIG, *TINY_FLOW,
+            '--max_steps=3', '--log_interval=1']
+    one = subprocess.run([sys.executable, *args, '--out_dir=out-one'], cwd=tiny_runs, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args,
+                          '--out_dir=out-two', '--gradient_accumulation_steps=2'],
+                         cwd=tiny_runs, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses = [[float(line.split(',')[1]) for line in (tiny_runs / run / 'log.csv').read_text().splitlines()[1:]]
+              for run in ('out-one', 'out-two')]
+    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=0, atol=1e-5), losses
+    weights = [read_checkpoint(str(tiny_runs / run / 'ckpt.safetensors'), prefixes=('model.',))[0]
+               for run in ('out-one', 'out-two')]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-5)
+    bad = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--gradient_accumulation_steps=3'], tiny_runs)
+    assert bad.returncode != 0 and 'does not split into 1 processes x 3' in bad.stderr
+    vae_two = ['--image_size=32', '--num_images=64', '--num_holdout=8', '--channels=(8, 16, 16)', '--batch_size=8',
+               '--max_steps=2']
+    distill_two = ['--teacher_dir=out-flow', '--cache_dir=cache', '--batch_size=8', '--max_steps=2', '--iters=2',
+                   '--gradient_accumulation_steps=2']
+    for script, out, extra in [('train_vae.py', 'out-vae-two', vae_two), ('distill.py', 'out-cd-two', distill_two)]:
+        result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                 os.path.join(HERE, script), SHAPES_CONFIG, *extra, f'--out_dir={out}'],
+                                cwd=tiny_runs, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (script, result.stderr[-3000:])
+        assert (tiny_runs / out / 'ckpt.safetensors').exists()
+        assert len((tiny_runs / out / 'log.csv').read_text().splitlines()) == 3  # header, steps 0 and 1
+
+
+def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
+    flow = ['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--out_dir=out-bad', '--max_steps=20']
+    for bad, message in [(['--lr=1e30', '--warmup_steps=1', '--grad_clip=1e30'], 'loss is inf at step 1; lower --lr'),
+                         (['--batch_size=4096'], 'larger than the 64 training images'),
+                         (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
+                         (['--loss_weighting=seed'], "must be 'none' or 'high_noise' (called 'seed' before)"),
+                         (['--dtype=float8'], "dtype must be one of auto, float32, bfloat16, float16")]:
+        result = _run(flow + bad, tiny_runs)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-1500:]
+        assert 'Traceback' not in result.stderr
+
+
 # -----------------------------------------------------------------------------
-# export_mobile.py and run_mobile.py: each export run by its runtime against PyTorch
+# configurator.py and config/
+
+
+def _script_globals():
+    return {'__file__': '/somewhere/train_vae.py', 'batch_size': 32, 'lr': 1e-3, 'out_dir': 'out',
+            'compile': False, 'channels': (32, 64), 'torch': torch}
+
+
+def test_config_file_and_command_line_override_in_order(tmp_path):
+    config_file = tmp_path / 'c.py'
+    config_file.write_text("import math\nbatch_size = 8\nif script == 'train_vae':\n    lr = 3e-4\n"
+                           "if script == 'train_flow':\n    nonsense_for_another_script = 1\n")
+    g = _script_globals()
+    settings = configure(g, [str(config_file), '--batch_size=16', '--out_dir=out-test', '--lr', '1',
+                             '--channels=[8, 16]'])
+    assert (g['batch_size'], g['lr'], g['out_dir'], g['channels']) == (16, 1.0, 'out-test', (8, 16))
+    assert settings['batch_size'] == 16 and 'torch' not in settings
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--batch_sise=16'], "has no setting 'batch_sise'"),
+    (['--batch_size=1.5'], "'batch_size' .* must be int"),
+    (['--compile=yes'], "'compile' .* must be bool"),
+    (['--lr'], 'has no value'),
+    (['no/such/config.py'], 'cannot read config file'),
+    (['--lr=nan'], "'lr' .* must be float"),
+    (['--lr=1e400'], "'lr' .* must be a finite number"),
+    (['--lr=-0.1'], "'lr' .* must be a finite number, not negative"),
+    (['--batch_size=100000000000000000000'], "'batch_size' .* below 2\\^63"),
+    (['--batch_size=-3'], "'batch_size' .* from 0"),
+])
+def test_config_errors_are_one_line_messages(args, message):
+    with pytest.raises(SystemExit, match=message) as e:
+        configure(_script_globals(), args)
+    assert '\n' not in str(e.value)
+
+
+def test_config_values_are_literals_only_when_they_look_like_one():
+    g = {'__file__': '/somewhere/sample.py', 'prompt': '', 'strength': -1.0, 'size': 0}
+    long_prompt = 'a red apple on a plate, ' * 2000  # 48k characters: once a MemoryError in the parser
+    configure(g, [f'--prompt={long_prompt}', '--strength=-1', '--size=64'])
+    assert (g['prompt'], g['strength'], g['size']) == (long_prompt, -1.0, 64)  # -1: the default is a sentinel
+    for text in ('(two apples', '-1 apples', '[' * 10000):
+        configure(g, [f'--prompt={text}'])
+        assert g['prompt'] == text
+
+
+def test_config_file_with_an_unknown_key_is_an_error(tmp_path):
+    config_file = tmp_path / 'c.py'
+    config_file.write_text('learning_rate = 1e-3\n')
+    with pytest.raises(SystemExit, match=f"no setting 'learning_rate' .*{config_file}"):
+        configure(_script_globals(), [str(config_file)])
+
+
+def _script_settings(script):
+    """The names a script assigns at module level: its settings block and what follows."""
+    with open(os.path.join(HERE, f'{script}.py')) as f:
+        tree = ast.parse(f.read())
+    return {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+            if isinstance(target, ast.Name)}
+
+
+@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py', 'shapes_edges.py',
+                                    'emoji_edges.py'])
+def test_every_config_file_sets_only_settings_each_stage_has(config):
+    for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes', 'eval_real'):
+        unknown = set(read_config_file(os.path.join(HERE, 'config', config), script)) - _script_settings(script)
+        assert not unknown, (config, script, unknown)
+    # every text-to-image setup distils too; a control adapter is an add-on to one, and distil.py leaves it alone
+    assert bool(read_config_file(os.path.join(HERE, 'config', config), 'distill')) == (not config.endswith('_edges.py'))
+
+
+# -----------------------------------------------------------------------------
+# metrics.py: the analyser on real images, the image metrics against closed forms
+
+
+def test_shapes_analyser_reads_real_images():
+    for size in (32, 64, 128):
+        images, _ = make_shapes(200, size, seed=5)
+        scores = adherence(images, [shape_attributes(5, i) for i in range(200)])
+        assert scores['all 5'] >= 0.98, (size, scores)
+    blank = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    assert analyse(blank)['shape'] is None  # nothing drawn: nothing read, no crash
+
+
+def test_ssim_is_one_on_itself_and_the_closed_form_on_flat_images():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    assert abs(ssim(x, x) - 1) < 1e-12
+    noisy = (x.float() + 40 * torch.randn(x.shape)).clamp(0, 255).to(torch.uint8)
+    assert ssim(noisy, x) < 0.9
+    a, b = torch.full((1, 3, 16, 16), 100, dtype=torch.uint8), torch.full((1, 3, 16, 16), 140, dtype=torch.uint8)
+    c1 = (0.01 * 255) ** 2  # flat images: no variance, so SSIM is its luminance term alone
+    assert abs(ssim(a, b) - (2 * 100 * 140 + c1) / (100 ** 2 + 140 ** 2 + c1)) < 1e-12
+
+
+def test_frechet_distance_matches_the_two_by_two_closed_form():
+    torch.manual_seed(0)
+    a = torch.randn(500, 2) @ torch.tensor([[1.0, 0.5], [0.0, 2.0]])
+    b = torch.randn(400, 2) @ torch.tensor([[0.7, -0.3], [0.2, 1.0]]) + torch.tensor([1.0, -2.0])
+    cov_a, cov_b = torch.cov(a.T.double()), torch.cov(b.T.double())
+    product = cov_a @ cov_b  # its eigenvalues are positive: Tr sqrt = sqrt(tr + 2 sqrt(det)) for 2x2
+    trace_root = torch.sqrt(product.trace() + 2 * torch.sqrt(torch.linalg.det(product)))
+    expected = (a.double().mean(0) - b.double().mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
+    assert abs(frechet_distance(a, b) - expected.item()) < 1e-9
+    assert abs(frechet_distance(a, a)) < 1e-9
+
+
+def test_group_classifier_learns_a_rare_group_and_balanced_accuracy_weighs_groups_equally():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, -1])  # -1: a group the classifier never learned, left out
+    predicted = torch.tensor([0, 0, 0, 0, 1, 0, 0])
+    balanced, plain = metrics.accuracy(predicted, labels)
+    assert balanced == (1.0 + 0.5) / 2 and abs(plain - 5 / 7) < 1e-7
+    colours = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=torch.uint8)
+    groups = torch.tensor([0] * 400 + [1] * 2 + [2] * 2)  # 200:1:1, like People & Body against the rest
+    images = torch.full((len(groups), 3, 32, 32), 255, dtype=torch.uint8)
+    images[:, :, 8:24, 8:24] = colours[groups][:, :, None, None]  # a coloured square on white
+    classifier = metrics.train_classifier(images, groups, 3, size=16, steps=100)
+    assert metrics.accuracy(metrics.read(classifier, images)[0], groups)[0] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# mobile.py (export_mobile.py, run_mobile.py): each export run by its runtime against PyTorch
+
 
 def _exportable_generator(control=''):
     return _wake_up(Iris(_tiny_config(fft_impl='dft', control=control))).eval().requires_grad_(False)
@@ -1311,14 +1351,18 @@ def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
     assert torch.allclose(tokens[:, :length][reference_mask], reference[reference_mask], atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------
-# Fuzz: every entry script, bad input, one error line
+# -----------------------------------------------------------------------------
+# fuzz: every entry script, bad input, one error line
 
 
 ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'distill.py', 'sample.py', 'eval_shapes.py', 'eval_real.py',
                  'export_mobile.py', 'run_mobile.py', 'bench.py')
+
+
 CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype', 'precision', 'backend', 'sections',
                    'format', 'sampler', 'control')
+
+
 READ_PATHS = {'train_vae.py': ('data_dir',), 'train_flow.py': ('vae_dir', 'data_dir'), 'distill.py': ('teacher_dir',),
               'sample.py': ('out_dir', 'init_image'), 'eval_shapes.py': ('out_dir',), 'eval_real.py': ('out_dir',),
               'export_mobile.py': ('out_dir',), 'run_mobile.py': ('export_dir',)}

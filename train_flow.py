@@ -92,7 +92,8 @@ config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_
 if init_from not in ('scratch', 'resume'):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
 if loss_weighting not in ('none', 'high_noise'):
-    raise SystemExit(f"error: loss_weighting must be 'none' or 'high_noise' (called 'seed' before), got '{loss_weighting}'")
+    raise SystemExit(f"error: loss_weighting must be 'none' or 'high_noise' (called 'seed' before), "
+                     f"got '{loss_weighting}'")
 if mixer not in ('grfm', 'attention'):
     raise SystemExit(f"error: mixer must be 'grfm' or 'attention', got '{mixer}'")
 if control and (control not in CONTROLS or not base_dir):
@@ -115,15 +116,18 @@ autocast, scaler = mixed_precision(dtype, device)
 
 encoder = load_text_encoder(text_encoder, device)
 vae = load_vae(vae_dir, device)
-data_settings = dict(dataset=dataset, data_dir=data_dir, image_size=image_size, num_images=num_images, num_holdout=num_holdout)
+data_settings = dict(dataset=dataset, data_dir=data_dir, image_size=image_size, num_images=num_images,
+                     num_holdout=num_holdout)
 data = load_training_set(data_settings, vae, vae_dir, encoder, cache_dir)
 latents, caption_ids, tokens, masks = data['latents'], data['caption_ids'], data['tokens'], data['mask']
 if batch_size > len(latents):
-    raise SystemExit(f"error: batch_size {batch_size} is larger than the {len(latents)} training images; lower --batch_size")
+    raise SystemExit(f"error: batch_size {batch_size} is larger than the {len(latents)} training images; "
+                     f"lower --batch_size")
 null_tokens, null_mask = encoder([""])  # the unconditional "prompt": [CLS] [SEP], never an empty sequence
 null_tokens, null_mask = pad_text(null_tokens.cpu(), null_mask.cpu(), tokens.shape[1])
 sample_prompts = data['holdout_captions'][:8]
-sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
+sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed))
+sample_noise = sample_noise.to(device)
 
 sizes = {k: v for k, v in dict(dim=dim, heads=heads, core_layers=core_layers).items() if v}
 if control:
@@ -139,8 +143,9 @@ else:
                               text_encoder=text_encoder, backprop_iters=backprop_iters).to(device)
 ema = make_ema(model)
 if master:
-    print(f"generator {model_size} {sizes or ''}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
-          + f"; {dtype} on {device}" + (f"; training only the {control} adapter" if control else ''))
+    counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
+    print(f"generator {model_size} {sizes or ''}: {counts}; {dtype} on {device}"
+          + (f"; training only the {control} adapter" if control else ''))
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
                               betas=(0.9, 0.99))
 data_generator = torch.Generator().manual_seed(seed)
@@ -162,11 +167,12 @@ def sample_and_save(step):
     if control:  # the control maps above the images drawn from them
         images = torch.cat([sample_controls.mul(255).to(torch.uint8).expand(-1, 3, -1, -1).cpu(), images])
     save_grid(images, os.path.join(out_dir, f"samples_{step:06d}.png"))
-    save_checkpoint(ckpt_path, model, ema, optimizer, step, config | dict(sample_prompts=sample_prompts), data_generator,
-                    scaler)
+    save_checkpoint(ckpt_path, model, ema, optimizer, step, config | dict(sample_prompts=sample_prompts),
+                    data_generator, scaler)
 
 
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='flow', dynamic_ncols=True, disable=not master)
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='flow', dynamic_ncols=True,
+           disable=not master)
 band_sum, band_count = torch.zeros(4), torch.zeros(4)
 start_time = time.time()
 for step in bar:
@@ -211,6 +217,7 @@ for step in bar:
         bar.set_postfix(loss=f"{loss.item():.4f}", r=iters)
 
 if master:
-    print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; samples {out_dir}/samples_{max_steps:06d}.png")
+    print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; "
+          f"samples {out_dir}/samples_{max_steps:06d}.png")
 if world_size > 1:
     torch.distributed.destroy_process_group()

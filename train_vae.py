@@ -92,9 +92,11 @@ def measure_latent_stats(model, images, batch=64, limit=4096):
 (train_images, _), (holdout_images, _) = load_data(dataset, data_dir, image_size, num_images, num_holdout, seed=0)
 print(f"data: {len(train_images)} training and {len(holdout_images)} held-out images at {image_size}x{image_size}")
 if batch_size > len(train_images):
-    raise SystemExit(f"error: batch_size {batch_size} is larger than the {len(train_images)} training images; lower --batch_size")
+    raise SystemExit(f"error: batch_size {batch_size} is larger than the {len(train_images)} training images; "
+                     f"lower --batch_size")
 
-model = WaveletVAE(channels, latent_channels, blocks_per_stage).to(device, memory_format=torch.channels_last)  # ~15% faster convs on CPU
+# channels_last: ~15% faster convolutions on a CPU
+model = WaveletVAE(channels, latent_channels, blocks_per_stage).to(device, memory_format=torch.channels_last)
 ema = make_ema(model)
 print(f"WaveletVAE: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M, "
       f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M parameters; {dtype} on {device}")
@@ -116,7 +118,8 @@ def evaluate_and_save(step):
     return psnr(recon, holdout_images)
 
 
-bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='vae', dynamic_ncols=True, disable=not master)
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='vae', dynamic_ncols=True,
+           disable=not master)
 start_time, score = time.time(), float('nan')
 for step in bar:
     for group in optimizer.param_groups:

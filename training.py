@@ -103,8 +103,9 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if scaler.is_enabled() and scaler.get_scale() < 2.0 ** -8:
-        raise SystemExit(f"error: the fp16 loss scale fell to {scaler.get_scale():.1e}: the gradients overflow at every "
-                         f"scale; lower --lr or use --dtype=bfloat16 or float32 (and resume with --init_from=resume)")
+        raise SystemExit(f"error: the fp16 loss scale fell to {scaler.get_scale():.1e}: the gradients overflow at "
+                         f"every scale; lower --lr or use --dtype=bfloat16 or float32 (and resume with "
+                         f"--init_from=resume)")
 
 
 def backward(share_loss, scaler, world_size, batch_size):

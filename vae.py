@@ -28,8 +28,9 @@ DOWNSAMPLE = 16  # image side / latent side: 2 from the DWT, 8 from the encoder
 
 def check_image_size(height, width, multiple=DOWNSAMPLE):
     if height % multiple or width % multiple:
+        nearest = [max(multiple, round(side / multiple) * multiple) for side in (height, width)]
         raise ValueError(f"image size {height}x{width} is not a multiple of {multiple}; "
-                         f"use e.g. {max(multiple, round(height / multiple) * multiple)}x{max(multiple, round(width / multiple) * multiple)}")
+                         f"use e.g. {nearest[0]}x{nearest[1]}")
 
 
 def norm(channels):
@@ -149,7 +150,8 @@ def vae_loss(wavelet_hat, x, mean, logvar, wavelet_weight=1.0, high_freq_weight=
     band_weights = torch.tensor([1.0, high_freq_weight, high_freq_weight, high_freq_weight], device=x.device)
     wavelet = (band_weights * band_errors).sum() / band_weights.sum()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    return pixel + wavelet_weight * wavelet + kl_weight * kl, dict(pixel=pixel.item(), wavelet=wavelet.item(), kl=kl.item())
+    parts = dict(pixel=pixel.item(), wavelet=wavelet.item(), kl=kl.item())
+    return pixel + wavelet_weight * wavelet + kl_weight * kl, parts
 
 
 @torch.no_grad()

@@ -28,7 +28,8 @@ def dwt(x, levels=1):
     for _ in range(levels):
         B, C, H, W = x.shape
         if H % 2 or W % 2:
-            raise ValueError(f"Haar DWT needs even height and width, got {H}x{W}: resize or crop the image to a multiple of {2 ** levels}")
+            raise ValueError(f"Haar DWT needs even height and width, got {H}x{W}: "
+                             f"resize or crop the image to a multiple of {2 ** levels}")
         pixels = F.pixel_unshuffle(x, 2).view(B, C, 4, H // 2, W // 2)  # 2x2 block of each channel
         bands = torch.einsum('kj,bcjhw->bkchw', HAAR.to(x), pixels)       # k: subband, c: colour
         x = bands.reshape(B, 4 * C, H // 2, W // 2)

@@ -30,7 +30,7 @@ if script == 'train_flow':
     batch_size = 32
     lr = 1e-3
     min_lr = 1e-4
-    loss_weighting = 'none'  # SD3's: at 500 steps, held-out loss 0.950 against 1.021 with 'high_noise' (docs/results.md)
+    loss_weighting = 'none'  # SD3's: held-out loss 0.950 against 1.021 with 'high_noise' at 500 steps (docs/results.md)
     warmup_steps = 100
     max_steps = 3000
     eval_interval = 500

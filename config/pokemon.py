@@ -1,7 +1,8 @@
 # The seed's setup as a quickstart: Pokemon BLIP captions (833 images) at 256x256 on one free
 # T4 (fp16 + GradScaler, chosen by dtype='auto'). VAE + generator estimated at ~24 min there
-# (`python bench.py --sections=memory`; README, "Run on a free T4"):
-#   python train_vae.py config/pokemon.py && python train_flow.py config/pokemon.py && python sample.py config/pokemon.py
+# (`python bench.py --sections=memory`; docs/usage.md, "On a free T4"):
+#   python train_vae.py config/pokemon.py && python train_flow.py config/pokemon.py
+#   python sample.py config/pokemon.py
 #   python distill.py config/pokemon.py && python sample.py config/pokemon.py --out_dir=out-pokemon-cd --steps=2
 #   python export_mobile.py config/pokemon.py --precision=fp16
 # A better model within one free Colab runtime: add config/pokemon_long.py after this file.
