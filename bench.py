@@ -42,6 +42,7 @@ from flow import flow_loss
 from model import (SIZES, CoreLayer, FourierMixer, IrisConfig, SelfAttentionMixer, count_parameters, iris_tiny,
                    linear_scan, sequential_scan, wake_up)
 from mobile import peak_rss_mb, xnnpack_partitioner
+from text import Prompt, load_text_encoder
 from training import mixed_precision, optimizer_step
 from vae import WaveletVAE, vae_loss
 
@@ -269,7 +270,6 @@ def config_setting(settings, key, script):
 
 
 def bench_memory():
-    from text import load_text_encoder
     print(f"## One training step of {config} in {dtype} autocast, measured on this CPU\n")
     autocast, _ = mixed_precision(dtype, "cpu")
     rows, total_minutes = [], 0.0
@@ -293,11 +293,11 @@ def bench_memory():
     model = SIZES[config_setting(flow_settings, "model_size", "train_flow")](patch_size=patch, text_dim=encoder.width,
                                                                             backprop_iters=backprop_iters)
     z, t = torch.randn(batch, 16, size // 16, size // 16), torch.rand(batch)
-    text, mask = torch.randn(batch, 77, encoder.width), torch.ones(batch, 77, dtype=torch.bool)  # the longest prompts
+    prompt = Prompt(torch.randn(batch, 77, encoder.width), torch.ones(batch, 77, dtype=torch.bool))  # the longest
 
     def flow_step(r):
         with autocast:
-            return flow_loss(model, z, text, mask, r, t=t, eps=torch.randn_like(z))[0].mean()
+            return flow_loss(model, z, prompt, r, t=t, eps=torch.randn_like(z))[0].mean()
     # memory at the largest r (flat in r with backprop_iters); FLOPs and ops grow linearly in r,
     # so the step at the mean r drawn is the line through the smallest and the largest
     low, high = (measure_training_step(model, lambda: flow_step(r)) for r in (min(train_iters), max(train_iters)))
@@ -341,7 +341,7 @@ def bench_compile():
 
             def train_step():
                 with autocast:
-                    loss = flow_loss(step_model, z, text, mask, r, t=t, eps=torch.randn_like(z))[0].mean()
+                    loss = flow_loss(step_model, z, Prompt(text, mask), r, t=t, eps=torch.randn_like(z))[0].mean()
                 scaler.scale(loss).backward()
                 optimizer_step(model, optimizer, scaler, 1.0)
             start = time.perf_counter()

@@ -31,7 +31,7 @@ from configurator import configure
 from data import save_grid
 from flow import consistency_loss, text_to_image, time_grid
 from model import load_generator
-from text import load_text_encoder
+from text import Prompt, load_text_encoder
 from training import (LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema,
                       micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
                       stop_if_diverged, sync_gradients, wrap_distributed)
@@ -82,8 +82,9 @@ encoder = load_text_encoder(teacher.config.text_encoder, device)
 vae = load_vae(run['vae_dir'], device)
 data_settings = {k: run[k] for k in ('dataset', 'data_dir', 'image_size', 'num_images', 'num_holdout')}
 data = load_training_set(data_settings, vae, run['vae_dir'], encoder, cache_dir)
-latents, caption_ids, tokens, masks = data['latents'], data['caption_ids'], data['tokens'], data['mask']
-null_tokens, null_mask = (t.to(device) for t in encoder([""]))
+latents, caption_rows = data['latents'], data['caption_ids']  # image i's caption is row caption_rows[i] of captions
+captions = Prompt(data['tokens'], data['mask'])  # each distinct caption once
+null_prompt = encoder([""]).to(device)
 grid = time_grid(schedule_steps).flip(0).to(device)  # 0 = t_0 < t_1 < ... < t_N = 1
 
 student = copy.deepcopy(teacher).train().requires_grad_(True)  # starts as the teacher's EMA weights
@@ -107,7 +108,7 @@ sample_noise = torch.randn(len(run['sample_prompts']), *latents.shape[1:],
 
 def sample_and_save(step):
     with autocast:
-        rows = [text_to_image(target, vae, encoder, run['sample_prompts'], sample_noise, steps, iters=iters,
+        rows = [text_to_image(target, vae, encoder, run['sample_prompts'], sample_noise, steps=steps, iters=iters,
                               sampler='consistency', generator=torch.Generator().manual_seed(seed))
                 for steps in (1, 2, 4)]
     save_grid(torch.cat(rows), os.path.join(out_dir, f"samples_{step:06d}.png"), columns=len(run['sample_prompts']))
@@ -124,12 +125,14 @@ for step in bar:
     n = torch.randint(schedule_steps, (batch_size,), generator=data_generator).to(device)
     loss_sum = torch.zeros(())
     for micro, share in enumerate(shares):
-        rows = caption_ids[index[share]]
+        rows = caption_rows[index[share]]
         with sync_gradients(train_student, last=micro == len(shares) - 1):
             with autocast:  # the forward only: backward runs each op in the dtype its forward chose
-                loss = consistency_loss(train_student, target, teacher, latents[index[share]].to(device),
-                                        tokens[rows].float().to(device), masks[rows].to(device), null_tokens, null_mask,
-                                        grid[n[share]], grid[n[share] + 1], teacher_cfg, teacher_iters, iters, huber_c)
+                loss = consistency_loss(train_student, target, teacher, x0=latents[index[share]].to(device),
+                                        prompt=Prompt(captions.text[rows].float(), captions.mask[rows]).to(device),
+                                        null_prompt=null_prompt, t_now=grid[n[share]], t_next=grid[n[share] + 1],
+                                        cfg_scale=teacher_cfg, teacher_iters=teacher_iters, iters=iters,
+                                        huber_c=huber_c)
             backward(loss * len(share), scaler, world_size, batch_size)
         loss_sum += loss.detach().float().cpu() * len(share)
     loss = all_sum(loss_sum) / batch_size

@@ -70,16 +70,16 @@ def load_split(folder, image_size):
 
 
 @torch.no_grad()
-def held_out_flow_loss(model, latents, tokens, mask):
+def held_out_flow_loss(model, latents, prompt):
     """Mean loss at t = 1/8, 3/8, 5/8, 7/8 with one fixed noise per image, per r."""
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     rows = {}
     for r in loss_iters:
         bands = []
         for t in (0.125, 0.375, 0.625, 0.875):
-            losses = [flow_loss(model, latents[i:i + batch_size], tokens[i:i + batch_size], mask[i:i + batch_size], r,
-                                t=torch.full((len(latents[i:i + batch_size]),), t, device=device),
-                                eps=noise[i:i + batch_size])[0] for i in range(0, len(latents), batch_size)]
+            batches = [slice(i, i + batch_size) for i in range(0, len(latents), batch_size)]
+            losses = [flow_loss(model, latents[b], prompt.rows(b), r, eps=noise[b],
+                                t=torch.full((len(latents[b]),), t, device=device))[0] for b in batches]
             bands.append(torch.cat(losses).mean().item())
         rows[r] = bands
     return rows
@@ -170,9 +170,8 @@ if 'loss' in sections:
     with torch.no_grad():
         latents = torch.cat([vae.encode_latent(to_float(test_images[i:i + batch_size]).to(device))
                              for i in range(0, len(test_images), batch_size)])
-    tokens, mask = encoder(test_captions)
     with autocast:
-        losses = held_out_flow_loss(model, latents, tokens.to(device), mask.to(device))
+        losses = held_out_flow_loss(model, latents, encoder(test_captions).to(device))
     print("| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean |\n|---|---|---|---|---|---|")
     for r, bands in losses.items():
         print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} |")

@@ -56,8 +56,9 @@ def generate(model, vae, encoder, captions, noise, steps, iters, sampler, contro
     generator = torch.Generator().manual_seed(seed + 1)
     batches = range(0, len(captions), batch_size)
     with mixed_precision(resolve_dtype(dtype, device), device)[0]:
-        return torch.cat([text_to_image(model, vae, encoder, captions[i:i + batch_size], noise[i:i + batch_size], steps,
-                                        cfg_scale, iters, shift, sampler, generator, control_strength=control_strength,
+        return torch.cat([text_to_image(model, vae, encoder, captions[i:i + batch_size], noise[i:i + batch_size],
+                                        steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift, sampler=sampler,
+                                        generator=generator, control_strength=control_strength,
                                         **{k: v[i:i + batch_size] for k, v in per_caption.items()}) for i in batches])
 
 

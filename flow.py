@@ -1,6 +1,7 @@
 """
-Rectified flow (Liu et al. 2022, arXiv 2209.03003; SD3's recipe, Esser et al. 2024), the
-maths only: the generator is any `model(z, t, text, mask, iters)` that returns a velocity.
+Rectified flow (Liu et al. 2022, arXiv 2209.03003; SD3's recipe, Esser et al. 2024): the
+generator is any `model(z, t, text, mask, iters)` that returns a velocity, and a caption
+travels as a text.Prompt (text, mask).
 
     x_t = (1 - t) x_0 + t eps,   t ~ sigmoid(N(0, 1)),   target v = eps - x_0
     sample: Euler from t = 1 (noise) to t = 0 (data), x <- x - dt * v
@@ -9,17 +10,16 @@ maths only: the generator is any `model(z, t, text, mask, iters)` that returns a
 and its few-step form, a consistency model (Song et al. 2023, arXiv 2303.01469) that
 reuses the same network: f(x_t, t) = x_t - t v(x_t, t) predicts x_0 and is exactly x at
 t = 0; sampling predicts x_0, re-noises to the next time and repeats (distill.py).
+
+text_to_image and upscale at the end wrap the maths with the text encoder and the VAE:
+captions in, uint8 images out.
 """
 import torch
 import torch.nn.functional as F
 
 from data import to_float, to_uint8
+from text import Prompt
 from wavelet import impose_lowpass
-
-
-def pad_text(text, mask, length):
-    """Pad (B, L, W) tokens and their (B, L) mask with masked-out positions up to `length`."""
-    return F.pad(text, (0, 0, 0, length - text.shape[1])), F.pad(mask, (0, length - mask.shape[1]), value=False)
 
 
 def noised(x0, noise, t):
@@ -27,7 +27,7 @@ def noised(x0, noise, t):
     return (1 - t) * x0 + t * noise
 
 
-def flow_loss(model, x0, text, mask, iters, weighting='none', t=None, eps=None):
+def flow_loss(model, x0, prompt, iters, weighting='none', t=None, eps=None):
     """Per-sample loss (B,) and the t it was drawn at (B,); t and eps are drawn unless given.
 
     weighting 'none' is SD3's choice; 'high_noise' is the seed document's t / (1 - t + 0.05),
@@ -35,7 +35,7 @@ def flow_loss(model, x0, text, mask, iters, weighting='none', t=None, eps=None):
     t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device)) if t is None else t
     eps = torch.randn_like(x0) if eps is None else eps
     x_t = noised(x0, eps, t.view(-1, 1, 1, 1))
-    error = (model(x_t, t, text, mask, iters) - (eps - x0)).float().square().mean(dim=(1, 2, 3))
+    error = (model(x_t, t, prompt.text, prompt.mask, iters) - (eps - x0)).float().square().mean(dim=(1, 2, 3))
     if weighting == 'high_noise':
         error = error * t / (1 - t + 0.05)
     return error, t
@@ -48,30 +48,30 @@ def time_grid(steps, shift=1.0, t_start=1.0):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def encode_once(model, text, mask, control=None):
+def encode_once(model, prompt, control=None):
     """model(x, t, text, mask, iters) for a prompt that stays the same through sampling, as
     v(x, t, iters). A generator that can encode a prompt ahead (Iris.encode_prompt: every
     cross-attention's keys and values of the text) does it here, once per sampling call.
     control: the tokens of Iris.encode_control, or None."""
     if not hasattr(model, 'encode_prompt'):
-        return lambda x, t, iters: model(x, t, text, mask, iters)
-    prompt = model.encode_prompt(text, mask)
-    return lambda x, t, iters: model.velocity(x, t, prompt, iters, control)
+        return lambda x, t, iters: model(x, t, prompt.text, prompt.mask, iters)
+    encoded = model.encode_prompt(prompt.text, prompt.mask)
+    return lambda x, t, iters: model.velocity(x, t, encoded, iters, control)
 
 
-def guided(model, text, mask, null_text, null_mask, cfg_scale, control=None):
+def guided(model, prompt, null_prompt, cfg_scale, control=None):
     """-> v(x, t, iters), t a scalar or (B,): classifier-free guidance, v_u + w (v_c - v_u),
-    with both branches in one batch and the prompts encoded once. A control acts on both
-    branches (as in ControlNet), so guidance sharpens the text's share only."""
+    with both branches in one batch and the prompts encoded once. null_prompt is the empty
+    caption's (1 row). A control acts on both branches (as in ControlNet), so guidance
+    sharpens the text's share only."""
     if cfg_scale == 1.0:
-        velocity = encode_once(model, text, mask, control)
+        velocity = encode_once(model, prompt, control)
         return lambda x, t, iters: velocity(x, t.expand(len(x)), iters)
-    length = max(text.shape[1], null_text.shape[1])
-    text, mask = pad_text(text, mask, length)
-    null_text, null_mask = pad_text(null_text, null_mask, length)
-    velocity = encode_once(model, torch.cat([text, null_text.expand(len(text), -1, -1)]),
-                           torch.cat([mask, null_mask.expand(len(text), -1)]),
-                           None if control is None else torch.cat([control, control]))
+    length = max(prompt.text.shape[1], null_prompt.text.shape[1])
+    prompt, null_prompt = prompt.padded(length), null_prompt.padded(length)
+    both = Prompt(torch.cat([prompt.text, null_prompt.text.expand(len(prompt.text), -1, -1)]),
+                  torch.cat([prompt.mask, null_prompt.mask.expand(len(prompt.mask), -1)]))
+    velocity = encode_once(model, both, None if control is None else torch.cat([control, control]))
 
     def guided_velocity(x, t, iters):
         t = t.expand(len(x))
@@ -81,8 +81,8 @@ def guided(model, text, mask, null_text, null_mask, cfg_scale, control=None):
 
 
 @torch.no_grad()
-def euler_sample(model, noise, text, mask, null_text, null_mask, steps=25, cfg_scale=4.0, iters=8, shift=1.0,
-                 init=None, strength=1.0, keep=None, control=None):
+def euler_sample(model, noise, prompt, null_prompt, steps=25, cfg_scale=4.0, iters=8, shift=1.0, init=None,
+                 strength=1.0, keep=None, control=None):
     """Integrate dx/dt = v from t = strength (1: pure noise) to t = 0; returns x_0 (B, 16, h, w).
 
     Editing with the same model: img2img (SDEdit, Meng et al. 2021, arXiv 2108.01073)
@@ -95,7 +95,7 @@ def euler_sample(model, noise, text, mask, null_text, null_mask, steps=25, cfg_s
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
-    velocity = guided(model, text, mask, null_text, null_mask, cfg_scale, control)
+    velocity = guided(model, prompt, null_prompt, cfg_scale, control)
     for t, t_next in zip(times[:-1], times[1:]):
         x = x - (t - t_next) * velocity(x, t, iters)
         if keep is not None:
@@ -109,24 +109,25 @@ def consistency_fn(velocity, x, t, iters):
     return x - t.view(-1, 1, 1, 1) * velocity(x, t, iters)
 
 
-def consistency_loss(student, target, teacher, x0, text, mask, null_text, null_mask, t_now, t_next, cfg_scale,
-                     teacher_iters, iters, huber_c):
+def consistency_loss(student, target, teacher, x0, prompt, null_prompt, t_now, t_next, cfg_scale, teacher_iters, iters,
+                     huber_c):
     """Consistency distillation (CM, Algorithm 2) for one batch; t_now < t_next are (B,)
     neighbours on the teacher's grid. The teacher takes one guided Euler step from
     t_next to t_now; the student at t_next must predict what the target predicts at t_now."""
     x_next = noised(x0, torch.randn_like(x0), t_next.view(-1, 1, 1, 1))
     with torch.no_grad():
-        v = guided(teacher, text, mask, null_text, null_mask, cfg_scale)(x_next, t_next, teacher_iters)
+        v = guided(teacher, prompt, null_prompt, cfg_scale)(x_next, t_next, teacher_iters)
         x_now = x_next - (t_next - t_now).view(-1, 1, 1, 1) * v
-        goal = consistency_fn(encode_once(target, text, mask), x_now, t_now, iters)
+        goal = consistency_fn(encode_once(target, prompt), x_now, t_now, iters)
     # the student is called whole, as DDP and torch.compile wrap it
-    prediction = consistency_fn(lambda x, t, iters: student(x, t, text, mask, iters), x_next, t_next, iters)
+    student_velocity = lambda x, t, iters: student(x, t, prompt.text, prompt.mask, iters)  # noqa: E731
+    prediction = consistency_fn(student_velocity, x_next, t_next, iters)
     distance = (prediction - goal).float().square().sum(dim=(1, 2, 3))
     return (torch.sqrt(distance + huber_c ** 2) - huber_c).mean()  # pseudo-Huber (iCT, arXiv 2310.14189)
 
 
 @torch.no_grad()
-def consistency_sample(model, noise, text, mask, steps=2, iters=8, generator=None, init=None, strength=1.0, keep=None,
+def consistency_sample(model, noise, prompt, steps=2, iters=8, generator=None, init=None, strength=1.0, keep=None,
                        control=None):
     """Multistep consistency sampling (CM, Algorithm 1): predict x_0, re-noise it to the
     next time of the grid, predict again. The guidance is baked into the student.
@@ -135,7 +136,7 @@ def consistency_sample(model, noise, text, mask, steps=2, iters=8, generator=Non
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
-    velocity = encode_once(model, text, mask, control)
+    velocity = encode_once(model, prompt, control)
     for t, t_next in zip(times[:-1], times[1:]):
         x0 = consistency_fn(velocity, x, t.expand(len(x)), iters)
         if keep is not None:
@@ -152,14 +153,14 @@ def text_to_image(model, vae, encoder, prompts, noise, steps=25, cfg_scale=4.0, 
     re-noising draws from generator). init, strength, keep: editing, see euler_sample.
     control: control images (B, 1, H, W) for a model with a ControlAdapter, whose tokens are
     scaled by control_strength (0: the base model, 1: as trained)."""
-    text, mask = encoder(prompts)
+    prompt = Prompt(*encoder(prompts))
     control = None if control is None else model.encode_control(control.to(noise.device), control_strength)
     edit = dict(init=init, strength=strength, keep=keep, control=control)
     if sampler == 'consistency':
-        z = consistency_sample(model, noise, text, mask, steps, iters, generator, **edit)
+        z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, **edit)
     else:
-        null_text, null_mask = encoder([""])
-        z = euler_sample(model, noise, text, mask, null_text, null_mask, steps, cfg_scale, iters, shift, **edit)
+        z = euler_sample(model, noise, prompt, Prompt(*encoder([""])), steps=steps, cfg_scale=cfg_scale, iters=iters,
+                         shift=shift, **edit)
     return to_uint8(vae.decode_latent(z).float()).cpu()
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from data import control_map, make_shapes
 from flow import consistency_sample, euler_sample
 from model import FourierMixer
-from text import MAX_TOKENS
+from text import MAX_TOKENS, Prompt
 
 
 def peak_rss_mb():
@@ -74,7 +74,7 @@ def load_part(export_dir, part, fmt, dtype):
 
 
 class MobileTextEncoder:
-    """prompts -> tokens (B, L, W), mask (B, L): the tokenizer.json export_mobile.py saved
+    """prompts -> text.Prompt (B, L, W), (B, L): the tokenizer.json export_mobile.py saved
     (pads and truncates to the exported length) and the text encoder, one prompt at a time."""
 
     def __init__(self, run, tokenizer_path):
@@ -88,7 +88,7 @@ class MobileTextEncoder:
             mask = torch.tensor([encoding.attention_mask], dtype=torch.long)
             tokens.append(self.run('forward', ids, mask)[0])
             masks.append(mask.bool())
-        return torch.cat(tokens), torch.cat(masks)
+        return Prompt(torch.cat(tokens), torch.cat(masks))
 
 
 class MobileGenerator:
@@ -128,15 +128,14 @@ def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, 
     part is in memory at a time. export_mobile.py runs this with the PyTorch models too.
     control: a control map (B, 1, H, W) for a control run's generator."""
     encoder = get_part('text_encoder')
-    text, mask = encoder(prompts)
-    null_text, null_mask = encoder([''])
+    prompt, null_prompt = encoder(prompts), encoder([''])
     del encoder
     model = get_part('generator')
     control = None if control is None else model.encode_control(control)
     if sampler == 'consistency':
-        z = consistency_sample(model, noise, text, mask, steps, iters, generator, control=control)
+        z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, control=control)
     else:
-        z = euler_sample(model, noise, text, mask, null_text, null_mask, steps, cfg_scale, iters, shift,
+        z = euler_sample(model, noise, prompt, null_prompt, steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift,
                          control=control)
     del model
     return get_part('vae_decoder')(z)

@@ -31,6 +31,7 @@ Run `python bench.py` for parameter counts and timings; tests are in test_iris.p
 """
 import contextlib
 import glob
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ class IrisConfig:
     patch_size: int = 2          # 2 for 256 px and up (512 px -> 256 tokens), 1 for small images
     dim: int = 384
     heads: int = 6               # attention heads and Manhattan-decay heads
+    prelude_blocks: int = 2      # depthwise-conv blocks before the Core
     core_layers: int = 2         # layers in the shared Core block
+    coda_blocks: int = 2         # window-attention blocks after it
     mlp_ratio: float = 4.0
     text_dim: int = 384          # width of the text encoder's tokens (MiniLM 384, CLIP-L 768)
     fourier_blocks: int = 8      # AFNO's block-diagonal split of the channels
@@ -576,10 +579,10 @@ class Iris(nn.Module):
         self.time_embed = ScalarEmbedder(D, scale=1000.0)      # t in [0, 1] spread like DDPM's 1000 steps
         self.progress_embed = ScalarEmbedder(D, scale=1000.0)  # i / r in [0, 1)
         self.text_pool = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
-        self.prelude = nn.ModuleList([PreludeBlock(D, cfg.mlp_ratio) for _ in range(2)])
+        self.prelude = nn.ModuleList([PreludeBlock(D, cfg.mlp_ratio) for _ in range(cfg.prelude_blocks)])
         self.adapter = nn.Linear(2 * D, D)
         self.core = nn.ModuleList([CoreLayer(cfg) for _ in range(cfg.core_layers)])
-        self.coda = nn.ModuleList([CodaBlock(cfg) for _ in range(2)])
+        self.coda = nn.ModuleList([CodaBlock(cfg) for _ in range(cfg.coda_blocks)])
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.unpatchify = nn.ConvTranspose2d(D, cfg.latent_channels, cfg.patch_size, stride=cfg.patch_size)
@@ -739,11 +742,13 @@ SIZES = {"tiny": iris_tiny, "small": iris_small, "base": iris_base}
 
 
 def newest_generator_run():
+    """The newest run under out*/ whose checkpoint holds a generator: its model config names a
+    text encoder, which a VAE's does not."""
     from safetensors import safe_open
     runs = []
     for path in glob.glob("out*/ckpt.safetensors"):
         with safe_open(path, framework="pt") as f:
-            if "text_encoder" in (f.metadata() or {}).get("model_config", ""):  # a generator, not a VAE
+            if "text_encoder" in json.loads((f.metadata() or {}).get("model_config", "{}")):
                 runs.append(path)
     if not runs:
         raise SystemExit("error: no generator checkpoint under out*/; train one with "

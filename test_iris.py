@@ -37,7 +37,7 @@ from flow import (consistency_fn, consistency_loss, consistency_sample, encode_o
 from model import (CHUNK, SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SelfAttentionMixer,
                    SpatialMixer, count_parameters, irfft2_dft, linear_scan, load_generator, rfft2_dft, sequential_scan,
                    wake_up, window_attention)
-from text import load_text_encoder
+from text import Prompt, load_text_encoder
 import training
 from training import (ema_update, load_checkpoint, make_ema, mixed_precision, optimizer_step, read_checkpoint,
                       save_checkpoint)
@@ -498,11 +498,11 @@ def test_minilm_tokens_masks_empty_and_overlong_prompts():
     encoder = load_text_encoder('minilm')
     assert encoder.width == 384 and len(encoder.tokenizer) == 30522
     with pytest.warns(UserWarning, match='only the first 77'):
-        tokens, mask = encoder(['a red circle', '', 'red ' * 200])
-    assert tokens.shape == (3, 77, 384) and mask.sum(1).tolist() == [5, 2, 77]  # '' is [CLS] [SEP], not nothing
-    alone, _ = encoder(['a red circle'])
-    torch.testing.assert_close(alone[0], tokens[0, :5], rtol=0, atol=1e-4)  # padding does not leak into real tokens
-    assert (alone[0] - encoder(['a blue circle'])[0][0]).abs().max() > 0.1
+        text, mask = encoder(['a red circle', '', 'red ' * 200])
+    assert text.shape == (3, 77, 384) and mask.sum(1).tolist() == [5, 2, 77]  # '' is [CLS] [SEP], not nothing
+    alone = encoder(['a red circle']).text
+    torch.testing.assert_close(alone[0], text[0, :5], rtol=0, atol=1e-4)  # padding does not leak into real tokens
+    assert (alone[0] - encoder(['a blue circle']).text[0]).abs().max() > 0.1
 
 
 def test_missing_clip_fails_at_once_with_a_message():
@@ -556,12 +556,12 @@ def test_euler_integrates_a_known_flow_exactly():
     # straight lines, which Euler integrates exactly at any step count
     c = torch.randn(1, 16, 2, 2)
     exact = lambda x, t, text, mask, iters: (x - c) / t.view(-1, 1, 1, 1)  # noqa: E731
-    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
+    prompt = Prompt(torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool))
     for steps in (1, 3, 25):
-        x0 = euler_sample(exact, torch.randn(3, 16, 2, 2), text, mask, text[:1], mask[:1], steps, cfg_scale=1.0,
+        x0 = euler_sample(exact, torch.randn(3, 16, 2, 2), prompt, prompt.rows(slice(0, 1)), steps=steps, cfg_scale=1.0,
                           iters=1)
         torch.testing.assert_close(x0, c.expand(3, -1, -1, -1), rtol=0, atol=1e-5)
-    loss, t = flow_loss(exact, c.expand(64, -1, -1, -1), text[:1].expand(64, -1, -1), mask[:1].expand(64, -1), 1)
+    loss, t = flow_loss(exact, c.expand(64, -1, -1, -1), prompt.rows([0] * 64), 1)
     assert loss.shape == t.shape == (64,) and loss.max() < 1e-8 and 0 < t.min() and t.max() < 1
 
 
@@ -569,11 +569,11 @@ def test_guidance_combines_the_two_branches():
     def model(x, t, text, mask, iters):
         return x * (text * mask[..., None]).sum((1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)
     x, t = torch.randn(2, 16, 2, 2), torch.tensor(0.5)
-    text, mask = torch.ones(2, 3, 4), torch.tensor([[True, True, True], [True, False, False]])
-    null, null_mask = torch.ones(1, 2, 4), torch.tensor([[True, False]])
-    v_cond = model(x, t.expand(2), text, mask, 1)
-    v_uncond = model(x, t.expand(2), null.expand(2, -1, -1), null_mask.expand(2, -1), 1)
-    guided_velocity = guided(model, text, mask, null, null_mask, 3.0)
+    prompt = Prompt(torch.ones(2, 3, 4), torch.tensor([[True, True, True], [True, False, False]]))
+    null_prompt = Prompt(torch.ones(1, 2, 4), torch.tensor([[True, False]]))
+    v_cond = model(x, t.expand(2), *prompt, 1)
+    v_uncond = model(x, t.expand(2), *null_prompt.rows([0, 0]), 1)
+    guided_velocity = guided(model, prompt, null_prompt, 3.0)
     torch.testing.assert_close(guided_velocity(x, t, 1), v_uncond + 3 * (v_cond - v_uncond))
 
 
@@ -585,7 +585,7 @@ def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype, mixer):
     images, captions = make_shapes(32, 64)
     x0 = vae.encode_latent(to_float(images)).detach()
     x0 = (x0 - x0.mean()) / x0.std()
-    text, mask = _Offset()(captions)
+    prompt = Prompt(*_Offset()(captions))
     model = Iris(_tiny_config(text_dim=4, backprop_iters=2, window=3, mixer=mixer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     precision = mixed_precision(dtype, 'cpu')
@@ -593,9 +593,9 @@ def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype, mixer):
 
     def held_loss():
         with torch.no_grad(), precision[0]:
-            return flow_loss(model, x0, text, mask, 3, t=t, eps=eps)[0].mean().item()
+            return flow_loss(model, x0, prompt, 3, t=t, eps=eps)[0].mean().item()
     before = held_loss()
-    losses = [_train_step(model, optimizer, precision, lambda: flow_loss(model, x0, text, mask, 3)[0].mean())
+    losses = [_train_step(model, optimizer, precision, lambda: flow_loss(model, x0, prompt, 3)[0].mean())
               for _ in range(60)]
     assert np.isfinite(losses).all() and held_loss() < 0.8 * before, (before, held_loss())  # 2.01 -> 1.49 in each dtype
 
@@ -603,8 +603,9 @@ def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype, mixer):
 def test_consistency_boundary_condition_is_exact():
     model = _wake_up(Iris(_tiny_config()))
     z, _, text, mask = _inputs()
-    assert torch.equal(consistency_fn(encode_once(model, text, mask), z, torch.zeros(2), 2), z)
-    assert not torch.equal(consistency_fn(encode_once(model, text, mask), z, torch.full((2,), 0.5), 2), z)
+    velocity = encode_once(model, Prompt(text, mask))
+    assert torch.equal(consistency_fn(velocity, z, torch.zeros(2), 2), z)
+    assert not torch.equal(consistency_fn(velocity, z, torch.full((2,), 0.5), 2), z)
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
@@ -613,8 +614,7 @@ def test_distillation_steps_lower_the_consistency_loss(dtype):
     images, captions = make_shapes(32, 32)
     x0 = WaveletVAE(channels=(8, 16, 16)).encode_latent(to_float(images)).detach()
     x0 = (x0 - x0.mean()) / x0.std()
-    text, mask = _Offset()(captions)
-    null_text, null_mask = _Offset()([''])
+    prompt, null_prompt = Prompt(*_Offset()(captions)), Prompt(*_Offset()(['']))
     teacher = _wake_up(Iris(_tiny_config(text_dim=4))).requires_grad_(False)
     student = copy.deepcopy(teacher).requires_grad_(True)
     target = make_ema(student)
@@ -624,8 +624,8 @@ def test_distillation_steps_lower_the_consistency_loss(dtype):
 
     def loss(seed):
         torch.manual_seed(seed)
-        return consistency_loss(student, target, teacher, x0, text, mask, null_text, null_mask, grid[n], grid[n + 1],
-                                3.0, 2, 2, huber_c=0.01)
+        return consistency_loss(student, target, teacher, x0=x0, prompt=prompt, null_prompt=null_prompt, t_now=grid[n],
+                                t_next=grid[n + 1], cfg_scale=3.0, teacher_iters=2, iters=2, huber_c=0.01)
     precision = mixed_precision(dtype, 'cpu')
     with torch.no_grad(), precision[0]:
         before = sum(loss(seed).item() for seed in range(4))
@@ -652,10 +652,11 @@ class _Recorder(nn.Module):
 def test_img2img_strength_is_the_starting_time():
     init, noise = torch.randn(1, 16, 2, 2), torch.randn(3, 16, 2, 2)
     still = lambda x, t, text, mask, iters: torch.zeros_like(x)  # noqa: E731  v = 0: x stays where it starts
-    text, mask = torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool)
+    prompt = Prompt(torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool))
     for strength in (0.0, 0.3, 1.0):
         assert time_grid(5, 1.0, strength)[0] == strength
-        x = euler_sample(still, noise, text, mask, text[:1], mask[:1], 5, 1.0, 1, init=init, strength=strength)
+        x = euler_sample(still, noise, prompt, prompt.rows(slice(0, 1)), steps=5, cfg_scale=1.0, iters=1, init=init,
+                         strength=strength)
         torch.testing.assert_close(x, (1 - strength) * init + strength * noise)
 
 
@@ -666,12 +667,14 @@ def test_inpainting_keeps_the_known_latent_exactly_at_every_step():
     keep = torch.ones(1, 1, 4, 4)
     keep[..., :2, :2] = 0      # repaint the top-left 2x2 cells
     keep[..., 2, :2] = 0.5     # and blend the row below
-    x = euler_sample(model, noise, text, mask, text[:1, :2], mask[:1, :2], 6, 3.0, 2, init=init, keep=keep)
+    prompt = Prompt(text, mask)
+    null_prompt = Prompt(text[:1, :2], mask[:1, :2])
+    x = euler_sample(model, noise, prompt, null_prompt, steps=6, cfg_scale=3.0, iters=2, init=init, keep=keep)
     known = (keep == 1).expand_as(noise)
     for latent, t in model.seen:
         assert torch.equal(latent[known], ((1 - t) * init + t * noise)[known])
     assert torch.equal(x[known], init.expand_as(noise)[known]) and not torch.equal(x, init.expand_as(noise))
-    consistency = consistency_sample(model.model, noise, text, mask, 2, 2, init=init, keep=keep)
+    consistency = consistency_sample(model.model, noise, prompt, steps=2, iters=2, init=init, keep=keep)
     assert torch.equal(consistency[known], init.expand_as(noise)[known])
 
 

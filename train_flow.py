@@ -30,9 +30,9 @@ from tqdm import tqdm
 from cache import load_control_maps, load_training_set
 from configurator import configure
 from data import CONTROLS, save_grid
-from flow import flow_loss, pad_text, text_to_image
+from flow import flow_loss, text_to_image
 from model import SIZES, count_parameters, load_generator
-from text import load_text_encoder
+from text import Prompt, load_text_encoder
 from training import (LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema,
                       micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
                       stop_if_diverged, sync_gradients, wrap_distributed)
@@ -119,12 +119,12 @@ vae = load_vae(vae_dir, device)
 data_settings = dict(dataset=dataset, data_dir=data_dir, image_size=image_size, num_images=num_images,
                      num_holdout=num_holdout)
 data = load_training_set(data_settings, vae, vae_dir, encoder, cache_dir)
-latents, caption_ids, tokens, masks = data['latents'], data['caption_ids'], data['tokens'], data['mask']
+latents, caption_rows = data['latents'], data['caption_ids']  # image i's caption is row caption_rows[i] of captions
+captions = Prompt(data['tokens'], data['mask'])  # each distinct caption once
 if batch_size > len(latents):
     raise SystemExit(f"error: batch_size {batch_size} is larger than the {len(latents)} training images; "
                      f"lower --batch_size")
-null_tokens, null_mask = encoder([""])  # the unconditional "prompt": [CLS] [SEP], never an empty sequence
-null_tokens, null_mask = pad_text(null_tokens.cpu(), null_mask.cpu(), tokens.shape[1])
+null_prompt = encoder([""]).to('cpu').padded(captions.text.shape[1])  # the unconditional branch's: [CLS] [SEP]
 sample_prompts = data['holdout_captions'][:8]
 sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed))
 sample_noise = sample_noise.to(device)
@@ -162,8 +162,8 @@ if master:
 
 def sample_and_save(step):
     with autocast:
-        images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, sample_steps, cfg_scale, sample_iters,
-                               control=sample_controls if control else None)
+        images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, steps=sample_steps, cfg_scale=cfg_scale,
+                               iters=sample_iters, control=sample_controls if control else None)
     if control:  # the control maps above the images drawn from them
         images = torch.cat([sample_controls.mul(255).to(torch.uint8).expand(-1, 3, -1, -1).cpu(), images])
     save_grid(images, os.path.join(out_dir, f"samples_{step:06d}.png"))
@@ -180,10 +180,10 @@ for step in bar:
         group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
     # the whole step's batch, noise and times, the same in every process, which trains on its shares
     index = torch.randint(len(latents), (batch_size,), generator=data_generator)
-    rows = caption_ids[index]
-    text, mask = tokens[rows].float(), masks[rows]
+    rows = caption_rows[index]
+    text, mask = captions.text[rows].float(), captions.mask[rows]
     drop = torch.rand(batch_size, generator=data_generator) < cfg_dropout
-    text[drop], mask[drop] = null_tokens, null_mask
+    text[drop], mask[drop] = null_prompt.text, null_prompt.mask
     iters = train_iters[torch.randint(len(train_iters), (1,), generator=data_generator).item()]
     t = torch.sigmoid(torch.randn(batch_size))
     eps = torch.randn(batch_size, *latents.shape[1:])
@@ -195,9 +195,9 @@ for step in bar:
             step_model = lambda *inputs: train_model(*inputs, control=step_control)
         with sync_gradients(train_model, last=micro == len(shares) - 1):
             with autocast:  # the forward only: backward runs each op in the dtype its forward chose
-                per_sample, _ = flow_loss(step_model, latents[index[share]].to(device), text[share].to(device),
-                                          mask[share].to(device), iters, loss_weighting, t[share].to(device),
-                                          eps[share].to(device))
+                per_sample, _ = flow_loss(step_model, latents[index[share]].to(device),
+                                          Prompt(text[share], mask[share]).to(device), iters, loss_weighting,
+                                          t=t[share].to(device), eps=eps[share].to(device))
             backward(per_sample.sum(), scaler, world_size, batch_size)
         loss_sum += per_sample.detach().float().sum().cpu()
         band = (t[share] * 4).long().clamp(max=3)
