@@ -277,7 +277,8 @@ def generator_methods(model, z, t, text, mask):
                'core': (Method(model, lambda m, *x: m.core_iteration(*x, hw)), (s, e, c_base, progress, text_kv, mask)),
                'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
     if model.control_adapter is not None:  # control image -> tokens, once per image; the app adds them to e
-        control = control_map(make_shapes(len(z), 16 * z.shape[-1], seed=0)[0], model.config.control)
+        # one map per prompt, as the app draws one prompt: guidance repeats its tokens for both branches
+        control = control_map(make_shapes(1, 16 * z.shape[-1], seed=0)[0], model.config.control)
         methods['control'] = (Method(model, lambda m, x: m.encode_control(x)), (control,))
     return methods
 

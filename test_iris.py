@@ -1266,9 +1266,9 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
             error = (exported(z, t, text, mask, iters) - reference).abs().max() / reference.abs().max()
             assert error < 1e-4, (fmt, iters, error)
         if control:  # the adapter's method, its tokens added to e by the app
-            maps = control_map(make_shapes(2, 16 * z.shape[-1], seed=1)[0], control)
+            maps = control_map(make_shapes(1, 16 * z.shape[-1], seed=1)[0], control)  # one map, as the app has
             with torch.no_grad():
-                reference = model(z, t, text, mask, 2, control=maps)
+                reference = model(z, t, text, mask, 2, control=maps.expand(len(z), -1, -1, -1))
             tokens = exported.encode_control(maps)
             error = (exported.velocity(z, t, exported.encode_prompt(text, mask), 2, tokens) - reference).abs().max()
             assert error / reference.abs().max() < 1e-4, (fmt, error)
