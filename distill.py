@@ -95,7 +95,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = 0
 if init_from == 'resume':
     start_step = load_checkpoint(ckpt_path, student, target, optimizer, data_generator, scaler)
-train_student = wrap_distributed(student, world_size)
+train_model = wrap_distributed(student, world_size)
 if master:
     log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'lr'],
                   resume_step=start_step if init_from == 'resume' else None)
@@ -126,9 +126,9 @@ for step in bar:
     loss_sum = torch.zeros(())
     for micro, share in enumerate(shares):
         rows = caption_rows[index[share]]
-        with sync_gradients(train_student, last=micro == len(shares) - 1):
+        with sync_gradients(train_model, last=micro == len(shares) - 1):
             with autocast:  # the forward only: backward runs each op in the dtype its forward chose
-                loss = consistency_loss(train_student, target, teacher, x0=latents[index[share]].to(device),
+                loss = consistency_loss(train_model, target, teacher, x0=latents[index[share]].to(device),
                                         prompt=Prompt(captions.text[rows].float(), captions.mask[rows]).to(device),
                                         null_prompt=null_prompt, t_now=grid[n[share]], t_next=grid[n[share] + 1],
                                         cfg_scale=teacher_cfg, teacher_iters=teacher_iters, iters=iters,

@@ -58,15 +58,15 @@ FP32_TOLERANCE = 1e-4  # max |exported - eager| / max |eager|
 def check_part(export_dir, part, fmt, methods, references, precision):
     """Run each method of an exported part on the inputs PyTorch saw; -> a report row."""
     start = time.time()
-    run = load_part(export_dir, part, fmt, PRECISIONS[precision])
+    execute = load_part(export_dir, part, fmt, PRECISIONS[precision])
     for name, (_, inputs) in methods.items():
-        run(name, *inputs)  # the first call loads the method (ExecuTorch) or the session (ONNX)
+        execute(name, *inputs)  # the first call loads the method (ExecuTorch) or the session (ONNX)
     row = dict(part=part, format=fmt, cold_start_s=time.time() - start, latency_ms={}, max_diff={}, relative_diff={})
     for name, (_, inputs) in methods.items():
         times = []
         for _ in range(3):
             start = time.time()
-            outputs = run(name, *inputs)
+            outputs = execute(name, *inputs)
             times.append(time.time() - start)
         row['latency_ms'][name] = 1000 * sorted(times)[1]
         diff = max((y - r).abs().max().item() for y, r in zip(outputs, references[name]))
@@ -82,7 +82,7 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
     run_mobile.py in a fresh process, whose peak memory is the pipeline's alone."""
     eager = {'text_encoder': encoder, 'generator': model, 'vae_decoder': vae.decode_latent}
     noise = initial_noise(manifest, seed)
-    settings = (manifest['steps'], manifest['cfg_scale'], manifest['iters'], manifest['shift'], manifest['sampler'])
+    settings = {k: manifest[k] for k in ('steps', 'cfg_scale', 'iters', 'shift', 'sampler')}
     control, control_args = None, []
     if manifest['control']:  # a control run draws the prompt in the shape of a drawn shape's control map
         example = make_shapes(1, manifest['image_size'], seed=seed)[0]
@@ -90,15 +90,16 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
         save_grid(example, os.path.join(target, 'control_example.png'))
         control_args = [f"--control={os.path.join(target, 'control_example.png')}"]
     with torch.no_grad():
-        reference = generate(eager.get, [manifest['sample_prompt']], noise, *settings,
-                             torch.Generator().manual_seed(seed + 1), control)
+        reference = generate(eager.get, [manifest['sample_prompt']], noise, **settings,
+                             generator=torch.Generator().manual_seed(seed + 1), control=control)
     results = {}
     for fmt in formats:
-        image = generate(exported_parts(target, manifest, fmt), [manifest['sample_prompt']], noise, *settings,
-                         torch.Generator().manual_seed(seed + 1), control)
+        image = generate(exported_parts(target, manifest, fmt), [manifest['sample_prompt']], noise, **settings,
+                         generator=torch.Generator().manual_seed(seed + 1), control=control)
         diff = (image - reference).abs().max().item() / reference.abs().max().item()
         image_psnr = psnr(to_uint8(image), to_uint8(reference))
-        print(f"pipeline {fmt} ({settings[0]} {settings[4]} steps, r={settings[2]}): max diff {diff:.1e} of scale, "
+        print(f"pipeline {fmt} ({settings['steps']} {settings['sampler']} steps, r={settings['iters']}): "
+              f"max diff {diff:.1e} of scale, "
               f"image PSNR {image_psnr:.1f} dB against PyTorch")
         if manifest['precision'] == 'fp32' and diff > FP32_TOLERANCE:
             raise SystemExit(f"error: the {fmt} pipeline differs from PyTorch by {diff:.1e} of the output's scale")

@@ -61,9 +61,9 @@ if control:
 importlib.import_module('executorch.runtime' if format == 'pte' else 'onnxruntime')
 imports_mb = peak_rss_mb()  # Python, torch and the runtime, before any model
 start = time.time()
-image = generate(exported_parts(export_dir, manifest, format), [prompt], initial_noise(manifest, seed), steps,
-                 cfg_scale, iters, manifest['shift'], manifest['sampler'], torch.Generator().manual_seed(seed + 1),
-                 control_image)
+image = generate(exported_parts(export_dir, manifest, format), [prompt], initial_noise(manifest, seed), steps=steps,
+                 cfg_scale=cfg_scale, iters=iters, shift=manifest['shift'], sampler=manifest['sampler'],
+                 generator=torch.Generator().manual_seed(seed + 1), control=control_image)
 seconds = time.time() - start
 output = output or os.path.join(export_dir, f'sample-{format}.png')
 save_grid(to_uint8(image), output, columns=1)

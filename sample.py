@@ -141,8 +141,8 @@ sampling = dict(steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift,
                 generator=torch.Generator().manual_seed(seed + 1))
 with autocast:
     if upscale:
-        images = super_resolve(model, vae, encoder, small.expand(len(prompts), -1, -1, -1), prompts, noise, strength,
-                               **sampling)
+        images = super_resolve(model, vae, encoder, small=small.expand(len(prompts), -1, -1, -1), prompts=prompts,
+                               noise=noise, strength=strength, **sampling)
     else:
         images = text_to_image(model, vae, encoder, prompts, noise, init=init, strength=strength, keep=keep,
                                control=control_image.expand(len(prompts), -1, -1, -1) if control else None,

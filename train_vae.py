@@ -104,8 +104,8 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_dec
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator, scaler) if init_from == 'resume' else 0
-train_step = wrap_distributed(model, world_size)
-train_step = torch.compile(train_step) if compile else train_step
+train_model = wrap_distributed(model, world_size)
+train_model = torch.compile(train_model) if compile else train_model
 if master:
     log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'pixel', 'wavelet', 'kl', 'lr', 'holdout_psnr'],
                   resume_step=start_step if init_from == 'resume' else None)
@@ -127,9 +127,9 @@ for step in bar:
     x = to_float(train_images[torch.randint(len(train_images), (batch_size,), generator=data_generator)]).to(device)
     loss_sum = torch.zeros(())
     for micro, share in enumerate(shares):  # this process's micro-batches (all of x when alone)
-        with sync_gradients(train_step, last=micro == len(shares) - 1):
+        with sync_gradients(train_model, last=micro == len(shares) - 1):
             with autocast:
-                wavelet_hat, mean, logvar = train_step(x[share])
+                wavelet_hat, mean, logvar = train_model(x[share])
             loss, parts = vae_loss(wavelet_hat.float(), x[share], mean.float(), logvar.float(), wavelet_weight,
                                    high_freq_weight, kl_weight, mse_weight)
             backward(loss * len(share), scaler, world_size, batch_size)
