@@ -5,9 +5,10 @@ text encoder's tokens for every distinct caption, computed once and kept on disk
 On a CPU the two encoders cost as much as hundreds of training steps, so an epoch must
 not re-run them. The cache file is cache_dir/<key>.safetensors, where the key hashes the
 data settings, the VAE checkpoint's bytes and the text encoder's name: change any of them
-and a new cache is built; nothing stale is ever read. The control maps a ControlAdapter
-trains on (data.control_map) are cached the same way, in their own file. The held-out captions (for sample
+and a new cache is built; nothing stale is ever read. The held-out captions (for sample
 grids and the adherence eval) are stored with it, so a cache hit loads no image at all.
+The control maps a ControlAdapter trains on (data.control_map) are cached the same way,
+in their own file.
 """
 import hashlib
 import json
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data import COLOURS, CONTROLS, POSITIONS, SHAPES, SIZES, control_map, load_data, to_float
-from text import sha256_file
+from text import Prompt, sha256_file
 
 
 @torch.no_grad()
@@ -27,11 +28,12 @@ def encode_captions(encoder, captions, batch_size=256):
     """Distinct captions -> tokens (U, L, width) fp16, mask (U, L); and each caption's row."""
     distinct = sorted(set(captions))
     row = {caption: i for i, caption in enumerate(distinct)}
-    pieces = [encoder(distinct[i:i + batch_size])
+    pieces = [Prompt(*encoder(distinct[i:i + batch_size]))
               for i in tqdm(range(0, len(distinct), batch_size), desc='text', leave=False)]
-    length = max(tokens.shape[1] for tokens, _ in pieces)
-    tokens = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t, _ in pieces]).half()
-    mask = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m in pieces])
+    length = max(piece.text.shape[1] for piece in pieces)
+    pieces = [piece.padded(length) for piece in pieces]
+    tokens = torch.cat([piece.text for piece in pieces]).half()
+    mask = torch.cat([piece.mask for piece in pieces])
     return tokens, mask, torch.tensor([row[c] for c in captions])
 
 

@@ -216,6 +216,11 @@ def load_data(dataset, data_dir, image_size, num_images, num_holdout, seed=0):
     return (images[train], [captions[i] for i in train]), (images[held], [captions[i] for i in held])
 
 
+def image_tensor(img, image_size):
+    """One PIL image -> uint8 (1, 3, S, S), converted and centre-cropped as the data sets are."""
+    return torch.from_numpy(np.asarray(to_square_rgb(img, image_size))).permute(2, 0, 1)[None]
+
+
 def to_float(images):
     """uint8 [0, 255] -> float [-1, 1]"""
     return images.float().div_(127.5).sub_(1.0)
@@ -230,6 +235,11 @@ def to_uint8(x):
 # control signals for the generator's ControlAdapter, computed from the images themselves
 
 CONTROLS = {'edges': 0.15, 'silhouette': 0.25}  # each signal's threshold, on colour channels in [0, 1]
+
+
+def map_image(maps):
+    """Binary maps (N, 1, S, S) -> uint8 (N, 3, S, S), white on black, for a PNG grid."""
+    return maps.mul(255).to(torch.uint8).expand(-1, 3, -1, -1).cpu()
 
 
 def control_map(images, kind):

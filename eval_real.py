@@ -22,7 +22,7 @@ What an IRIS run learned of real images, measured on the test split it never saw
    round trip of bicubic, and IRIS from the bicubic latent at each of upscale_strengths.
 6. A control run only (train_flow.py --control): each test caption with its own image's
    control map, at control strength 0 (the base generator) and 1: the F1 of the output's
-   map against the control (data.control_f1), the VAE round trip of the real images as
+   map against the control (metrics.control_f1), the VAE round trip of the real images as
    the ceiling.
 It writes eval_real.png in out_dir: rows of test captions' real image, generated image and
 the nearest training image to it; eval_upscale.png and eval_control.png for 5 and 6.
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure
-from data import control_map, load_imagefolder, save_grid, to_float, to_uint8
+from data import control_map, load_imagefolder, map_image, save_grid, to_float, to_uint8
 from flow import flow_loss, text_to_image, upscale
 from metrics import accuracy, control_f1, frechet_distance, nearest_distance, read, sharpness, ssim, train_classifier
 from model import load_generator
@@ -130,7 +130,7 @@ def eval_control(model, vae, encoder, real, captions, noise, steps):
               f"{control_f1(control_map(images, kind), maps).mean():.3f} |")
     print(f"| the real images after a VAE round trip (the ceiling) | "
           f"{control_f1(control_map(reconstruct(vae, real), kind), maps).mean():.3f} |")
-    save_grid(torch.cat([maps[:6].mul(255).to(torch.uint8).expand(-1, 3, -1, -1), images[:6], real[:6]]),
+    save_grid(torch.cat([map_image(maps[:6]), images[:6], real[:6]]),
               os.path.join(out_dir, 'eval_control.png'), columns=6)
     print(f"rows of {out_dir}/eval_control.png: the control, IRIS at strength 1, the real test image")
 
@@ -177,8 +177,8 @@ if 'loss' in sections:
         print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} |")
 
 if 'classifier' in sections:
-    classifier = train_classifier(train_images, train_labels, len(names), classifier_size, classifier_steps, batch_size,
-                              seed)
+    classifier = train_classifier(train_images, train_labels, len(names), classifier_size, classifier_steps,
+                                  batch_size, seed)
     _, train_features = read(classifier, train_images)
     predicted, real_features = read(classifier, test_images)
     real_nearest, _ = nearest_distance(real_features, train_features)

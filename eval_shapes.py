@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from configurator import configure
-from data import (COLOURS, POSITIONS, SHAPES, SIZES, control_map, make_shapes, save_grid, shape_attributes,
-                  shape_caption, to_float)
+from data import (COLOURS, POSITIONS, SHAPES, SIZES, control_map, make_shapes, map_image, save_grid,
+                  shape_attributes, shape_caption, to_float)
 from flow import text_to_image
 from metrics import ATTRIBUTES, adherence, analyse, control_f1
 from model import load_generator
@@ -97,8 +97,12 @@ def control_partners(attributes):
     """For each held-out caption, the next held-out image whose shape type and position both
     differ from the caption's: whichever the generator follows then shows."""
     n = len(attributes)
-    return [next(j % n for j in range(i + 1, i + n) if attributes[j % n]['shape'] != a['shape']
-                 and attributes[j % n]['position'] != a['position']) for i, a in enumerate(attributes)]
+    partners = [next((j % n for j in range(i + 1, i + n) if attributes[j % n]['shape'] != a['shape']
+                      and attributes[j % n]['position'] != a['position']), None) for i, a in enumerate(attributes)]
+    if None in partners:
+        raise SystemExit(f"error: {n} held-out images are too few to give every caption a control of another shape "
+                         f"and place; raise --num_prompts")
+    return partners
 
 
 def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, iters, sampler):
@@ -109,8 +113,9 @@ def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, 
     control (control_f1), with the VAE round trip of the control images as the ceiling."""
     kind = model.config.control
     partners = control_partners(attributes)
-    maps = control_map(real[partners], kind)
-    ceiling = control_f1(control_map(reconstruct(vae, real[partners]), kind), maps).mean()
+    sources = real[partners]
+    maps = control_map(sources, kind)
+    ceiling = control_f1(control_map(reconstruct(vae, sources), kind), maps).mean()
     print(f"\n| {kind} of another held-out image, {steps} steps, r = {iters} | control's type and position "
           f"| caption's colours | caption's type and position | {kind} F1 |\n|---|---|---|---|---|")
     for strength in (0.0, 1.0):
@@ -126,7 +131,7 @@ def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, 
         print(f"| strength {strength:g}{' (the base generator)' if strength == 0 else ''} | {100 * follows:.1f} | "
               f"{100 * colours:.1f} | {100 * captions_layout:.1f} | {f1:.3f} |")
     print(f"| the control images after a VAE round trip (the F1 ceiling) | | | | {ceiling:.3f} |")
-    save_grid(torch.cat([real[partners][:8], maps[:8].mul(255).to(torch.uint8).expand(-1, 3, -1, -1), images[:8]]),
+    save_grid(torch.cat([sources[:8], map_image(maps[:8]), images[:8]]),
               os.path.join(out_dir, 'eval_control.png'))
     print(f"grid: {out_dir}/eval_control.png, rows: the control's source image, its {kind}, the result for the caption "
           f"of another image ({out_dir}/eval_control.txt)")

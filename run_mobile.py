@@ -16,12 +16,11 @@ import importlib
 import os
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
 from configurator import configure
-from data import control_map, save_grid, to_square_rgb, to_uint8
+from data import control_map, image_tensor, save_grid, to_uint8
 from mobile import exported_parts, generate, initial_noise, peak_rss_mb, read_manifest
 
 # -----------------------------------------------------------------------------
@@ -54,10 +53,10 @@ if control:
     if not manifest.get('control'):
         raise SystemExit(f"error: {export_dir} is not a control run's export; drop --control")
     try:
-        picture = to_square_rgb(Image.open(control), manifest['image_size'])
+        picture = image_tensor(Image.open(control), manifest['image_size'])
     except OSError as e:
         raise SystemExit(f"error: cannot read --control {control} ({type(e).__name__}); give a PNG or JPEG") from None
-    control_image = control_map(torch.from_numpy(np.asarray(picture)).permute(2, 0, 1)[None], manifest['control'])
+    control_image = control_map(picture, manifest['control'])
 importlib.import_module('executorch.runtime' if format == 'pte' else 'onnxruntime')
 imports_mb = peak_rss_mb()  # Python, torch and the runtime, before any model
 start = time.time()

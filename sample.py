@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from configurator import configure
-from data import control_map, save_grid, to_float, to_square_rgb
+from data import control_map, image_tensor, map_image, save_grid, to_float
 from flow import text_to_image, upscale as super_resolve
 from model import load_generator
 from text import load_text_encoder
@@ -75,7 +75,7 @@ def open_image(path, what):
 def load_edit(vae, init_image, mask, size):
     """init_image (and mask) -> the picture (1, 3, S, S) uint8, its latent and the latent keep-mask."""
     image = open_image(init_image, 'init_image')
-    picture = torch.from_numpy(np.asarray(to_square_rgb(image, size))).permute(2, 0, 1)[None]
+    picture = image_tensor(image, size)
     keep = None
     if mask:
         hole = open_image(mask, 'mask').convert('L')
@@ -87,7 +87,7 @@ def load_edit(vae, init_image, mask, size):
         if grey > 0.01:
             raise SystemExit(f"error: --mask has {100 * grey:.0f}% grey pixels; "
                              f"make it black (keep) and white (repaint)")
-        keep = latent_keep_mask(torch.from_numpy(np.asarray(to_square_rgb(hole, size))[:, :, 0] > 127)[None, None])
+        keep = latent_keep_mask(image_tensor(hole, size)[:, :1] > 127)
     with torch.no_grad():
         init = vae.encode_latent(to_float(picture).to(device))
     return picture, init, None if keep is None else keep.to(device)
@@ -117,7 +117,7 @@ autocast, _ = mixed_precision(resolve_dtype(dtype, device), device)
 if upscale:
     small = open_image(upscale, 'upscale')
     size = 2 * min(small.size)
-    small = torch.from_numpy(np.asarray(to_square_rgb(small, size // 2))).permute(2, 0, 1)[None]
+    small = image_tensor(small, size // 2)
 size = size or run['image_size']
 try:
     check_image_size(size, size, 16 * model.config.patch_size)
@@ -131,8 +131,7 @@ if init_image:
     picture, init, keep = load_edit(vae, init_image, mask, size)
 control_image = None
 if control:
-    control_image = control_map(torch.from_numpy(np.asarray(to_square_rgb(open_image(control, 'control'), size)))
-                                .permute(2, 0, 1)[None], model.config.control)
+    control_image = control_map(image_tensor(open_image(control, 'control'), size), model.config.control)
 prompts = [p for p in prompts for _ in range(num_samples)]
 noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
@@ -152,7 +151,7 @@ if init_image:
 if upscale:  # the input, enlarged without interpolation, then the result
     images = torch.cat([small.repeat_interleave(2, -1).repeat_interleave(2, -2), images])
 if control:
-    images = torch.cat([control_image.mul(255).to(torch.uint8).expand(-1, 3, -1, -1), images])
+    images = torch.cat([map_image(control_image), images])
 output = output or os.path.join(out_dir, 'sample.png')
 edited = init_image or upscale or control
 save_grid(images, output, columns=num_samples if num_samples > 1 and not edited else min(8, len(images)))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cache import load_control_maps, load_training_set
 from configurator import configure
-from data import CONTROLS, save_grid
+from data import CONTROLS, map_image, save_grid
 from flow import flow_loss, text_to_image
 from model import SIZES, count_parameters, load_generator
 from text import Prompt, load_text_encoder
@@ -165,7 +165,7 @@ def sample_and_save(step):
         images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, steps=sample_steps, cfg_scale=cfg_scale,
                                iters=sample_iters, control=sample_controls if control else None)
     if control:  # the control maps above the images drawn from them
-        images = torch.cat([sample_controls.mul(255).to(torch.uint8).expand(-1, 3, -1, -1).cpu(), images])
+        images = torch.cat([map_image(sample_controls), images])
     save_grid(images, os.path.join(out_dir, f"samples_{step:06d}.png"))
     save_checkpoint(ckpt_path, model, ema, optimizer, step, config | dict(sample_prompts=sample_prompts),
                     data_generator, scaler)
