@@ -64,6 +64,20 @@ def shape_caption(a):
     return f"a {a['size']} {a['colour']} {a['shape']} {POSITIONS[a['position']][1]} on a {a['background']} background"
 
 
+def conflicting_shape_captions(num_images, seed=0):
+    """For each image of make_shapes(num_images, seed=seed): a caption with its colours but
+    another type, position and (random) size. A control adapter trained on such pairs learns
+    that the map, not the words, sets the layout."""
+    rng = random.Random(f"conflicts-{seed}")
+    captions = []
+    for i in range(num_images):
+        a = shape_attributes(seed, i)
+        layout = dict(shape=rng.choice([s for s in SHAPES if s != a['shape']]), size=rng.choice(sorted(SIZES)),
+                      position=rng.choice([p for p in sorted(POSITIONS) if p != a['position']]))
+        captions.append(shape_caption(a | layout))
+    return captions
+
+
 def draw_shape(a, image_size):
     """Render one attribute dict to an RGB PIL image of image_size x image_size."""
     S = image_size * SUPERSAMPLE

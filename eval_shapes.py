@@ -116,21 +116,24 @@ def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, 
     sources = real[partners]
     maps = control_map(sources, kind)
     ceiling = control_f1(control_map(reconstruct(vae, sources), kind), maps).mean()
-    print(f"\n| {kind} of another held-out image, {steps} steps, r = {iters} | control's type and position "
-          f"| caption's colours | caption's type and position | {kind} F1 |\n|---|---|---|---|---|")
+    print(f"\n| {kind} of another held-out image, {steps} steps, r = {iters} | control's type | control's position "
+          f"| control's type and position | caption's colours | caption's type and position | {kind} F1 |\n"
+          + "|---" * 7 + "|")
     for strength in (0.0, 1.0):
         images = generate(model, vae, encoder, captions, noise, steps, iters, sampler, control_strength=strength,
                           control=maps.to(device))
         found = [analyse(image) for image in images]
         layout = lambda f, a: f['shape'] == a['shape'] and f['position'] == a['position']  # noqa: E731
         follows = np.mean([layout(f, attributes[j]) for f, j in zip(found, partners)])
+        follows_each = [np.mean([f[k] == attributes[j][k] for f, j in zip(found, partners)])
+                        for k in ('shape', 'position')]
         colours = np.mean([f['background'] == a['background'] and f['colour'] == a['colour']
                            for f, a in zip(found, attributes)])
         captions_layout = np.mean([layout(f, a) for f, a in zip(found, attributes)])
         f1 = control_f1(control_map(images, kind), maps).mean()
-        print(f"| strength {strength:g}{' (the base generator)' if strength == 0 else ''} | {100 * follows:.1f} | "
-              f"{100 * colours:.1f} | {100 * captions_layout:.1f} | {f1:.3f} |")
-    print(f"| the control images after a VAE round trip (the F1 ceiling) | | | | {ceiling:.3f} |")
+        cells = "".join(f"{100 * x:.1f} | " for x in (*follows_each, follows, colours, captions_layout))
+        print(f"| strength {strength:g}{' (the base generator)' if strength == 0 else ''} | {cells}{f1:.3f} |")
+    print(f"| the control images after a VAE round trip (the F1 ceiling) | | | | | | {ceiling:.3f} |")
     save_grid(torch.cat([sources[:8], map_image(maps[:8]), images[:8]]),
               os.path.join(out_dir, 'eval_control.png'))
     print(f"grid: {out_dir}/eval_control.png, rows: the control's source image, its {kind}, the result for the caption "

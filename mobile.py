@@ -5,8 +5,9 @@ them from the files alone (run_mobile.py), with ExecuTorch or ONNX Runtime.
 The parts, in the order the phone runs them, each loaded when needed and freed after:
     text_encoder  input_ids, attention_mask (1, 77) -> tokens (1, 77, W); tokenizer.json beside it
     generator     prompt (text, mask) -> text_kv, text_cond           once per prompt
-                  control (map) -> tokens, added to e (a control run)  once per control map
+                  control (map) -> hint (a control run)               once per control map
                   prelude (z, t, text_cond) -> e, c                   once per step
+                  inject (hint, e, c) -> tokens, added to e           once per step (a control run)
                   core (s, e, c, i / r, text_kv, mask) -> s          r times per step
                   coda (s, c) -> velocity                            (ONNX: one file per method)
     vae_decoder   z (1, 16, S/16, S/16) -> image (1, 3, S, S) in [-1, 1]
@@ -112,7 +113,7 @@ class MobileGenerator:
         text_kv, text_cond, mask = prompt
         e, c_base = self.run('prelude', z, t, text_cond)
         if control is not None:
-            e = e + control
+            e = e + self.run('inject', control, e, c_base)[0]
         s = e
         for i in range(iters):
             s = self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
@@ -265,7 +266,7 @@ def as_tuple(outputs):
 
 
 def generator_methods(model, z, t, text, mask):
-    """The generator's four stages, each with example inputs taken from a real forward pass."""
+    """The generator's stages (and a control run's two more), with example inputs from a real forward pass."""
     hw = (z.shape[-2] // model.config.patch_size, z.shape[-1] // model.config.patch_size)
     progress = torch.full((len(z),), 0.5)  # half-way through the core iterations
     with torch.no_grad():
@@ -276,10 +277,12 @@ def generator_methods(model, z, t, text, mask):
                'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text_cond)),
                'core': (Method(model, lambda m, *x: m.core_iteration(*x, hw)), (s, e, c_base, progress, text_kv, mask)),
                'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
-    if model.control_adapter is not None:  # control image -> tokens, once per image; the app adds them to e
-        # one map per prompt, as the app draws one prompt: guidance repeats its tokens for both branches
+    if model.control_adapter is not None:  # control image -> hint, once per image; the app repeats it per branch
         control = control_map(make_shapes(1, 16 * z.shape[-1], seed=0)[0], model.config.control)
+        with torch.no_grad():
+            hint = model.encode_control(control).expand(len(z), -1, -1).contiguous()
         methods['control'] = (Method(model, lambda m, x: m.encode_control(x)), (control,))
+        methods['inject'] = (Method(model, lambda m, *x: m.control_adapter.inject(*x)), (hint, e, c_base))
     return methods
 
 

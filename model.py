@@ -542,23 +542,36 @@ class CodaBlock(nn.Module):
 
 class ControlAdapter(nn.Module):
     """Spatial control, ControlNet-like (Zhang et al. 2023, arXiv 2302.05543) but as light as
-    T2I-Adapter (Mou et al. 2023, arXiv 2302.08453): a control image (B, 1, H, W) in [0, 1]
-    at pixel resolution -> tokens (B, N, D) on the generator's grid, added to the Prelude's
-    output e. Input injection feeds e to every Core iteration, so the control reaches all of
-    them. The output layer starts at zero: a new adapter leaves the generator's output
+    T2I-Adapter (Mou et al. 2023, arXiv 2302.08453). Once per control image (B, 1, H, W) in
+    [0, 1] at pixel resolution, forward() gives a hint h (B, N, D) on the generator's grid.
+    At every step, inject() turns it into tokens added to the Prelude's output e, and input
+    injection feeds e to every Core iteration. inject() reads e (what the noisy latent
+    already shows) and the conditioning c (time and the pooled caption): a hint added to e
+    alone could move where a shape goes but not overrule which shape the caption names.
+        tokens = W_out (y(e + h) - y(e)),   y(x) = x + FFN(adaLN(x, c))
+    is exactly zero for h = 0, so strength s (h -> s h) runs from the base generator (0) to
+    the trained adapter (1); W_out starts at zero, so a new adapter leaves the output
     unchanged, bit for bit, and training starts from the base model's behaviour."""
 
-    def __init__(self, dim, patch_size, widths=(16, 32, 64, 128)):
+    def __init__(self, dim, patch_size, mlp_ratio, widths=(16, 32, 64, 128)):
         super().__init__()
         layers = [nn.Conv2d(1, widths[0], 3, padding=1), nn.SiLU()]
         for width_in, width_out in zip(widths, widths[1:] + widths[-1:]):  # 4 halvings: pixels -> the latent grid
             layers += [nn.Conv2d(width_in, width_out, 3, stride=2, padding=1), nn.SiLU()]
         layers.append(nn.Conv2d(widths[-1], dim, patch_size, stride=patch_size))  # latent cells -> tokens
         self.features = nn.Sequential(*layers)
-        self.out = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ffn = FeedForward(dim, mlp_ratio)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.out = nn.Linear(dim, dim, bias=False)  # no bias: no hint, no change
 
     def forward(self, control):
-        return self.out(self.features(control).flatten(2).transpose(1, 2))
+        return self.features(control).flatten(2).transpose(1, 2)
+
+    def inject(self, hint, e, c):
+        shift, scale = self.modulation(c).unsqueeze(1).chunk(2, dim=-1)
+        y = lambda x: x + self.ffn(modulate(self.norm(x), shift, scale))  # noqa: E731
+        return self.out(y(e + hint) - y(e))
 
 
 # ---------------------------------------------------------------------------------------
@@ -588,14 +601,15 @@ class Iris(nn.Module):
         self.unpatchify = nn.ConvTranspose2d(D, cfg.latent_channels, cfg.patch_size, stride=cfg.patch_size)
         if cfg.control not in ("", "edges", "silhouette"):
             raise ValueError(f"control must be '', 'edges' or 'silhouette', not {cfg.control!r}")
-        self.control_adapter = ControlAdapter(D, cfg.patch_size) if cfg.control else None
+        self.control_adapter = ControlAdapter(D, cfg.patch_size, cfg.mlp_ratio) if cfg.control else None
         self.initialize_weights()
 
     def initialize_weights(self):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         for embedder in (self.time_embed, self.progress_embed):
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
@@ -603,12 +617,11 @@ class Iris(nn.Module):
         for layer in self.core:
             nn.init.zeros_(layer.modulation[-1].weight)
             nn.init.zeros_(layer.modulation[-1].bias)
-        zero_at_start = [self.final_modulation[-1], self.unpatchify]
-        if self.control_adapter is not None:  # a new adapter leaves the base generator's output unchanged
-            zero_at_start.append(self.control_adapter.out)
-        for module in zero_at_start:
+        for module in (self.final_modulation[-1], self.unpatchify):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
+        if self.control_adapter is not None:  # a new adapter leaves the base generator's output unchanged
+            nn.init.zeros_(self.control_adapter.out.weight)
 
     def check_latent_size(self, height, width):
         p = self.config.patch_size
@@ -632,8 +645,8 @@ class Iris(nn.Module):
         return text_kv, text_cond, text_mask
 
     def encode_control(self, control, strength=1.0):
-        """A control image (B, 1, H, W) in [0, 1] (data.control_map) -> the tokens (B, N, D) that
-        velocity() adds to the prelude's output, scaled by strength; once per sampling call."""
+        """A control image (B, 1, H, W) in [0, 1] (data.control_map) -> its hint (B, N, D),
+        scaled by strength, that velocity() injects at every step; once per sampling call."""
         if self.control_adapter is None:
             raise ValueError("this generator has no control adapter; train one with train_flow.py --control=edges")
         return strength * self.control_adapter(control)
@@ -683,7 +696,7 @@ class Iris(nn.Module):
         text_kv, text_cond, text_mask = prompt
         e, c_base = self.prelude_forward(z, t, text_cond)
         if control is not None:
-            e = e + control
+            e = e + self.control_adapter.inject(control, e, c_base)
         s = e
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 import cache
 from cache import load_training_set
 from configurator import configure, read_config_file
-from data import (control_map, load_data, load_hub, load_imagefolder, make_shapes, shape_attributes, to_float,
-                  to_uint8)
+from data import (POSITIONS, conflicting_shape_captions, control_map, load_data, load_hub, load_imagefolder,
+                  make_shapes, shape_attributes, to_float, to_uint8)
 import metrics
 from metrics import adherence, analyse, control_f1, frechet_distance, ssim
 from flow import (consistency_fn, consistency_loss, consistency_sample, encode_once, euler_sample, flow_loss, guided,
@@ -396,6 +396,17 @@ def test_shapes_are_deterministic_and_captioned():
     assert torch.equal(images[:4], again) and captions[:4] == captions_again  # item i does not depend on N
     assert all(c.startswith('a ') and c.endswith(' background') for c in captions)
     assert not torch.equal(make_shapes(4, 32, seed=6)[0], again)
+
+
+def test_conflicting_shape_captions_keep_the_colours_and_name_another_type_and_place():
+    conflicts = conflicting_shape_captions(200, seed=3)
+    assert conflicts == conflicting_shape_captions(200, seed=3)
+    for i, conflict in enumerate(conflicts):
+        a = shape_attributes(3, i)
+        assert conflict.startswith(f"a small {a['colour']} ") or conflict.startswith(f"a large {a['colour']} ")
+        assert conflict.endswith(f" on a {a['background']} background")
+        assert a['shape'] not in conflict and POSITIONS[a['position']][1] not in conflict
+    assert len(set(conflicts)) > 100  # not a few fixed layouts
 
 
 def test_control_maps_of_a_drawn_square_against_hand_made_ones():
@@ -1048,6 +1059,8 @@ def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
     result = _run(args[:2] + ['--base_dir=', '--out_dir=out-none'], tiny_runs)
     assert result.returncode != 0 and 'needs --base_dir' in result.stderr
+    result = _run(args + ['--data_dir=photos', '--out_dir=out-none'], tiny_runs)  # only shapes captions are rewritten
+    assert result.returncode != 0 and 'caption_conflict needs' in result.stderr
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'float16'])  # fp16 also carries the GradScaler's state
@@ -1265,12 +1278,12 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
                 reference = model(z, t, text, mask, iters)
             error = (exported(z, t, text, mask, iters) - reference).abs().max() / reference.abs().max()
             assert error < 1e-4, (fmt, iters, error)
-        if control:  # the adapter's method, its tokens added to e by the app
-            maps = control_map(make_shapes(1, 16 * z.shape[-1], seed=1)[0], control)  # one map, as the app has
+        if control:  # the adapter's methods: the hint of one map (as the app has), injected in both branches
+            maps = control_map(make_shapes(1, 16 * z.shape[-1], seed=1)[0], control)
             with torch.no_grad():
                 reference = model(z, t, text, mask, 2, control=maps.expand(len(z), -1, -1, -1))
-            tokens = exported.encode_control(maps)
-            error = (exported.velocity(z, t, exported.encode_prompt(text, mask), 2, tokens) - reference).abs().max()
+            hint = exported.encode_control(maps).expand(len(z), -1, -1)
+            error = (exported.velocity(z, t, exported.encode_prompt(text, mask), 2, hint) - reference).abs().max()
             assert error / reference.abs().max() < 1e-4, (fmt, error)
 
 

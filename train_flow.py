@@ -27,9 +27,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from cache import load_control_maps, load_training_set
+from cache import encode_captions, load_control_maps, load_training_set
 from configurator import configure
-from data import CONTROLS, map_image, save_grid
+from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
 from flow import flow_loss, text_to_image
 from model import SIZES, count_parameters, load_generator
 from text import Prompt, load_text_encoder
@@ -64,6 +64,7 @@ backprop_iters = 0  # backpropagate through the last k core iterations only (0 =
 # spatial control: train only a ControlAdapter on a finished run, which stays frozen
 control = ''  # '' (train a generator), 'edges' or 'silhouette' (data.control_map)
 base_dir = ''  # with control: the train_flow.py run to control; its model settings win over those above
+caption_conflict = 0.0  # shapes, with control: the share of captions that name another type, size and position
 # rectified flow
 loss_weighting = 'high_noise'  # t / (1 - t + 0.05), the seed's: better adherence on shapes than 'none' (SD3's)
 cfg_dropout = 0.1
@@ -99,6 +100,8 @@ if mixer not in ('grfm', 'attention'):
 if control and (control not in CONTROLS or not base_dir):
     raise SystemExit(f"error: control must be one of {', '.join(CONTROLS)} and needs --base_dir (a finished "
                      f"train_flow.py run), got control='{control}', base_dir='{base_dir}'")
+if caption_conflict and not (control and dataset == 'shapes' and not data_dir):
+    raise SystemExit("error: caption_conflict needs --control and the shapes data set, whose captions can be rewritten")
 if model_size not in SIZES:
     raise SystemExit(f"error: model_size must be one of {', '.join(SIZES)}, got '{model_size}'")
 try:
@@ -124,6 +127,11 @@ captions = Prompt(data['tokens'], data['mask'])  # each distinct caption once
 if batch_size > len(latents):
     raise SystemExit(f"error: batch_size {batch_size} is larger than the {len(latents)} training images; "
                      f"lower --batch_size")
+if caption_conflict:  # a second table: each image's colours with another layout, which its control map overrules
+    tokens, mask, conflict_rows = encode_captions(encoder, conflicting_shape_captions(num_images))
+    conflict_rows += len(captions.text)
+    length = max(captions.text.shape[1], tokens.shape[1])
+    captions = Prompt(*map(torch.cat, zip(captions.padded(length), Prompt(tokens, mask).padded(length))))
 null_prompt = encoder([""]).to('cpu').padded(captions.text.shape[1])  # the unconditional branch's: [CLS] [SEP]
 sample_prompts = data['holdout_captions'][:8]
 sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed))
@@ -181,6 +189,9 @@ for step in bar:
     # the whole step's batch, noise and times, the same in every process, which trains on its shares
     index = torch.randint(len(latents), (batch_size,), generator=data_generator)
     rows = caption_rows[index]
+    if caption_conflict:
+        rows = torch.where(torch.rand(batch_size, generator=data_generator) < caption_conflict,
+                           conflict_rows[index], rows)
     text, mask = captions.text[rows].float(), captions.mask[rows]
     drop = torch.rand(batch_size, generator=data_generator) < cfg_dropout
     text[drop], mask[drop] = null_prompt.text, null_prompt.mask

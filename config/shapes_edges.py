@@ -11,15 +11,16 @@ if script == 'train_flow':
     vae_dir = 'out-shapes-vae'
     base_dir = 'out-shapes-flow'
     control = 'edges'
-    cfg_dropout = 0.5  # ControlNet's: with half the captions empty, the layout must be read from the control
+    caption_conflict = 0.9  # most captions name another type, size and place than the map: the map must win
+    cfg_dropout = 0.1
     patch_size = 1
     train_iters = (2, 4, 6)  # as the base trained
     batch_size = 64
-    lr = 1e-3
+    lr = 2e-3
     min_lr = 1e-4
     warmup_steps = 50
-    max_steps = 2000
-    eval_interval = 500
+    max_steps = 6000
+    eval_interval = 1000
     sample_iters = 4
 if script == 'eval_shapes':  # the base model's adherence at its sampling settings, then the control table
     iters_list, steps_list, inpaint = (4,), (25,), False
