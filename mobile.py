@@ -7,7 +7,7 @@ The parts, in the order the phone runs them, each loaded when needed and freed a
     generator     prompt (text, mask) -> text_kv, text_cond           once per prompt
                   control (map) -> hint (a control run)               once per control map
                   prelude (z, t, text_cond) -> e, c                   once per step
-                  inject (hint, e, c) -> tokens, added to e           once per step (a control run)
+                  inject (hint, s, c) -> tokens, added to s           before each core (a control run)
                   core (s, e, c, i / r, text_kv, mask) -> s          r times per step
                   coda (s, c) -> velocity                            (ONNX: one file per method)
     vae_decoder   z (1, 16, S/16, S/16) -> image (1, 3, S, S) in [-1, 1]
@@ -112,10 +112,10 @@ class MobileGenerator:
                              f"re-export it or use its sampler and guidance settings")
         text_kv, text_cond, mask = prompt
         e, c_base = self.run('prelude', z, t, text_cond)
-        if control is not None:
-            e = e + self.run('inject', control, e, c_base)[0]
         s = e
         for i in range(iters):
+            if control is not None:
+                s = s + self.run('inject', control, s, c_base)[0]
             s = self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
         return self.run('coda', s, c_base)[0]
 

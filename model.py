@@ -544,11 +544,12 @@ class ControlAdapter(nn.Module):
     """Spatial control, ControlNet-like (Zhang et al. 2023, arXiv 2302.05543) but as light as
     T2I-Adapter (Mou et al. 2023, arXiv 2302.08453). Once per control image (B, 1, H, W) in
     [0, 1] at pixel resolution, forward() gives a hint h (B, N, D) on the generator's grid.
-    At every step, inject() turns it into tokens added to the Prelude's output e, and input
-    injection feeds e to every Core iteration. inject() reads e (what the noisy latent
-    already shows) and the conditioning c (time and the pooled caption): a hint added to e
-    alone could move where a shape goes but not overrule which shape the caption names.
-        tokens = W_out (y(e + h) - y(e)),   y(x) = x + FFN(adaLN(x, c))
+    Before every Core iteration, inject() turns it into tokens added to the state s_i. It
+    reads s_i (what the iterations have drawn so far, the caption's words included) and the
+    conditioning c (time and the pooled caption), so it can undo what a caption says against
+    the map; a fixed hint added to the Prelude's output moved where a shape went but rarely
+    changed which shape the caption named.
+        tokens = W_out (y(s_i + h) - y(s_i)),   y(x) = x + FFN(adaLN(x, c))
     is exactly zero for h = 0, so strength s (h -> s h) runs from the base generator (0) to
     the trained adapter (1); W_out starts at zero, so a new adapter leaves the output
     unchanged, bit for bit, and training starts from the base model's behaviour."""
@@ -568,10 +569,10 @@ class ControlAdapter(nn.Module):
     def forward(self, control):
         return self.features(control).flatten(2).transpose(1, 2)
 
-    def inject(self, hint, e, c):
+    def inject(self, hint, s, c):
         shift, scale = self.modulation(c).unsqueeze(1).chunk(2, dim=-1)
         y = lambda x: x + self.ffn(modulate(self.norm(x), shift, scale))  # noqa: E731
-        return self.out(y(e + hint) - y(e))
+        return self.out(y(s + hint) - y(s))
 
 
 # ---------------------------------------------------------------------------------------
@@ -646,7 +647,8 @@ class Iris(nn.Module):
 
     def encode_control(self, control, strength=1.0):
         """A control image (B, 1, H, W) in [0, 1] (data.control_map) -> its hint (B, N, D),
-        scaled by strength, that velocity() injects at every step; once per sampling call."""
+        scaled by strength, that velocity() injects before every Core iteration; once per
+        sampling call."""
         if self.control_adapter is None:
             raise ValueError("this generator has no control adapter; train one with train_flow.py --control=edges")
         return strength * self.control_adapter(control)
@@ -695,8 +697,6 @@ class Iris(nn.Module):
         hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)
         text_kv, text_cond, text_mask = prompt
         e, c_base = self.prelude_forward(z, t, text_cond)
-        if control is not None:
-            e = e + self.control_adapter.inject(control, e, c_base)
         s = e
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.
@@ -704,6 +704,8 @@ class Iris(nn.Module):
         for i in range(iters):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_with_grad):
                 progress = torch.full((len(z),), i / iters, device=z.device)
+                if control is not None:
+                    s = s + self.control_adapter.inject(control, s, c_base)
                 s = self.core_iteration(s, e, c_base, progress, text_kv, text_mask, hw)
         return self.coda_forward(s, c_base, hw)
 

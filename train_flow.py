@@ -128,7 +128,8 @@ if batch_size > len(latents):
     raise SystemExit(f"error: batch_size {batch_size} is larger than the {len(latents)} training images; "
                      f"lower --batch_size")
 if caption_conflict:  # a second table: each image's colours with another layout, which its control map overrules
-    tokens, mask, conflict_rows = encode_captions(encoder, conflicting_shape_captions(num_images))
+    # the training set is data.load_data's make_shapes(num_images, seed=0)
+    tokens, mask, conflict_rows = encode_captions(encoder, conflicting_shape_captions(num_images, seed=0))
     conflict_rows += len(captions.text)
     length = max(captions.text.shape[1], tokens.shape[1])
     captions = Prompt(*map(torch.cat, zip(captions.padded(length), Prompt(tokens, mask).padded(length))))
