@@ -99,8 +99,7 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
         diff = (image - reference).abs().max().item() / reference.abs().max().item()
         image_psnr = psnr(to_uint8(image), to_uint8(reference))
         print(f"pipeline {fmt} ({settings['steps']} {settings['sampler']} steps, r={settings['iters']}): "
-              f"max diff {diff:.1e} of scale, "
-              f"image PSNR {image_psnr:.1f} dB against PyTorch")
+              f"max diff {diff:.1e} of scale, image PSNR {image_psnr:.1f} dB against PyTorch")
         if manifest['precision'] == 'fp32' and diff > FP32_TOLERANCE:
             raise SystemExit(f"error: the {fmt} pipeline differs from PyTorch by {diff:.1e} of the output's scale")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_mobile.py')

@@ -52,7 +52,7 @@ def encode_once(model, prompt, control=None):
     """model(x, t, text, mask, iters) for a prompt that stays the same through sampling, as
     v(x, t, iters). A generator that can encode a prompt ahead (Iris.encode_prompt: every
     cross-attention's keys and values of the text) does it here, once per sampling call.
-    control: the tokens of Iris.encode_control, or None."""
+    control: the hint of Iris.encode_control, or None."""
     if not hasattr(model, 'encode_prompt'):
         return lambda x, t, iters: model(x, t, prompt.text, prompt.mask, iters)
     encoded = model.encode_prompt(prompt.text, prompt.mask)
@@ -89,7 +89,7 @@ def euler_sample(model, noise, prompt, null_prompt, steps=25, cfg_scale=4.0, ite
     starts from the latent `init` noised to t = strength. Inpainting also passes keep
     (1 or B, 1, h, w) in [0, 1], 1 where init must stay: after every step that region is
     re-imposed from init noised to the current t, with the same noise, blended where
-    0 < keep < 1 (the border), and is exactly init at t = 0. control: the tokens of
+    0 < keep < 1 (the border), and is exactly init at t = 0. control: the hint of
     Iris.encode_control, or None."""
     times = time_grid(steps, shift, strength).to(noise.device)
     if init is not None and strength == 0:
@@ -151,7 +151,7 @@ def text_to_image(model, vae, encoder, prompts, noise, steps=25, cfg_scale=4.0, 
     """Prompts -> uint8 images (B, 3, H, W): encode the text, sample the latent, decode.
     sampler: 'euler' for a train_flow.py model, 'consistency' for a distill.py one (whose
     re-noising draws from generator). init, strength, keep: editing, see euler_sample.
-    control: control images (B, 1, H, W) for a model with a ControlAdapter, whose tokens are
+    control: control images (B, 1, H, W) for a model with a ControlAdapter, whose hint is
     scaled by control_strength (0: the base model, 1: as trained)."""
     prompt = Prompt(*encoder(prompts))
     control = None if control is None else model.encode_control(control.to(noise.device), control_strength)
