@@ -1061,6 +1061,9 @@ def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_
     assert result.returncode != 0 and 'needs --base_dir' in result.stderr
     result = _run(args + ['--data_dir=photos', '--out_dir=out-none'], tiny_runs)  # only shapes captions are rewritten
     assert result.returncode != 0 and 'caption_conflict needs' in result.stderr
+    result = _run(args + ['--caption_conflict=1.5', '--out_dir=out-none'], tiny_runs)
+    assert result.returncode != 0 and 'caption_conflict is a share' in result.stderr
+    assert 'Traceback' not in result.stderr
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'float16'])  # fp16 also carries the GradScaler's state

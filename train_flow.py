@@ -100,6 +100,8 @@ if mixer not in ('grfm', 'attention'):
 if control and (control not in CONTROLS or not base_dir):
     raise SystemExit(f"error: control must be one of {', '.join(CONTROLS)} and needs --base_dir (a finished "
                      f"train_flow.py run), got control='{control}', base_dir='{base_dir}'")
+if not 0 <= caption_conflict <= 1:
+    raise SystemExit(f"error: caption_conflict is a share of the captions, in [0, 1]; got {caption_conflict}")
 if caption_conflict and not (control and dataset == 'shapes' and not data_dir):
     raise SystemExit("error: caption_conflict needs --control and the shapes data set, whose captions can be rewritten")
 if model_size not in SIZES:
