@@ -76,6 +76,9 @@ autocast, scaler = mixed_precision(dtype, device)
 teacher, run, teacher_dir = load_generator(teacher_dir, device)
 if run.get('sampler') == 'consistency':
     raise SystemExit(f"error: {teacher_dir} is already a distilled student; point --teacher_dir at a train_flow.py run")
+if teacher.config.control:  # the student learns from uncontrolled teacher steps, which would leave the adapter behind
+    raise SystemExit(f"error: {teacher_dir} is a {teacher.config.control} control run, which distill.py cannot carry "
+                     f"over; point --teacher_dir at its base run ({run['base_dir']})")
 teacher_iters = teacher_iters or run['sample_iters']
 iters = iters or teacher_iters
 encoder = load_text_encoder(teacher.config.text_encoder, device)

@@ -1057,6 +1057,8 @@ def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_
                           'twice the --upscale image side')]:
         result = _run(['sample.py', '--steps=1', *bad], tiny_runs)
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    result = _run(['distill.py', '--teacher_dir=out-edges', '--out_dir=out-none'], tiny_runs)
+    assert result.returncode != 0 and 'point --teacher_dir at its base run (out-flow)' in result.stderr
     result = _run(args[:2] + ['--base_dir=', '--out_dir=out-none'], tiny_runs)
     assert result.returncode != 0 and 'needs --base_dir' in result.stderr
     result = _run(args + ['--data_dir=photos', '--out_dir=out-none'], tiny_runs)  # only shapes captions are rewritten
