@@ -19,7 +19,8 @@ What an IRIS run learned of real images, measured on the test split it never saw
 5. Super-resolution (flow.upscale), 2x: each test image's 2x2 means as the input, against
    the real image: PSNR, SSIM and sharpness (the energy of the Haar detail subbands LH, HL,
    HH relative to the real image's: 1 is as sharp as the real one), for bicubic, the VAE
-   round trip of bicubic, and IRIS from the bicubic latent at each of upscale_strengths.
+   round trip of bicubic, the VAE round trip of the real image with the input's LL put back
+   (IRIS's ceiling), and IRIS from the bicubic latent at each of upscale_strengths.
 6. A control run only (train_flow.py --control): each test caption with its own image's
    control map, at control strength 0 (the base generator) and 1: the F1 of the output's
    map against the control (metrics.control_f1), the VAE round trip of the real images as
@@ -42,6 +43,7 @@ from model import load_generator
 from text import load_text_encoder
 from training import mixed_precision, resolve_dtype
 from vae import load_vae, psnr, reconstruct
+from wavelet import impose_lowpass
 
 # -----------------------------------------------------------------------------
 out_dir = ''  # a train_flow.py / distill.py run; '' = the newest generator checkpoint under out*/
@@ -100,11 +102,13 @@ def generate(model, vae, encoder, captions, noise, steps, sample=text_to_image, 
 def eval_upscale(model, vae, encoder, real, captions, noise, steps):
     small = F.avg_pool2d(real.float(), 2).round().to(torch.uint8)  # the 2x2 means: the Haar LL subband / 2
     bicubic = to_uint8(F.interpolate(to_float(small), scale_factor=2, mode='bicubic', align_corners=False))
-    rows = [('bicubic', bicubic), ('VAE round trip of bicubic', reconstruct(vae, bicubic))]
-    for strength in upscale_strengths:
-        rows.append((f"IRIS, strength {strength:g}, {steps} steps, r = {iters}",
-                     generate(model, vae, encoder, captions, noise, steps, sample=upscale, small=small,
-                              strength=strength)))
+    # IRIS's ceiling: were the generator to redraw the real image exactly, its output would be this
+    ceiling = to_uint8(impose_lowpass(to_float(reconstruct(vae, real)), to_float(small)))
+    iris = [(f"IRIS, strength {strength:g}, {steps} steps, r = {iters}",
+             generate(model, vae, encoder, captions, noise, steps, sample=upscale, small=small, strength=strength))
+            for strength in upscale_strengths]
+    rows = [('bicubic', bicubic), ('VAE round trip of bicubic', reconstruct(vae, bicubic)),
+            ('VAE round trip of the real image, the input put back (the ceiling)', ceiling), *iris]
     print(f"\n| {small.shape[-1]} -> {real.shape[-1]} px, {len(real)} test images | PSNR | SSIM | sharpness | "
           f"2x2 means - input, max |\n|---|---|---|---|---|")
     for name, images in rows:
@@ -114,7 +118,7 @@ def eval_upscale(model, vae, encoder, real, captions, noise, steps):
     print(f"| real {real.shape[-1]} px images | | 1 | 1 | |")
     shown = slice(0, 6)
     save_grid(torch.cat([small[shown].repeat_interleave(2, -1).repeat_interleave(2, -2), bicubic[shown],
-                         rows[2][1][shown], real[shown]]), os.path.join(out_dir, 'eval_upscale.png'), columns=6)
+                         iris[0][1][shown], real[shown]]), os.path.join(out_dir, 'eval_upscale.png'), columns=6)
     print(f"rows of {out_dir}/eval_upscale.png: the {small.shape[-1]} px input (pixels doubled), bicubic, IRIS at "
           f"strength {upscale_strengths[0]:g}, the real image")
 

@@ -947,6 +947,31 @@ def test_train_flow_on_the_pokemon_config_with_a_local_folder(tiny_runs, tmp_pat
     assert (tmp_path / 'flow' / 'ckpt.safetensors').exists()
 
 
+def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
+    for split, seed in (('train', 0), ('test', 1)):  # prepare.py's layout: train/ and test/ with a group per image
+        (tmp_path / split).mkdir()
+        images, captions = make_shapes(16, 32, seed=seed)
+        for i in range(16):
+            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp_path / split / f"{i}.png")
+        (tmp_path / split / 'metadata.jsonl').write_text(''.join(
+            json.dumps({'file_name': f"{i}.png", 'text': captions[i], 'group': f"g{i % 2}"}) + '\n' for i in range(16)))
+    result = _run(['train_flow.py', SHAPES_CONFIG, f'--data_dir={tmp_path / "train"}', '--num_holdout=2',
+                   '--image_size=32', '--dim=32', '--heads=2', '--core_layers=1', '--batch_size=4', '--max_steps=1',
+                   '--train_iters=(2,)', '--sample_steps=1', f'--vae_dir={tiny_runs / "vae"}', '--out_dir=flow'],
+                  tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run(['eval_real.py', '--out_dir=flow', '--steps_list=(2,)', '--loss_iters=(2,)', '--classifier_steps=2',
+                   '--batch_size=8'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = {line.split(' | ')[0].lstrip('| '): line.split(' | ')[1:] for line in result.stdout.splitlines()
+             if line.startswith('| ')}
+    upscaled = [name for name in table if name.startswith(('VAE round trip of the real image', 'IRIS, strength'))]
+    assert len(upscaled) == 3 and all(float(table[name][-1].rstrip(' |')) <= 0.5 for name in upscaled)  # the input kept
+    assert float(table['bicubic'][-1].rstrip(' |')) > 0.5  # bicubic does not keep it: the check above can fail
+    assert Image.open(tmp_path / 'flow' / 'eval_upscale.png').size == (6 * 32, 4 * 32)
+    assert (tmp_path / 'flow' / 'eval_real.png').exists()
+
+
 def test_sample_script_end_to_end_and_its_errors(tiny_runs):
     result = _run(['sample.py', '--prompt=a red circle|a blue square', '--num_samples=2', '--steps=2', '--iters=3',
                    '--output=two.png'], tiny_runs)  # no --out_dir: the newest generator run
