@@ -19,7 +19,7 @@ if script == 'train_flow':
     lr = 2e-3
     min_lr = 1e-4
     warmup_steps = 50
-    max_steps = 6000
+    max_steps = 9000
     eval_interval = 1000
     sample_iters = 4
 if script == 'eval_shapes':  # the base model's adherence at its sampling settings, then the control table
