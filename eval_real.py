@@ -37,13 +37,12 @@ import torch.nn.functional as F
 
 from configurator import configure
 from data import control_map, load_imagefolder, map_image, save_grid, to_float, to_uint8
-from flow import flow_loss, text_to_image, upscale
+from flow import flow_loss, keep_input, text_to_image, upscale
 from metrics import accuracy, control_f1, frechet_distance, nearest_distance, read, sharpness, ssim, train_classifier
 from model import load_generator
 from text import load_text_encoder
 from training import mixed_precision, resolve_dtype
 from vae import load_vae, psnr, reconstruct
-from wavelet import impose_lowpass
 
 # -----------------------------------------------------------------------------
 out_dir = ''  # a train_flow.py / distill.py run; '' = the newest generator checkpoint under out*/
@@ -99,11 +98,10 @@ def generate(model, vae, encoder, captions, noise, steps, sample=text_to_image, 
                           for i in range(0, len(captions), batch_size)])
 
 
-def eval_upscale(model, vae, encoder, real, captions, noise, steps):
+def eval_upscale(model, vae, encoder, real, recon, captions, noise, steps):
     small = F.avg_pool2d(real.float(), 2).round().to(torch.uint8)  # the 2x2 means: the Haar LL subband / 2
     bicubic = to_uint8(F.interpolate(to_float(small), scale_factor=2, mode='bicubic', align_corners=False))
-    # IRIS's ceiling: were the generator to redraw the real image exactly, its output would be this
-    ceiling = to_uint8(impose_lowpass(to_float(reconstruct(vae, real)), to_float(small)))
+    ceiling = keep_input(recon, small)  # IRIS's output, were the generator to redraw the real image exactly
     iris = [(f"IRIS, strength {strength:g}, {steps} steps, r = {iters}",
              generate(model, vae, encoder, captions, noise, steps, sample=upscale, small=small, strength=strength))
             for strength in upscale_strengths]
@@ -123,7 +121,7 @@ def eval_upscale(model, vae, encoder, real, captions, noise, steps):
           f"strength {upscale_strengths[0]:g}, the real image")
 
 
-def eval_control(model, vae, encoder, real, captions, noise, steps):
+def eval_control(model, vae, encoder, real, recon, captions, noise, steps):
     kind = model.config.control
     maps = control_map(real, kind)
     print(f"\n| {kind} of the test image, its caption, {steps} steps, r = {iters} | {kind} F1 |\n|---|---|")
@@ -133,7 +131,7 @@ def eval_control(model, vae, encoder, real, captions, noise, steps):
         print(f"| control strength {strength:g}{' (the base generator)' if strength == 0 else ''} | "
               f"{control_f1(control_map(images, kind), maps).mean():.3f} |")
     print(f"| the real images after a VAE round trip (the ceiling) | "
-          f"{control_f1(control_map(reconstruct(vae, real), kind), maps).mean():.3f} |")
+          f"{control_f1(control_map(recon, kind), maps).mean():.3f} |")
     save_grid(torch.cat([map_image(maps[:6]), images[:6], real[:6]]),
               os.path.join(out_dir, 'eval_control.png'), columns=6)
     print(f"rows of {out_dir}/eval_control.png: the control, IRIS at strength 1, the real test image")
@@ -165,8 +163,9 @@ noise = torch.randn(len(test_captions), model.config.latent_channels, size // 16
                     generator=torch.Generator().manual_seed(seed)).to(device)
 print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test images at {size} px\n")
 
+# the VAE round trip of the test images: the vae section's figure, upscale's ceiling and control's
+recon = reconstruct(vae, test_images) if {'vae', 'upscale', 'control'} & set(sections) else None
 if 'vae' in sections:
-    recon = reconstruct(vae, test_images)
     print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, "
           f"SSIM {ssim(recon, test_images):.4f}\n")
 
@@ -213,7 +212,7 @@ if 'classifier' in sections:
           f"({out_dir}/eval_real.txt), nearest training image")
 
 if 'upscale' in sections:
-    eval_upscale(model, vae, encoder, test_images, test_captions, noise, steps_list[-1])
+    eval_upscale(model, vae, encoder, test_images, recon, test_captions, noise, steps_list[-1])
 
 if 'control' in sections and model.config.control:
-    eval_control(model, vae, encoder, test_images, test_captions, noise, steps_list[-1])
+    eval_control(model, vae, encoder, test_images, recon, test_captions, noise, steps_list[-1])

@@ -176,4 +176,10 @@ def upscale(model, vae, encoder, small, prompts, noise, strength=0.3, **sampling
     bicubic = F.interpolate(to_float(small), scale_factor=2, mode='bicubic', align_corners=False).clamp(-1, 1)
     init = vae.encode_latent(bicubic.to(noise.device))
     images = text_to_image(model, vae, encoder, prompts, noise, init=init, strength=strength, **sampling)
+    return keep_input(images, small)
+
+
+def keep_input(images, small):
+    """upscale's last step: uint8 images (B, 3, S, S) with their Haar LL subband replaced by
+    the uint8 input's (B, 3, S/2, S/2), so their 2x2 block means are the input."""
     return to_uint8(impose_lowpass(to_float(images), to_float(small)))

@@ -970,6 +970,14 @@ def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     assert float(table['bicubic'][-1].rstrip(' |')) > 0.5  # bicubic does not keep it: the check above can fail
     assert Image.open(tmp_path / 'flow' / 'eval_upscale.png').size == (6 * 32, 4 * 32)
     assert (tmp_path / 'flow' / 'eval_real.png').exists()
+    result = _run(['train_flow.py', SHAPES_CONFIG, f'--data_dir={tmp_path / "train"}', '--num_holdout=2',
+                   '--image_size=32', '--control=edges', '--base_dir=flow', f'--vae_dir={tiny_runs / "vae"}',
+                   '--batch_size=4', '--max_steps=1', '--sample_steps=1', '--out_dir=edges'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run(['eval_real.py', '--out_dir=edges', '--sections=control', '--steps_list=(2,)'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'control strength 1 |' in result.stdout and '(the ceiling) |' in result.stdout
+    assert Image.open(tmp_path / 'edges' / 'eval_control.png').size == (6 * 32, 3 * 32)
 
 
 def test_sample_script_end_to_end_and_its_errors(tiny_runs):
