@@ -25,15 +25,16 @@ from text import Prompt, sha256_file
 
 @torch.no_grad()
 def encode_captions(encoder, captions, batch_size=256):
-    """Distinct captions -> tokens (U, L, width) fp16, mask (U, L); and each caption's row."""
+    """Distinct captions -> tokens (U, L, width) fp16, mask (U, L); and each caption's row. On
+    the CPU, wherever the encoder runs: a step moves its batch to the device."""
     distinct = sorted(set(captions))
     row = {caption: i for i, caption in enumerate(distinct)}
     pieces = [Prompt(*encoder(distinct[i:i + batch_size]))
               for i in tqdm(range(0, len(distinct), batch_size), desc='text', leave=False)]
     length = max(piece.text.shape[1] for piece in pieces)
     pieces = [piece.padded(length) for piece in pieces]
-    tokens = torch.cat([piece.text for piece in pieces]).half()
-    mask = torch.cat([piece.mask for piece in pieces])
+    tokens = torch.cat([piece.text for piece in pieces]).half().cpu()
+    mask = torch.cat([piece.mask for piece in pieces]).cpu()
     return tokens, mask, torch.tensor([row[c] for c in captions])
 
 
@@ -64,37 +65,39 @@ def save_atomically(data, path, metadata):
     os.replace(tmp, path)
 
 
+def read_cache(path):
+    """-> (tensors on the CPU, metadata) of a cache file."""
+    with safe_open(path, framework='pt') as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
 def load_training_set(data_settings, vae, vae_dir, encoder, cache_dir):
     """data_settings: the load_data arguments (dataset, data_dir, image_size, num_images,
     num_holdout). Returns dict(latents, caption_ids, tokens, mask, holdout_captions)."""
     path, identity = cache_path(cache_dir, data_settings, text_encoder=encoder.name,
                                 vae=sha256_file(os.path.join(vae_dir, 'ckpt.safetensors')))
-    if os.path.isfile(path):
-        with safe_open(path, framework='pt') as f:
-            data = {k: f.get_tensor(k) for k in f.keys()}
-            data['holdout_captions'] = json.loads(f.metadata()['holdout_captions'])
-        print(f"cache: {len(data['latents'])} latents and {len(data['tokens'])} captions from {path}")
-        return data
-
-    (images, captions), (_, holdout_captions) = load_data(**data_settings)
-    tokens, mask, caption_ids = encode_captions(encoder, captions)
-    data = dict(latents=encode_images(vae, images), caption_ids=caption_ids, tokens=tokens, mask=mask)
-    save_atomically(data, path,
-                    metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
-    print(f"cache: encoded {len(images)} images and {len(tokens)} distinct captions into {path}")
-    return dict(data, holdout_captions=holdout_captions)
+    if not os.path.isfile(path):
+        (images, captions), (_, holdout_captions) = load_data(**data_settings)
+        tokens, mask, caption_ids = encode_captions(encoder, captions)
+        save_atomically(dict(latents=encode_images(vae, images), caption_ids=caption_ids, tokens=tokens, mask=mask),
+                        path, metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
+        print(f"cache: encoded {len(images)} images and {len(tokens)} distinct captions into {path}")
+    # read back even when just built, so a first run gets exactly what every later run gets
+    # (CPU tensors of the stored dtypes), whatever device the encoders ran on
+    tensors, metadata = read_cache(path)
+    print(f"cache: {len(tensors['latents'])} latents and {len(tensors['tokens'])} captions from {path}")
+    return dict(tensors, holdout_captions=json.loads(metadata['holdout_captions']))
 
 
 def load_control_maps(data_settings, kind, cache_dir):
     """The control maps (data.control_map) of the training images, in the order of
     load_training_set's latents, and of the held-out ones: uint8 (N, 1, S, S) in {0, 1}."""
     path, identity = cache_path(cache_dir, data_settings, control=kind, thresholds=repr(CONTROLS))
-    if os.path.isfile(path):
-        with safe_open(path, framework='pt') as f:
-            return f.get_tensor('train'), f.get_tensor('holdout')
-    (images, _), (holdout_images, _) = load_data(**data_settings)
-    maps = {name: torch.cat([control_map(x[i:i + 1024], kind).to(torch.uint8) for i in range(0, len(x), 1024)])
-            for name, x in (('train', images), ('holdout', holdout_images))}
-    save_atomically(maps, path, metadata=dict(identity=json.dumps(identity)))
-    print(f"cache: {kind} maps of {len(images)} images into {path}")
+    if not os.path.isfile(path):
+        (images, _), (holdout_images, _) = load_data(**data_settings)
+        maps = {name: torch.cat([control_map(x[i:i + 1024], kind).to(torch.uint8) for i in range(0, len(x), 1024)])
+                for name, x in (('train', images), ('holdout', holdout_images))}
+        save_atomically(maps, path, metadata=dict(identity=json.dumps(identity)))
+        print(f"cache: {kind} maps of {len(images)} images into {path}")
+    maps, _ = read_cache(path)  # as load_training_set: a first run gets what later runs read
     return maps['train'], maps['holdout']

@@ -210,7 +210,9 @@ def load_hub(name, image_size):
     image_column = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     if image_column is None or 'text' not in ds.column_names:
         raise SystemExit(f"error: data set '{name}' needs an image column and a 'text' column, has {ds.column_names}")
-    ds = ds.cast_column(image_column, datasets.Image(decode=False)).rename_column(image_column, 'image')
+    ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    if image_column != 'image':  # the Pokemon set's is already 'image'; renaming onto itself fails
+        ds = ds.rename_column(image_column, 'image')
     return decode_rows(ds, image_size, name)
 
 
