@@ -92,7 +92,7 @@ grid = time_grid(schedule_steps).flip(0).to(device)  # 0 = t_0 < t_1 < ... < t_N
 
 student = copy.deepcopy(teacher).train().requires_grad_(True)  # starts as the teacher's EMA weights
 target = make_ema(student)
-optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99), fused=True)
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = 0
@@ -126,7 +126,7 @@ for step in bar:
         group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
     index = torch.randint(len(latents), (batch_size,), generator=data_generator)
     n = torch.randint(schedule_steps, (batch_size,), generator=data_generator).to(device)
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=device)  # read only when logged: a read waits for the GPU
     for micro, share in enumerate(shares):
         rows = caption_rows[index[share]]
         with sync_gradients(train_model, last=micro == len(shares) - 1):
@@ -137,16 +137,18 @@ for step in bar:
                                         cfg_scale=teacher_cfg, teacher_iters=teacher_iters, iters=iters,
                                         huber_c=huber_c)
             backward(loss * len(share), scaler, world_size, batch_size)
-        loss_sum += loss.detach().float().cpu() * len(share)
-    loss = all_sum(loss_sum) / batch_size
-    stop_if_diverged(loss, step)
+        loss_sum += loss.detach().float() * len(share)
     optimizer_step(student, optimizer, scaler, grad_clip)
     ema_update(target, student, step, target_decay, warmup=False)  # the target follows at a fixed rate from the start
-    if master and ((step + 1) % eval_interval == 0 or step + 1 == max_steps):
+    save = (step + 1) % eval_interval == 0 or step + 1 == max_steps
+    if save or step % log_interval == 0:
+        loss = all_sum(loss_sum) / batch_size
+        stop_if_diverged(loss, step)  # before a save: a checkpoint never holds a diverged model
+        if master:
+            log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    if master and save:
         sample_and_save(step + 1)
-    if master and (step % log_interval == 0 or step + 1 == max_steps):
-        log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'])
-        bar.set_postfix(loss=f"{loss.item():.4f}")
 
 if master:
     print(f"{(time.time() - start_time) / 60:.1f} min; checkpoint {ckpt_path}; "

@@ -269,13 +269,17 @@ def generator_methods(model, z, t, text, mask):
     """The generator's stages (and a control run's two more), with example inputs from a real forward pass."""
     hw = (z.shape[-2] // model.config.patch_size, z.shape[-1] // model.config.patch_size)
     progress = torch.full((len(z),), 0.5)  # half-way through the core iterations
+
+    def core(m, s, e, c_base, progress, text_kv, mask):  # one iteration, all it needs computed inside
+        prepared = [layer.mixer.prepare(hw) for layer in m.core]
+        return m.core_iteration(s, e, m.core_condition(c_base, progress), text_kv, mask, hw, prepared)
     with torch.no_grad():
         text_kv, text_cond, _ = (x.contiguous() for x in model.encode_prompt(text, mask))
         e, c_base = (x.contiguous() for x in model.prelude_forward(z, t, text_cond))
-        s = model.core_iteration(e, e, c_base, progress, text_kv, mask, hw).contiguous()
+        s = core(model, e, e, c_base, progress, text_kv, mask).contiguous()
     methods = {'prompt': (Method(model, lambda m, *x: m.encode_prompt(*x)[:2]), (text, mask)),
                'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text_cond)),
-               'core': (Method(model, lambda m, *x: m.core_iteration(*x, hw)), (s, e, c_base, progress, text_kv, mask)),
+               'core': (Method(model, core), (s, e, c_base, progress, text_kv, mask)),
                'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
     if model.control_adapter is not None:  # control image -> hint, once per image; the app repeats it per branch
         control = control_map(make_shapes(1, 16 * z.shape[-1], seed=0)[0], model.config.control)

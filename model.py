@@ -187,21 +187,21 @@ class FourierMixer(nn.Module):
         self.w2 = nn.Parameter(0.02 * torch.randn(2, blocks, self.block_size, self.block_size))
         self.b2 = nn.Parameter(torch.zeros(2, blocks, self.block_size))
 
-    @staticmethod
-    def _as_real(w, b):
-        # A complex product (xr + i xi)(wr + i wi) as ONE real matmul on interleaved
-        # [xr0, xi0, xr1, xi1, ...] vectors: row 2j + p acts on part p of x_j, column
-        # 2k + q makes part q of out_k. That is the memory layout of torch.view_as_real,
-        # so the FFT output needs no copy.
-        w_re, w_im = w
-        nb, bs = w_re.shape[:2]
-        weight = torch.stack([w_re, w_im, -w_im, w_re]).view(2, 2, nb, bs, bs)   # (p, q, block, j, k)
-        weight = weight.permute(2, 3, 0, 4, 1).reshape(nb, 2 * bs, 2 * bs)
-        bias = b.permute(1, 2, 0).reshape(nb, 1, 2 * bs)
-        return weight, bias
+    def prepare(self):
+        """-> (w1, b1, w2, b2): each complex product (xr + i xi)(wr + i wi) as ONE real matmul
+        on interleaved [xr0, xi0, xr1, xi1, ...] vectors: row 2j + p acts on part p of x_j,
+        column 2k + q makes part q of out_k. That is the memory layout of torch.view_as_real,
+        so the FFT output needs no copy."""
+        nb, bs = self.blocks, self.block_size
+        prepared = []
+        for (w_re, w_im), b in ((self.w1.float(), self.b1.float()), (self.w2.float(), self.b2.float())):
+            weight = torch.stack([w_re, w_im, -w_im, w_re]).view(2, 2, nb, bs, bs)   # (p, q, block, j, k)
+            prepared += [weight.permute(2, 3, 0, 4, 1).reshape(nb, 2 * bs, 2 * bs),
+                         b.permute(1, 2, 0).reshape(nb, 1, 2 * bs)]
+        return prepared
 
-    def forward(self, x):
-        # x: (B, h, w, D) -> (B, h, w, D)
+    def forward(self, x, prepared=None):
+        # x: (B, h, w, D) -> (B, h, w, D); prepared: prepare()'s matrices, computed here if not given
         B, h, w, D = x.shape
         # The spectrum stays fp32, under autocast and in an fp16 model: view_as_complex and the
         # FFTs take no bf16, and the ortho FFT's sums over the grid lose low-precision mantissa bits.
@@ -213,8 +213,7 @@ class FourierMixer(nn.Module):
             freq_shape = spectrum.shape                                  # (B, h, w//2+1, D, 2)
             # (nb, M, 2 bs): one batched matmul per layer over all frequencies and batch items
             tokens = spectrum.reshape(-1, self.blocks, 2 * self.block_size).transpose(0, 1)
-            w1, b1 = self._as_real(self.w1.float(), self.b1.float())
-            w2, b2 = self._as_real(self.w2.float(), self.b2.float())
+            w1, b1, w2, b2 = self.prepare() if prepared is None else prepared
             tokens = F.relu(torch.baddbmm(b1, tokens, w1))
             tokens = F.softshrink(torch.baddbmm(b2, tokens, w2), self.softshrink)
             spectrum = tokens.transpose(0, 1).reshape(freq_shape)
@@ -242,85 +241,74 @@ def sequential_scan(log_a, b):
     return torch.stack(out, dim=1)
 
 
-def _shift(x, steps, reverse, value=0.0):
-    """x (B, N, ...) moved `steps` tokens later in scan order (earlier if reverse), the tokens
-    it leaves empty filled with value: x_{t - steps} at t (x_{t + steps} if reverse)."""
-    n = x.shape[1]
-    pad = [0, 0] * (x.dim() - 2) + ([0, steps] if reverse else [steps, 0])
-    return F.pad(x, pad, value=value)[:, steps:] if reverse else F.pad(x, pad, value=value)[:, :n]
+def _shift(x, steps):
+    """x (B, N, ...) moved `steps` tokens later, zeros in front: x_{t - steps} at t."""
+    return F.pad(x, [0, 0] * (x.dim() - 2) + [steps, 0])[:, :x.shape[1]]
 
 
-def _hillis_steele(a, b, reverse):
-    """h_t = a_t h_{t-1} + b_t (h_{t+1} if reverse) over dim 1 in log2(N) shift-multiply-add
-    steps (Hillis & Steele 1986): exact for any a in [0, 1], as it only multiplies decays."""
+def _hillis_steele(a, b):
+    """h_t = a_t h_{t-1} + b_t over dim 1 in log2(N) shift-multiply-add steps (Hillis & Steele
+    1986): exact for any a in [0, 1], as it only multiplies decays. Shifting zeros into a is
+    safe: a token whose span already starts at token 0 only ever meets the zero state h_{-1}."""
     shift = 1
     while shift < a.shape[1]:
-        b = b + a * _shift(b, shift, reverse)
+        b = b + a * _shift(b, shift)
         if 2 * shift < a.shape[1]:  # the decays' products are needed only by a next step
-            a = a * _shift(a, shift, reverse, value=1.0)
+            a = a * _shift(a, shift)
         shift *= 2
     return b
 
 
-@lru_cache(maxsize=8)
-def _prefix_sum_matrix(chunk, reverse):
-    """M with M @ x the inclusive cumsum of x over its second-to-last dim (from the end if
-    reverse): a matmul, which every runtime runs fast (ExecuTorch has no fast cumsum)."""
-    ones = torch.ones(chunk, chunk)
-    return ones.triu() if reverse else ones.tril()
-
-
-def _chunked_scan(log_a, b, chunk, reverse):
+def _chunked_scan(log_a, b, chunk):
     # Inside a chunk the recurrence has a closed form: with A_t = a_1 ... a_t = exp(cumsum(log a)),
     #     h_t = A_t * sum_{s <= t} b_s / A_s
-    # two prefix sums instead of a loop (products and sums from the chunk's end if reverse).
-    # 1 / A_s must stay finite, so log a is clamped at -60 / chunk: a state that shrinks
-    # 1800-fold per token is forgotten either way. A Hillis-Steele scan over the chunks'
-    # last states, which has no such limit, then carries each chunk's state into the next.
+    # two prefix sums instead of a loop. 1 / A_s must stay finite, so log a is clamped at
+    # -60 / chunk: a state that shrinks 1800-fold per token is forgotten either way. A
+    # Hillis-Steele scan over the chunks' last states, which has no such limit, then carries
+    # each chunk's state into the next.
     B, N, D = b.shape
     n_chunks = -(-N // chunk)
-    if n_chunks * chunk > N:  # pad after the last token in scan order: a = 1, b = 0
-        pad = (0, 0, n_chunks * chunk - N, 0) if reverse else (0, 0, 0, n_chunks * chunk - N)
-        log_a, b = F.pad(log_a, pad), F.pad(b, pad)
-    prefix_sum = _prefix_sum_matrix(chunk, reverse).to(b)
+    if n_chunks * chunk > N:  # pad after the last token: a = 1, b = 0
+        log_a, b = F.pad(log_a, (0, 0, 0, n_chunks * chunk - N)), F.pad(b, (0, 0, 0, n_chunks * chunk - N))
+    # M @ x is the inclusive cumsum of x over its second-to-last dim: a matmul, which every
+    # runtime runs fast (ExecuTorch has no fast cumsum); built where it is used, on b's device
+    prefix_sum = torch.ones(chunk, chunk, device=b.device, dtype=b.dtype).tril()
     with full_precision(b):  # autocast would run these matmuls in bf16 / fp16
         decay = torch.matmul(prefix_sum, log_a.clamp_min(-60 / chunk).reshape(B, n_chunks, chunk, D)).exp()
         h = decay * torch.matmul(prefix_sum, b.reshape(B, n_chunks, chunk, D) / decay)
     if n_chunks > 1:
-        last = 0 if reverse else -1
-        chunk_state = _hillis_steele(decay[:, :, last], h[:, :, last], reverse)  # true state at each chunk's last token
-        h = h + decay * _shift(chunk_state, 1, reverse)[:, :, None]  # plus the state entering each chunk
-    h = h.view(B, n_chunks * chunk, D)
-    return h[:, -N:] if reverse else h[:, :N]
+        chunk_state = _hillis_steele(decay[:, :, -1], h[:, :, -1])  # the true state at each chunk's last token
+        h = h + decay * _shift(chunk_state, 1)[:, :, None]  # plus the state entering each chunk
+    return h.view(B, n_chunks * chunk, D)[:, :N]
 
 
 class _LinearScan(torch.autograd.Function):
     """The backward pass of a linear recurrence is the same recurrence run the other way:
-    with g_t = dL/dh_t in total, g_t = grad_t + a_{t+1} g_{t+1}, dL/db_t = g_t and
-    dL/dlog_a_t = g_t a_t h_{t-1} = g_t (h_t - b_t). One more scan instead of autograd
-    through every step."""
+    with g_t = dL/dh_t + a_{t+1} g_{t+1} (a backward scan: the forward one on flipped tokens),
+    dL/db_t = g_t and dL/dlog_a_t = g_t a_t h_{t-1} = g_t (h_t - b_t). One more scan instead
+    of autograd through every step."""
 
     @staticmethod
-    def forward(ctx, log_a, b, chunk, reverse):
-        h = _chunked_scan(log_a, b, chunk, reverse)
+    def forward(ctx, log_a, b, chunk):
+        h = _chunked_scan(log_a, b, chunk)
         ctx.save_for_backward(log_a, b, h)
-        ctx.chunk, ctx.reverse = chunk, reverse
+        ctx.chunk = chunk
         return h
 
     @staticmethod
     def backward(ctx, grad_h):
         log_a, b, h = ctx.saved_tensors
-        log_a_next = _shift(log_a, 1, not ctx.reverse)  # log a_{t+1} (log a_{t-1} if reverse), 0 past the end
-        g = _chunked_scan(log_a_next, grad_h, ctx.chunk, not ctx.reverse)
-        return g * (h - b), g, None, None
+        # flipped, log a_{t+1} is the flipped log a one token later, 0 before the first
+        g = _chunked_scan(_shift(log_a.flip(1), 1), grad_h.flip(1), ctx.chunk).flip(1)
+        return g * (h - b), g, None
 
 
-def linear_scan(log_a, b, reverse=False, chunk=CHUNK):
-    """h_t = a_t * h_{t-1} + b_t over dim 1 of (B, N, D) with a_t = exp(log_a_t) <= 1,
-    h_{-1} = 0 (h_{t+1} and h_N = 0 if reverse), without a loop over tokens."""
+def linear_scan(log_a, b, chunk=CHUNK):
+    """h_t = a_t * h_{t-1} + b_t over dim 1 of (B, N, D) with a_t = exp(log_a_t) <= 1 and
+    h_{-1} = 0, without a loop over tokens."""
     if torch.is_grad_enabled() and (log_a.requires_grad or b.requires_grad):
-        return _LinearScan.apply(log_a, b, chunk, reverse)
-    return _chunked_scan(log_a, b, chunk, reverse)  # plain tensor ops: what torch.export traces
+        return _LinearScan.apply(log_a, b, chunk)
+    return _chunked_scan(log_a, b, chunk)  # plain tensor ops: what torch.export traces
 
 
 class RecurrentMixer(nn.Module):
@@ -341,34 +329,40 @@ class RecurrentMixer(nn.Module):
         a = torch.empty(dim).uniform_(0.9, 0.999)
         self.log_lambda = nn.Parameter(torch.logit(a ** (1 / self.c)))
 
-    def forward(self, x):
-        # x: (B, N, D), N in raster order
+    def prepare(self):
+        """-> log sigmoid(Lambda)^c (D,), so that log a_t = r_t times it."""
+        return -self.c * F.softplus(-self.log_lambda.float())
+
+    def forward(self, x, prepared=None):
+        # x: (B, N, D), N in raster order; prepared: prepare()'s rates, computed here if not given
         B, N, D = x.shape
         gates = torch.einsum("bnhi,hio->bnho", x.view(B, N, self.heads, -1), self.gate_weight) + self.gate_bias
         # The recurrence runs in fp32 whatever the autocast dtype: h_t sums products of up to
         # N decays near 1, and bf16's 8-bit mantissa rounds 0.999 to 1.0.
         recurrence_gate, input_gate = torch.sigmoid(gates.float()).chunk(2, dim=-1)
-        log_a = -self.c * F.softplus(-self.log_lambda.float()) * recurrence_gate.reshape(B, N, D)  # log sigmoid(L)^(cr)
+        log_a = (self.prepare() if prepared is None else prepared) * recurrence_gate.reshape(B, N, D)
         b = torch.sqrt((-torch.expm1(2 * log_a)).clamp_min(1e-8)) * (input_gate.reshape(B, N, D) * x.float())
-        half = D // 2
-        h = torch.cat([linear_scan(log_a[..., :half], b[..., :half]),
-                       linear_scan(log_a[..., half:], b[..., half:], reverse=True)], dim=-1)
-        return h.to(x.dtype)
+        # The backward half's tokens are flipped and stacked under the forward half as more
+        # rows: one scan runs both directions.
+        h = linear_scan(self._fold(log_a), self._fold(b))
+        return torch.cat([h[:B], h[B:].flip(1)], dim=-1).to(x.dtype)
+
+    @staticmethod
+    def _fold(x):
+        """(B, N, D) -> (2B, N, D/2): the first half of the channels, then the second half
+        with its tokens in reverse order."""
+        forward, backward = x.chunk(2, dim=-1)
+        return torch.cat([forward, backward.flip(1)])
 
 
 # ---------------------------------------------------------------------------------------
 # GRFM pathway 3: Manhattan spatial decay (RMT)
 
 
-@lru_cache(maxsize=32)
-def _distance(n):
-    position = torch.arange(n, dtype=torch.float32)
-    return (position[:, None] - position[None, :]).abs()
-
-
 def decay_matrix(log_gamma, n):
     """log_gamma: (H,) -> (H, n, n) row-normalised 1D decay gamma^|i - j|."""
-    decay = torch.exp(log_gamma[:, None, None] * _distance(n).to(log_gamma))
+    position = torch.arange(n, device=log_gamma.device, dtype=log_gamma.dtype)
+    decay = torch.exp(log_gamma[:, None, None] * (position[:, None] - position[None, :]).abs())
     return decay / decay.sum(dim=-1, keepdim=True)
 
 
@@ -386,13 +380,19 @@ class SpatialMixer(nn.Module):
         gamma = 1 - 2.0 ** (-1 - torch.arange(heads, dtype=torch.float32) * 4 / max(heads - 1, 1))
         self.gamma_logit = nn.Parameter(torch.logit(gamma.clamp(0.3, 0.97)))
 
-    def forward(self, x):
-        # x: (B, h, w, D); each 1D decay is one batched matmul over the heads g
+    def prepare(self, hw):
+        """-> the 1D decays along the columns (H, h, h) and the rows (H, w, w)."""
+        h, w = hw
+        log_gamma = F.logsigmoid(self.gamma_logit.float())
+        decay_h = decay_matrix(log_gamma, h)
+        return decay_h, decay_h if w == h else decay_matrix(log_gamma, w)
+
+    def forward(self, x, prepared=None):
+        # x: (B, h, w, D); prepared: prepare()'s decays, computed here if not given.
+        # Each 1D decay is one batched matmul over the heads g.
         B, h, w, D = x.shape
         G, C = self.heads, D // self.heads
-        log_gamma = F.logsigmoid(self.gamma_logit.float())
-        decay_h = decay_matrix(log_gamma, h).to(x.dtype)
-        decay_w = decay_h if w == h else decay_matrix(log_gamma, w).to(x.dtype)
+        decay_h, decay_w = (d.to(x.dtype) for d in (self.prepare((h, w)) if prepared is None else prepared))
         v = self.value(x).view(B, h, w, G, C).permute(3, 1, 0, 2, 4).reshape(G, h, B * w * C)
         v = torch.bmm(decay_h, v)                                                     # along columns
         v = v.view(G, h, B, w, C).permute(0, 3, 2, 1, 4).reshape(G, w, B * h * C)
@@ -411,14 +411,20 @@ class GRFM(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.out = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, x, hw):
-        # x: (B, N, D), N = h*w tokens in raster order
+    def prepare(self, hw):
+        """What the three pathways derive from their weights alone: the same at every Core
+        iteration, so Iris.velocity computes it once per forward pass, not once per iteration."""
+        return self.fourier.prepare(), self.recurrent.prepare(), self.spatial.prepare(hw)
+
+    def forward(self, x, hw, prepared=None):
+        # x: (B, N, D), N = h*w tokens in raster order; prepared: prepare(hw), computed here if not given
         B, N, D = x.shape
         grid = x.view(B, *hw, D)
+        fourier_weights, recurrent_rates, spatial_decays = self.prepare(hw) if prepared is None else prepared
         g = torch.sigmoid(self.gate(x)).to(x.dtype)  # autocast returns the gate in bf16/fp16; lerp wants one dtype
-        fourier = self.fourier(grid).reshape(B, N, D)
-        spatial = self.spatial(grid).reshape(B, N, D)
-        mixed = torch.lerp(self.recurrent(x), fourier, g) + self.alpha * spatial  # g*F + (1-g)*R, one kernel
+        fourier = self.fourier(grid, fourier_weights).reshape(B, N, D)
+        spatial = self.spatial(grid, spatial_decays).reshape(B, N, D)
+        mixed = torch.lerp(self.recurrent(x, recurrent_rates), fourier, g) + self.alpha * spatial  # g*F + (1-g)*R
         return self.out(self.norm(mixed))
 
 
@@ -459,7 +465,10 @@ class SelfAttentionMixer(Attention):
     """Full self-attention over all h*w tokens with GRFM's call signature: the Core's token
     mixer with IrisConfig(mixer="attention"), the baseline GRFM is measured against."""
 
-    def forward(self, x, hw):
+    def prepare(self, hw):
+        return None  # nothing to compute ahead
+
+    def forward(self, x, hw, prepared=None):
         return super().forward(x)
 
 
@@ -519,9 +528,10 @@ class CoreLayer(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.mlp_ratio)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 7 * cfg.dim))
 
-    def forward(self, x, c, hw, text_kv, text_mask):
+    def forward(self, x, c, hw, text_kv, text_mask, prepared=None):
+        # prepared: self.mixer.prepare(hw), which Iris.velocity computes once for all iterations
         shift1, scale1, gate1, gate2, shift3, scale3, gate3 = self.modulation(c).unsqueeze(1).chunk(7, dim=-1)
-        x = x + gate1 * self.mixer(modulate(self.norm1(x), shift1, scale1), hw)
+        x = x + gate1 * self.mixer(modulate(self.norm1(x), shift1, scale1), hw, prepared)
         x = x + gate2 * self.cross_attention(self.norm2(x), text_kv, text_mask)
         return x + gate3 * self.ffn(modulate(self.norm3(x), shift3, scale3))
 
@@ -664,14 +674,25 @@ class Iris(nn.Module):
             x = block(x, hw)
         return x, self.time_embed(t) + text_cond
 
-    def core_iteration(self, s, e, c_base, progress, text_kv, text_mask, hw):
-        """s_{i+1} = Core(adapter([s_i, e]), c_i), progress: (B,) = i / r. The core is told its
-        progress rather than i, because r at inference may exceed every r seen in training."""
-        c = c_base + self.progress_embed(progress)
+    def core_condition(self, c_base, progress):
+        """c_i = c_base + emb(i / r): progress (B,) gives (B, D); (r, 1) gives every iteration's
+        at once, (r, B, D). The core is told its progress rather than i, because r at inference
+        may exceed every r seen in training."""
+        return c_base + self.progress_embed(progress.flatten()).view(*progress.shape, -1)
+
+    def core_iteration(self, s, e, c, text_kv, text_mask, hw, prepared):
+        """s_{i+1} = Core(adapter([s_i, e]), c_i); prepared: each layer's mixer.prepare(hw)."""
         s = self.adapter(torch.cat([s, e], dim=-1))
-        for layer, layer_kv in zip(self.core, text_kv):
-            s = layer(s, c, hw, layer_kv, text_mask[:, None, None, :])
+        for layer, layer_kv, layer_prepared in zip(self.core, text_kv, prepared):
+            s = layer(s, c, hw, layer_kv, text_mask[:, None, None, :], layer_prepared)
         return s
+
+    def compile_core(self):
+        """torch.compile each Core layer rather than the unrolled recurrence: one graph then
+        serves every iteration and every r, where a graph of the loop grows with r and is
+        rebuilt for each r. Gradient-free iterations (backprop_iters) add one more graph."""
+        for layer in self.core:
+            layer.compile()
 
     def coda_forward(self, s, c_base, hw):
         """Core state (B, N, D) -> velocity (B, 16, h, w)."""
@@ -697,16 +718,20 @@ class Iris(nn.Module):
         hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)
         text_kv, text_cond, text_mask = prompt
         e, c_base = self.prelude_forward(z, t, text_cond)
+        # What no iteration changes, computed once: each iteration's conditioning and what
+        # the mixers derive from their weights
+        progress = torch.arange(iters, device=z.device, dtype=torch.float32)[:, None] / iters
+        conditions = self.core_condition(c_base, progress)
+        prepared = [layer.mixer.prepare(hw) for layer in self.core]
         s = e
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.
         first_with_grad = iters - self.config.backprop_iters if self.config.backprop_iters else 0
         for i in range(iters):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_with_grad):
-                progress = torch.full((len(z),), i / iters, device=z.device)
                 if control is not None:
                     s = s + self.control_adapter.inject(control, s, c_base)
-                s = self.core_iteration(s, e, c_base, progress, text_kv, text_mask, hw)
+                s = self.core_iteration(s, e, conditions[i], text_kv, text_mask, hw, prepared)
         return self.coda_forward(s, c_base, hw)
 
 

@@ -204,22 +204,20 @@ def test_fourier_mixer_is_the_block_diagonal_complex_mlp():
 
 
 @pytest.mark.parametrize('tokens', [1, 7, 16, 17, 100, 1024, 4096])
-@pytest.mark.parametrize('reverse', [False, True])
-def test_parallel_scan_matches_a_sequential_loop_forward_and_backward(tokens, reverse):
+def test_parallel_scan_matches_a_sequential_loop_forward_and_backward(tokens):
     torch.manual_seed(tokens)
     a = (0.5 + 0.5 * torch.rand(2, tokens, 8)).requires_grad_()  # decays near 1 carry state far
     b = torch.randn(2, tokens, 8).requires_grad_()
     weight = torch.randn(2, tokens, 8)
-    h = linear_scan(a.log(), b, reverse)
-    flip = (lambda x: x.flip(1)) if reverse else (lambda x: x)
-    expected = flip(sequential_scan(flip(a.log()), flip(b)))
+    h = linear_scan(a.log(), b)
+    expected = sequential_scan(a.log(), b)
     torch.testing.assert_close(h, expected, rtol=0, atol=1e-4)
     grads = torch.autograd.grad((h * weight).sum(), (a, b))
     expected_grads = torch.autograd.grad((expected * weight).sum(), (a, b))
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-4)
     with torch.no_grad():  # the autograd-free path that export traces
-        torch.testing.assert_close(linear_scan(a.log(), b, reverse), expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(linear_scan(a.log(), b), expected, rtol=0, atol=1e-4)
 
 
 def test_parallel_scan_floors_vanishing_decays_and_stays_finite():
@@ -244,6 +242,25 @@ def test_recurrent_mixer_runs_half_the_channels_each_way():
     changed[:, -1] += 1  # the last token reaches every earlier one, but only backwards
     diff = (mixer(changed) - out).abs()[0, :-1]
     assert diff[:, :4].max() == 0 and diff[:, 4:].min() > 0
+
+
+def test_recurrent_mixer_is_the_rg_lru_written_out_with_a_loop_each_way():
+    torch.manual_seed(0)
+    mixer = RecurrentMixer(8, 2)
+    x = torch.randn(3, 12, 8, requires_grad=True)  # several rows: one scan runs both halves of every row
+    gates = torch.einsum('bnhi,hio->bnho', x.view(3, 12, 2, 4), mixer.gate_weight) + mixer.gate_bias
+    r, i = (g.reshape(3, 12, 8) for g in torch.sigmoid(gates).chunk(2, dim=-1))
+    a = torch.sigmoid(mixer.log_lambda) ** (mixer.c * r)                           # Griffin eq. 1-4
+    b = torch.sqrt(1 - a ** 2) * i * x
+    forward = sequential_scan(a[..., :4].log(), b[..., :4])
+    backward = sequential_scan(a[..., 4:].log().flip(1), b[..., 4:].flip(1)).flip(1)
+    expected = torch.cat([forward, backward], dim=-1)
+    out = mixer(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+    weight = torch.randn_like(out)
+    grad, = torch.autograd.grad((out * weight).sum(), x)
+    expected_grad, = torch.autograd.grad((expected * weight).sum(), x)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize('h,w', [(5, 7), (8, 8)])
@@ -374,8 +391,31 @@ def test_core_conditioning_changes_with_the_iteration_index():
     s, e, c_base = torch.randn(2, 16, 48), torch.randn(2, 16, 48), torch.randn(2, 48)
     text_kv, mask = torch.randn(model.config.core_layers, 2, 2, model.config.heads, 5, 48 // model.config.heads), \
         torch.ones(2, 5, dtype=torch.bool)
-    steps = [model.core_iteration(s, e, c_base, torch.full((2,), i / 8), text_kv, mask, (4, 4)) for i in (0, 1, 7)]
+    prepared = [layer.mixer.prepare((4, 4)) for layer in model.core]
+    steps = [model.core_iteration(s, e, model.core_condition(c_base, torch.full((2,), i / 8)), text_kv, mask, (4, 4),
+                                  prepared) for i in (0, 1, 7)]
     assert (steps[0] - steps[1]).abs().max() > 1e-3 and (steps[1] - steps[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('mixer', ['grfm', 'attention'])
+def test_velocity_equals_iterations_that_compute_everything_themselves(mixer):
+    # velocity() computes each iteration's conditioning and the mixers' weight-derived matrices
+    # once; the reference recomputes them at every iteration, as the exported core method does
+    model = _wake_up(Iris(_tiny_config(mixer=mixer)))
+    z, t, text, mask = _inputs()
+    text_kv, text_cond, _ = prompt = model.encode_prompt(text, mask)
+    e, c_base = model.prelude_forward(z, t, text_cond)
+    s = e
+    for i in range(3):
+        c = c_base + model.progress_embed(torch.full((2,), i / 3))
+        s = model.adapter(torch.cat([s, e], dim=-1))
+        for layer, layer_kv in zip(model.core, text_kv):
+            shift1, scale1, gate1, gate2, shift3, scale3, gate3 = layer.modulation(c).unsqueeze(1).chunk(7, dim=-1)
+            s = s + gate1 * layer.mixer(layer.norm1(s) * (1 + scale1) + shift1, (8, 8))
+            s = s + gate2 * layer.cross_attention(layer.norm2(s), layer_kv, mask[:, None, None, :])
+            s = s + gate3 * layer.ffn(layer.norm3(s) * (1 + scale3) + shift3)
+    expected = model.coda_forward(s, c_base, (8, 8))
+    torch.testing.assert_close(model.velocity(z, t, prompt, 3), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize('name,target', [('tiny', 19e6), ('small', 47e6), ('base', 135e6)])
@@ -549,8 +589,8 @@ def test_training_set_cache_is_built_once_and_keyed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache, 'load_data', lambda **kw: pytest.fail('a cache hit must not load the data again'))
     second = load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
-    for k in ('latents', 'caption_ids', 'tokens', 'mask'):
-        assert torch.equal(first[k], second[k])
+    for k in ('latents', 'caption_ids', 'tokens', 'mask'):  # a first (GPU) run gets what a later one reads
+        assert (first[k].dtype, first[k].device.type) == (second[k].dtype, 'cpu') and torch.equal(first[k], second[k])
     assert second['holdout_captions'] == first['holdout_captions']
     (vae_dir / 'ckpt.safetensors').write_bytes(b'another VAE')
     with pytest.raises(pytest.fail.Exception):
@@ -927,7 +967,7 @@ def test_train_flow_on_shapes_writes_everything_and_resumes(tiny_runs):
     assert len(meta['config']['sample_prompts']) == 8
     result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--max_steps=5', '--init_from=resume'], tiny_runs)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert 'cache: 64 latents' in result.stdout  # the second run read the cache
+    assert 'cache: 64 latents' in result.stdout and 'encoded' not in result.stdout  # the second run read the cache
     steps = [int(line.split(',')[0]) for line in (out / 'log.csv').read_text().splitlines()[1:]]
     assert steps == sorted(steps) and steps[-1] == 4
     result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--dim=48', '--init_from=resume'], tiny_runs)
@@ -945,6 +985,30 @@ def test_train_flow_on_the_pokemon_config_with_a_local_folder(tiny_runs, tmp_pat
                    f'--out_dir={tmp_path / "flow"}'], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / 'flow' / 'ckpt.safetensors').exists()
+
+
+def test_train_flow_on_a_hub_data_set_in_a_local_parquet_folder(tiny_runs, tmp_path, monkeypatch):
+    # reach-vb/pokemon-blip-captions as the Hub serves it (data/train-*.parquet: an image column
+    # and a 'text' column), read by data.load_hub through datasets.load_dataset: every line
+    # after the download runs, with a corrupt image among the rows
+    import datasets
+    images, captions = make_shapes(6, 40, seed=0)
+    rows = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+    table = datasets.Dataset.from_dict({'image': rows, 'text': captions}).cast_column('image', datasets.Image())
+    table = table.cast_column('image', datasets.Image(decode=False))
+    table = datasets.concatenate_datasets([table, datasets.Dataset.from_dict(
+        {'image': [{'bytes': b'not an image', 'path': None}], 'text': ['broken']}, features=table.features)])
+    (tmp_path / 'pokemon' / 'data').mkdir(parents=True)
+    table.to_parquet(str(tmp_path / 'pokemon' / 'data' / 'train-00000-of-00001.parquet'))
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))  # the subprocess's datasets cache, not the user's
+    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'pokemon.py'), f'--dataset={tmp_path / "pokemon"}',
+                   '--num_holdout=1', '--image_size=32', '--patch_size=1', '--dim=32', '--heads=2', '--core_layers=1',
+                   '--batch_size=2', '--max_steps=2', '--train_iters=(2,)', '--sample_steps=1',
+                   f'--vae_dir={tiny_runs / "vae"}', f'--cache_dir={tmp_path / "cache"}',
+                   f'--out_dir={tmp_path / "flow"}'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'skipped 1 unreadable image' in result.stderr and 'encoded 5 images' in result.stdout
+    assert (tmp_path / 'flow' / 'samples_000002.png').exists()
 
 
 def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
