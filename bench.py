@@ -2,7 +2,8 @@
 Measures what the README claims about the generator on this machine, as tables:
 
     python bench.py                          # everything (1 minute on 2 CPU cores)
-    python bench.py --sections=mixer,scan    # of: params, mixer, scan, step, latency, flops, memory, compile, runtime
+    python bench.py --sections=mixer,scan    # of: params, mixer, scan, step, latency, flops, memory, kernels,
+                                             #     compile, runtime
     python bench.py --threads=1
     python bench.py --sections=memory --config=config/pokemon_long.py
 
@@ -21,8 +22,11 @@ Measures what the README claims about the generator on this machine, as tables:
            would run it (autocast in --dtype): the memory it holds (weights, gradients,
            AdamW, EMA, the activations autograd saves), its FLOPs and op count, and from
            those an estimate of its time on a T4 (assumptions printed with it)
-  compile  (not in the default; 5 minutes) train_flow.py's step on config/shapes.py, eager
-           against torch.compile (inductor), in fp32, bf16 and fp16 autocast
+  kernels  (not in the default; 3 minutes) the kernels one training step of --config's generator
+           launches, GRFM against attention in its place
+  compile  (not in the default) train_flow.py's step on --config with compile=True (each Core
+           layer compiled): time to compile, ms per step, graphs compiled over train_iters, and
+           the graph breaks in a Core layer (torch._dynamo.explain)
   runtime  (not in the default; needs requirements-export.txt) the ExecuTorch kernels that
            export_mobile.py works around, each against eager PyTorch
 Timings are medians of several runs after a warm-up. No test asserts on them.
@@ -226,7 +230,7 @@ def bench_flops():
 
 def measure_training_step(model, step):
     """One training step's memory and work: step() runs a forward under autocast and returns
-    the loss. -> dict of bytes (weights, gradients, AdamW, EMA, saved activations), FLOPs, ops."""
+    the loss. -> dict of bytes (weights, gradients, AdamW, EMA, saved activations), FLOPs, kernels."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -242,17 +246,18 @@ def measure_training_step(model, step):
         loss.backward()
     n = sum(p.numel() for p in model.parameters())
     return dict(weights=4 * n, gradients=4 * n, adamw=8 * n, ema=4 * n, activations=sum(saved.values()),
-                flops=flops.get_total_flops(), ops=ops.count)
+                flops=flops.get_total_flops(), kernels=ops.kernels)
 
 
 # T4 assumptions for the estimate: what a well-fed T4 sustains, not its data-sheet peak (65 TFLOP/s
 # fp16, 320 GB/s); saved activations are written once and read twice (backward, recompute-free);
-# PyTorch eager spends ~10 us of launch and Python overhead per op at these sizes.
-T4_FLOPS, T4_BANDWIDTH, T4_SECONDS_PER_OP = 20e12, 250e9, 10e-6
+# eager PyTorch's launch and Python overhead per kernel as measured on an H200 (docs/results.md:
+# a launch-bound GRFM step, 0.29 s for ~8,900 kernels), which a T4's host is no faster at.
+T4_FLOPS, T4_BANDWIDTH, T4_SECONDS_PER_KERNEL = 20e12, 250e9, 33e-6
 
 
 def t4_seconds(m):
-    return m["flops"] / T4_FLOPS + 3 * m["activations"] / T4_BANDWIDTH + m["ops"] * T4_SECONDS_PER_OP
+    return m["flops"] / T4_FLOPS + 3 * m["activations"] / T4_BANDWIDTH + m["kernels"] * T4_SECONDS_PER_KERNEL
 
 
 def config_settings(script):
@@ -302,57 +307,98 @@ def bench_memory():
     # so the step at the mean r drawn is the line through the smallest and the largest
     low, high = (measure_training_step(model, lambda: flow_step(r)) for r in (min(train_iters), max(train_iters)))
     share = (sum(train_iters) / len(train_iters) - min(train_iters)) / max(1, max(train_iters) - min(train_iters))
-    flow = dict(high, **{k: low[k] + share * (high[k] - low[k]) for k in ("flops", "ops")})
+    flow = dict(high, **{k: low[k] + share * (high[k] - low[k]) for k in ("flops", "kernels")})
     flow["frozen"] = 4 * sum(p.numel() for m in (vae, encoder) for p in m.parameters())  # VAE and text encoder
     measured.append(("train_flow", model, flow, config_setting(flow_settings, "max_steps", "train_flow"),
                      f"{batch} x {(size // 16 // patch) ** 2} tokens, r={min(train_iters)}..{max(train_iters)}"))
     for script, module, m, steps, shape in measured:
-        held = sum(v for k, v in m.items() if k not in ("flops", "ops"))
+        held = sum(v for k, v in m.items() if k not in ("flops", "kernels"))
         seconds = t4_seconds(m)
         total_minutes += steps * seconds / 60
         rows.append([script, shape, f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M",
                      f"{(m['weights'] + m['gradients'] + m['adamw'] + m['ema']) / 2**30:.2f}",
                      f"{m['activations'] / 2**30:.2f}", f"{held / 2**30:.2f}", f"{m['flops'] / 1e12:.2f}",
-                     f"{m['ops']:.0f}", f"{1e3 * seconds:.0f}", steps, f"{steps * seconds / 60:.0f}"])
+                     f"{m['kernels']:.0f}", f"{1e3 * seconds:.0f}", steps, f"{steps * seconds / 60:.0f}"])
     table(["stage", "batch", "params", "weights+grads+AdamW+EMA GiB", "activations GiB", "total GiB", "TFLOPs/step",
-           "ops/step", "T4 ms/step (est.)", "steps", "T4 min (est.)"], rows)
+           "kernels/step", "T4 ms/step (est.)", "steps", "T4 min (est.)"], rows)
     print(f"T4 estimate = FLOPs / {T4_FLOPS / 1e12:.0f} TFLOP/s + 3 x activation bytes / {T4_BANDWIDTH / 1e9:.0f} GB/s "
-          f"+ ops x {T4_SECONDS_PER_OP * 1e6:.0f} us: {total_minutes:.0f} min for both stages. Not counted: "
+          f"+ kernels x {T4_SECONDS_PER_KERNEL * 1e6:.0f} us: {total_minutes:.0f} min for both stages. Not counted: "
           f"CUDA's own\n~0.4 GiB, the allocator's slack, sample grids and checkpoints. A T4 has 15 GiB.\n")
 
 
-def bench_compile():
-    print("## train_flow.py's step on config/shapes.py: eager against torch.compile (inductor), ms\n")
-    settings = read_config_file("config/shapes.py", "train_flow")
-    size, batch = settings["image_size"], settings["batch_size"]
-    r = settings["train_iters"][len(settings["train_iters"]) // 2]
+def flow_training_step(model, batch, size, patch, r, dtype, text_width=384):
+    """-> step(): one train_flow.py step of `model` (forward under autocast in dtype, backward,
+    fused AdamW) on random latents and captions of a shapes caption's length."""
     z, t = torch.randn(batch, 16, size // 16, size // 16), torch.rand(batch)
-    text, mask = torch.randn(batch, 12, 384), torch.ones(batch, 12, dtype=torch.bool)  # a shapes caption's length
-    rows = []
-    for name in ("float32", "bfloat16", "float16"):
-        times = []
-        for compiled in (False, True):
-            torch.manual_seed(seed)
-            model = iris_tiny(dim=settings["dim"], heads=settings["heads"], core_layers=settings["core_layers"],
-                              patch_size=settings["patch_size"], mixer=settings.get("mixer", "grfm"))
-            step_model = torch.compile(model) if compiled else model
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            autocast, scaler = mixed_precision(name, "cpu")
+    prompt = Prompt(torch.randn(batch, 12, text_width), torch.ones(batch, 12, dtype=torch.bool))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast, scaler = mixed_precision(dtype, "cpu")
 
-            def train_step():
-                with autocast:
-                    loss = flow_loss(step_model, z, Prompt(text, mask), r, t=t, eps=torch.randn_like(z))[0].mean()
-                scaler.scale(loss).backward()
-                optimizer_step(model, optimizer, scaler, 1.0)
-            start = time.perf_counter()
-            train_step()  # the first step compiles
-            first = time.perf_counter() - start
-            times.append((1e3 * median_time(train_step), first))
-        (eager, _), (fast, compile_s) = times
-        rows.append([name, f"{eager:.0f}", f"{fast:.0f}", f"{eager / fast:.2f}x", f"{compile_s:.0f}"])
-    table(["dtype", "eager", "compiled", "speed-up", "compile s"], rows)
-    print(f"batch {batch}, {(size // 16 // settings['patch_size']) ** 2} tokens, r = {r}, mixer "
-          f"{settings.get('mixer', 'grfm')}; each r compiles once\n")
+    def step(iters=r):
+        with autocast:
+            loss = flow_loss(model, z, prompt, iters, t=t, eps=torch.randn_like(z))[0].mean()
+        scaler.scale(loss).backward()
+        optimizer_step(model, optimizer, scaler, 1.0)
+    return step
+
+
+def flow_settings_of(path):
+    settings = read_config_file(path, "train_flow")
+    keys = ("model_size", "image_size", "batch_size", "patch_size", "train_iters", "backprop_iters")
+    missing = [k for k in keys if k not in settings]
+    if missing:
+        raise SystemExit(f"error: {path} sets no {', '.join(missing)} for train_flow.py; this section needs them")
+    return [settings[k] for k in keys]
+
+
+def bench_kernels():
+    model_size, size, batch, patch, train_iters, backprop_iters = flow_settings_of(config.split(",")[0])
+    r = train_iters[len(train_iters) // 2]
+    print(f"## Kernels in one train_flow.py step of {config}: {model_size}, {(size // 16 // patch) ** 2} tokens, "
+          f"r = {r}, backprop {backprop_iters}, forward + backward + AdamW, {dtype} autocast\n")
+    rows = []
+    for mixer in ("grfm", "attention"):
+        torch.manual_seed(seed)
+        model = SIZES[model_size](patch_size=patch, mixer=mixer, backprop_iters=backprop_iters)
+        step = flow_training_step(model, 2, size, patch, r, dtype)  # the count does not depend on the batch
+        step()  # the first step creates AdamW's state
+        counter = OpCounter()
+        with counter:
+            step()
+        rows.append([mixer, counter.kernels, counter.count])
+    table(["mixer", "kernels (ops that are not views)", "all ops"], rows)
+    print("Counted at the dispatcher (TorchDispatchMode) on the CPU: on a GPU each kernel is one launch,\n"
+          "and eager PyTorch spends ~30 us of host time on each at these sizes.\n")
+
+
+def bench_compile():
+    model_size, size, batch, patch, train_iters, backprop_iters = flow_settings_of(config.split(",")[0])
+    batch = 4  # compiling does not depend on it, and this CPU runs the config's batch slowly
+    print(f"## train_flow.py's step on {config} with compile=True (each Core layer, inductor), fp32, batch "
+          f"{batch}, r in {train_iters}\n")
+    rows = []
+    for compiled in (False, True):
+        torch.manual_seed(seed)
+        model = SIZES[model_size](patch_size=patch, backprop_iters=backprop_iters)
+        if compiled:
+            model.compile_core()
+        step = flow_training_step(model, batch, size, patch, train_iters[0], "float32")
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        for r in train_iters:  # the first step of each r compiles what it needs
+            step(r)
+        first = time.perf_counter() - start
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        rows.append(["compiled" if compiled else "eager", f"{first:.0f}", f"{1e3 * median_time(step, repeats=3):.0f}",
+                     graphs if compiled else "-"])
+    layer, side = SIZES[model_size](patch_size=patch).core[0], size // 16 // patch
+    width = layer.norm1.normalized_shape[0]
+    text_kv = layer.cross_attention.key_values(torch.randn(2, 12, width))
+    explained = torch._dynamo.explain(layer)(torch.randn(2, side * side, width), torch.randn(2, width), (side, side),
+                                             text_kv, torch.ones(2, 1, 1, 12, dtype=torch.bool))
+    table(["", f"first step of each r, s", "ms / step", "graphs compiled"], rows)
+    print(f"one Core layer under torch._dynamo.explain: {explained.graph_count} graph(s), "
+          f"{explained.graph_break_count} graph break(s)\n")
 
 
 def run_on_executorch(module, x, partitioners):
@@ -395,7 +441,8 @@ def bench_runtime():
 
 
 benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan, "step": bench_step,
-           "latency": bench_latency, "flops": bench_flops, "memory": bench_memory, "compile": bench_compile,
+           "latency": bench_latency, "flops": bench_flops, "memory": bench_memory, "kernels": bench_kernels,
+           "compile": bench_compile,
            "runtime": bench_runtime}
 unknown = set(sections.split(",")) - set(benches)
 if unknown:

@@ -727,11 +727,14 @@ class Iris(nn.Module):
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.
         first_with_grad = iters - self.config.backprop_iters if self.config.backprop_iters else 0
-        for i in range(iters):
+        # Views taken outside no_grad keep their gradient functions, which module hooks (the
+        # FLOP counter's) look for in a gradient-free iteration
+        text_kv = text_kv.unbind(0)
+        for i, c in enumerate(conditions):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_with_grad):
                 if control is not None:
                     s = s + self.control_adapter.inject(control, s, c_base)
-                s = self.core_iteration(s, e, conditions[i], text_kv, text_mask, hw, prepared)
+                s = self.core_iteration(s, e, c, text_kv, text_mask, hw, prepared)
         return self.coda_forward(s, c_base, hw)
 
 

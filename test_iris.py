@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
 
 import cache
 from cache import load_training_set
@@ -318,6 +319,14 @@ def test_gradients_reach_every_parameter(backprop_iters, mixer):
     model(*_inputs(), iters=4).square().mean().backward()
     no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad
+
+
+def test_truncated_backprop_runs_under_module_hooks():
+    # bench.py's FLOP counter hooks every module, and a hook meets the gradient-free iterations
+    model = _wake_up(Iris(_tiny_config(backprop_iters=1)))
+    with FlopCounterMode(display=False) as flops:
+        model(*_inputs(), iters=3).square().mean().backward()
+    assert flops.get_total_flops() > 0 and all(p.grad is not None for p in model.core.parameters())
 
 
 @pytest.mark.parametrize('dtype,tolerance', [('bfloat16', 3e-2), ('float16', 5e-3)])  # measured: 1.0e-2, 1.3e-3
@@ -1064,8 +1073,25 @@ def test_train_flow_compiles_with_inductor_in_every_dtype(tiny_runs, dtype):
     assert result.returncode == 0, result.stderr[-2000:]
     log = (tiny_runs / f'out-compiled-{dtype}' / 'log.csv').read_text()
     losses = [float(line.split(',')[1]) for line in log.splitlines()[1:]]
-    assert len(losses) == 2 and np.isfinite(losses).all()  # rows for step 0 and the last step
+    assert len(losses) == 3 and np.isfinite(losses).all()  # rows for step 0, the checkpoint at 2 and the last step
     assert (tiny_runs / f'out-compiled-{dtype}' / 'samples_000004.png').exists()
+
+
+@pytest.mark.slow  # two minutes: every script of the GPU check, small, on the CPU
+def test_gpu_check_runs_every_script_on_the_cpu(tmp_path):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    images, captions = make_shapes(12, 64, seed=0)
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f'{i}.png')
+    (folder / 'metadata.jsonl').write_text(''.join(json.dumps({'file_name': f'{i}.png', 'text': c}) + '\n'
+                                                   for i, c in enumerate(captions)))
+    result = subprocess.run([sys.executable, os.path.join(HERE, 'check_gpu.py'), f'--data_dir={folder}', '--device=cpu',
+                             "--dtypes=('float32',)", '--vae_steps=2', '--flow_steps=2', '--distill_steps=1',
+                             '--step_batch=2', '--overrides=--image_size=64 --batch_size=4 --num_holdout=2'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.count('  ok ') == 6 and 'GPU check passed' in result.stdout
 
 
 def test_distill_script_then_one_step_sampling(tiny_runs):

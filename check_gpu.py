@@ -1,0 +1,124 @@
+"""
+The GPU check: what a first run of the Pokemon quickstart does on a GPU, in a few minutes.
+
+    python check_gpu.py --data_dir=PATH        # any local imagefolder (images + metadata.jsonl)
+    python check_gpu.py --data_dir=PATH --dtypes="('bfloat16',)"
+
+For each dtype (fp16 with its GradScaler, bf16) it runs, as a user runs them, from an empty
+cache: train_vae.py and train_flow.py on config/pokemon.py's sizes for a few dozen steps, a
+resume of train_flow.py, sample.py, distill.py and sample.py on the student. Then it times one
+generator training step in-process, GRFM against attention in the Core: ms per step, the
+kernels one step launches (torch.profiler) and the peak GPU memory. It stops at the first
+error with that command's output. Runs are written under out_dir, which is emptied first.
+On a CPU (--device=cpu) the same lines run, slowly: a smoke test of this script.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from configurator import configure
+from flow import flow_loss
+from model import SIZES
+from text import Prompt
+from training import mixed_precision, optimizer_step
+
+# -----------------------------------------------------------------------------
+data_dir = ''  # a local imagefolder: images and a metadata.jsonl of {"file_name", "text"}
+out_dir = 'out-gpu-check'
+dtypes = ('float16', 'bfloat16')
+vae_steps = 40
+flow_steps = 30
+distill_steps = 10
+overrides = ''  # more --key=value for train_vae.py and train_flow.py, separated by spaces (a small CPU smoke test)
+step_batch = 32  # the timed generator step's batch (config/pokemon.py's)
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+# -----------------------------------------------------------------------------
+configure(globals(), positive=('vae_steps', 'flow_steps', 'distill_steps', 'step_batch'))
+if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
+    raise SystemExit("error: --data_dir must be an imagefolder with a metadata.jsonl (docs/usage.md, 'Your own "
+                     "images'); any few dozen captioned images will do")
+HERE = os.path.dirname(os.path.abspath(__file__))
+POKEMON = os.path.join(HERE, 'config', 'pokemon.py')
+
+
+def run(script, *args):
+    """Run one of the repo's scripts as a user would; stop with its output if it fails."""
+    command = [sys.executable, os.path.join(HERE, script), POKEMON, *args, f'--device={device}']
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: FAILED ({result.returncode}): {' '.join(command)}\n{result.stdout[-3000:]}"
+                         f"{result.stderr[-3000:]}")
+    print(f"  ok  {time.perf_counter() - start:6.1f} s  {script} {' '.join(args)}", flush=True)
+
+
+def measure_generator_step(mixer, dtype, batch, r=6):
+    """One train_flow.py step of config/pokemon.py's generator (Small, 64 tokens, backprop 4):
+    -> (ms per step, kernels per step, peak GiB): the profiler's device kernels and the
+    allocator's peak on a GPU; on a CPU the top-level aten ops, and no peak."""
+    torch.manual_seed(0)
+    model = SIZES['small'](patch_size=2, mixer=mixer, backprop_iters=4).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast, scaler = mixed_precision(dtype, device)
+    z, t = torch.randn(batch, 16, 16, 16, device=device), torch.rand(batch, device=device)
+    prompt = Prompt(torch.randn(batch, 20, 384, device=device), torch.ones(batch, 20, dtype=torch.bool, device=device))
+
+    def step():
+        with autocast:
+            loss = flow_loss(model, z, prompt, r, t=t, eps=torch.randn_like(z))[0].mean()
+        scaler.scale(loss).backward()
+        optimizer_step(model, optimizer, scaler, 1.0)
+
+    def synchronize():
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+    for _ in range(3):  # warm-up: AdamW's state, the allocator, cuBLAS's choices
+        step()
+    synchronize()
+    activity = torch.profiler.ProfilerActivity.CUDA if device.startswith('cuda') else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as profile:
+        step()
+        synchronize()
+    events = profile.events()
+    if device.startswith('cuda'):
+        kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    else:
+        kernels = sum(e.name.startswith('aten::') and e.cpu_parent is None for e in events)
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    repeats = 10 if device.startswith('cuda') else 1
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    synchronize()
+    ms = 1e3 * (time.perf_counter() - start) / repeats
+    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.startswith('cuda') else '-'
+    return ms, kernels, peak
+
+
+name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
+print(f"GPU check on {name}, torch {torch.__version__}, data {data_dir}")
+shutil.rmtree(out_dir, ignore_errors=True)
+for dtype in dtypes:
+    runs = os.path.join(out_dir, dtype)
+    common = [f'--data_dir={data_dir}', f'--dtype={dtype}']
+    print(f"{dtype}:")
+    run('train_vae.py', *common, f'--out_dir={runs}/vae', f'--max_steps={vae_steps}', f'--eval_interval={vae_steps}',
+        *overrides.split())
+    flow = [*common, *overrides.split(), f'--vae_dir={runs}/vae', f'--cache_dir={runs}/cache', f'--out_dir={runs}/flow',
+            f'--eval_interval={flow_steps // 2}', '--sample_steps=4']
+    run('train_flow.py', *flow, f'--max_steps={flow_steps // 2}')  # an empty cache: every user's first run
+    run('train_flow.py', *flow, f'--max_steps={flow_steps}', '--init_from=resume')
+    run('sample.py', f'--out_dir={runs}/flow', '--steps=4', f'--output={runs}/flow.png', f'--dtype={dtype}')
+    run('distill.py', f'--teacher_dir={runs}/flow', f'--cache_dir={runs}/cache', f'--out_dir={runs}/cd',
+        f'--max_steps={distill_steps}', f'--eval_interval={distill_steps}', f'--dtype={dtype}')
+    run('sample.py', f'--out_dir={runs}/cd', '--steps=2', f'--output={runs}/cd.png', f'--dtype={dtype}')
+    for mixer in ('grfm', 'attention'):
+        ms, kernels, peak = measure_generator_step(mixer, dtype, step_batch)
+        print(f"  generator step, {mixer:9s}: {ms:7.1f} ms, {kernels} kernels, {peak} peak "
+              f"(Small, 64 tokens, batch {step_batch}, r = 6, backprop 4)", flush=True)
+print("GPU check passed")
