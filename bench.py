@@ -18,10 +18,11 @@ Measures what the README claims about the generator on this machine, as tables:
   latency  one generator forward (batch 1, 77 text tokens) at 256 and 512 px for r = 4, 8,
            16, with the process's peak RSS, and the VAE decoder
   flops    this machine's fp32 matmul peak, and the FLOP/s the generator reaches
-  memory   (not in the default; 1 minute) one training step of each stage of --config, as a GPU
-           would run it (autocast in --dtype): the memory it holds (weights, gradients,
-           AdamW, EMA, the activations autograd saves), its FLOPs and op count, and from
-           those an estimate of its time on a T4 (assumptions printed with it)
+  memory   (not in the default; minutes, 25 on a CPU without native bf16) one training step
+           of each stage of --config, as a GPU would run it (autocast in --dtype): the memory
+           it holds (weights, gradients, AdamW, EMA, the activations autograd saves), its
+           FLOPs and kernels, and from those an estimate of its time on a T4 (assumptions
+           printed with it)
   kernels  (not in the default; 3 minutes) the kernels one training step of --config's generator
            launches, GRFM against attention in its place
   compile  (not in the default) train_flow.py's step on --config with compile=True (each Core

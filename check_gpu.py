@@ -9,7 +9,7 @@ cache: train_vae.py and train_flow.py on config/pokemon.py's sizes for a few doz
 resume of train_flow.py, sample.py, distill.py and sample.py on the student. Then it times one
 generator training step in-process, GRFM against attention in the Core: ms per step, the
 kernels one step launches (torch.profiler) and the peak GPU memory. It stops at the first
-error with that command's output. Runs are written under out_dir, which is emptied first.
+error with that command's output. Runs go to out_dir/<dtype>, emptied first.
 On a CPU (--device=cpu) the same lines run, slowly: a smoke test of this script.
 """
 import os
@@ -38,6 +38,8 @@ step_batch = 32  # the timed generator step's batch (config/pokemon.py's)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('vae_steps', 'flow_steps', 'distill_steps', 'step_batch'))
+if not dtypes or not set(dtypes) <= {'float32', 'bfloat16', 'float16'}:
+    raise SystemExit(f"error: dtypes must name some of 'float16', 'bfloat16', 'float32', got {dtypes}")
 if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
     raise SystemExit("error: --data_dir must be an imagefolder with a metadata.jsonl (docs/usage.md, 'Your own "
                      "images'); any few dozen captioned images will do")
@@ -102,9 +104,9 @@ def measure_generator_step(mixer, dtype, batch, r=6):
 
 name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
 print(f"GPU check on {name}, torch {torch.__version__}, data {data_dir}")
-shutil.rmtree(out_dir, ignore_errors=True)
 for dtype in dtypes:
     runs = os.path.join(out_dir, dtype)
+    shutil.rmtree(runs, ignore_errors=True)  # a fresh start, the cache too
     common = [f'--data_dir={data_dir}', f'--dtype={dtype}']
     print(f"{dtype}:")
     run('train_vae.py', *common, f'--out_dir={runs}/vae', f'--max_steps={vae_steps}', f'--eval_interval={vae_steps}',

@@ -1500,7 +1500,7 @@ def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
 
 
 ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'distill.py', 'sample.py', 'eval_shapes.py', 'eval_real.py',
-                 'export_mobile.py', 'run_mobile.py', 'bench.py')
+                 'export_mobile.py', 'run_mobile.py', 'bench.py', 'check_gpu.py')
 
 
 CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype', 'precision', 'backend', 'sections',
@@ -1509,7 +1509,7 @@ CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype'
 
 READ_PATHS = {'train_vae.py': ('data_dir',), 'train_flow.py': ('vae_dir', 'data_dir'), 'distill.py': ('teacher_dir',),
               'sample.py': ('out_dir', 'init_image'), 'eval_shapes.py': ('out_dir',), 'eval_real.py': ('out_dir',),
-              'export_mobile.py': ('out_dir',), 'run_mobile.py': ('export_dir',)}
+              'export_mobile.py': ('out_dir',), 'run_mobile.py': ('export_dir',), 'check_gpu.py': ('data_dir',)}
 
 
 def _settings_block(script):

@@ -1,6 +1,6 @@
-# The seed's setup as a quickstart: Pokemon BLIP captions (833 images) at 256x256 on one free
-# T4 (fp16 + GradScaler, chosen by dtype='auto'). VAE + generator estimated at ~24 min there
-# (`python bench.py --sections=memory`; docs/usage.md, "On a free T4"):
+# The seed's setup as a quickstart: Pokemon BLIP captions (833 images) at 256x256 on one GPU
+# (fp16 + GradScaler on a T4, bf16 on newer GPUs, chosen by dtype='auto'); its time and memory
+# are in docs/results.md, and `python check_gpu.py --data_dir=PATH` checks a GPU runs it all:
 #   python train_vae.py config/pokemon.py && python train_flow.py config/pokemon.py
 #   python sample.py config/pokemon.py
 #   python distill.py config/pokemon.py && python sample.py config/pokemon.py --out_dir=out-pokemon-cd --steps=2
