@@ -41,8 +41,9 @@ configure(globals(), positive=('vae_steps', 'flow_steps', 'distill_steps', 'step
 if not dtypes or not set(dtypes) <= {'float32', 'bfloat16', 'float16'}:
     raise SystemExit(f"error: dtypes must name some of 'float16', 'bfloat16', 'float32', got {dtypes}")
 if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
-    raise SystemExit("error: --data_dir must be an imagefolder with a metadata.jsonl (docs/usage.md, 'Your own "
-                     "images'); any few dozen captioned images will do")
+    raise SystemExit("error: --data_dir must be an imagefolder with a metadata.jsonl (docs/usage.md, 'Data'); "
+                     "any few dozen captioned images will do")
+GPU = device.startswith('cuda')
 HERE = os.path.dirname(os.path.abspath(__file__))
 POKEMON = os.path.join(HERE, 'config', 'pokemon.py')
 
@@ -76,34 +77,35 @@ def measure_generator_step(mixer, dtype, batch, r=6):
         optimizer_step(model, optimizer, scaler, 1.0)
 
     def synchronize():
-        if device.startswith('cuda'):
+        if GPU:
             torch.cuda.synchronize()
     for _ in range(3):  # warm-up: AdamW's state, the allocator, cuBLAS's choices
         step()
     synchronize()
-    activity = torch.profiler.ProfilerActivity.CUDA if device.startswith('cuda') else torch.profiler.ProfilerActivity.CPU
+    activity = torch.profiler.ProfilerActivity.CUDA if GPU else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as profile:
         step()
         synchronize()
     events = profile.events()
-    if device.startswith('cuda'):
+    if GPU:
         kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
     else:
         kernels = sum(e.name.startswith('aten::') and e.cpu_parent is None for e in events)
-    if device.startswith('cuda'):
+    if GPU:
         torch.cuda.reset_peak_memory_stats()
-    repeats = 10 if device.startswith('cuda') else 1
+    repeats = 10 if GPU else 1
     start = time.perf_counter()
     for _ in range(repeats):
         step()
     synchronize()
     ms = 1e3 * (time.perf_counter() - start) / repeats
-    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.startswith('cuda') else '-'
+    peak = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if GPU else '-'
     return ms, kernels, peak
 
 
-name = torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'
+name = torch.cuda.get_device_name() if GPU else 'CPU'
 print(f"GPU check on {name}, torch {torch.__version__}, data {data_dir}")
+half = max(1, flow_steps // 2)  # the first run stops here, the resume goes on to flow_steps
 for dtype in dtypes:
     runs = os.path.join(out_dir, dtype)
     shutil.rmtree(runs, ignore_errors=True)  # a fresh start, the cache too
@@ -112,8 +114,8 @@ for dtype in dtypes:
     run('train_vae.py', *common, f'--out_dir={runs}/vae', f'--max_steps={vae_steps}', f'--eval_interval={vae_steps}',
         *overrides.split())
     flow = [*common, *overrides.split(), f'--vae_dir={runs}/vae', f'--cache_dir={runs}/cache', f'--out_dir={runs}/flow',
-            f'--eval_interval={flow_steps // 2}', '--sample_steps=4']
-    run('train_flow.py', *flow, f'--max_steps={flow_steps // 2}')  # an empty cache: every user's first run
+            f'--eval_interval={half}', '--sample_steps=4']
+    run('train_flow.py', *flow, f'--max_steps={half}')  # an empty cache: every user's first run
     run('train_flow.py', *flow, f'--max_steps={flow_steps}', '--init_from=resume')
     run('sample.py', f'--out_dir={runs}/flow', '--steps=4', f'--output={runs}/flow.png', f'--dtype={dtype}')
     run('distill.py', f'--teacher_dir={runs}/flow', f'--cache_dir={runs}/cache', f'--out_dir={runs}/cd',
