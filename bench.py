@@ -252,8 +252,8 @@ def measure_training_step(model, step):
 
 # T4 assumptions for the estimate: what a well-fed T4 sustains, not its data-sheet peak (65 TFLOP/s
 # fp16, 320 GB/s); saved activations are written once and read twice (backward, recompute-free);
-# eager PyTorch's launch and Python overhead per kernel as measured on an H200 (docs/results.md:
-# a launch-bound GRFM step, 0.29 s for ~8,900 kernels), which a T4's host is no faster at.
+# eager PyTorch's launch and Python overhead per kernel as measured on an H200 (docs/results.md,
+# "On a real GPU": a launch-bound GRFM step), which a T4's host is no faster at.
 T4_FLOPS, T4_BANDWIDTH, T4_SECONDS_PER_KERNEL = 20e12, 250e9, 33e-6
 
 
@@ -353,7 +353,7 @@ def flow_settings_of(path):
 
 
 def bench_kernels():
-    model_size, size, batch, patch, train_iters, backprop_iters = flow_settings_of(config.split(",")[0])
+    model_size, size, _, patch, train_iters, backprop_iters = flow_settings_of(config.split(",")[0])
     r = train_iters[len(train_iters) // 2]
     print(f"## Kernels in one train_flow.py step of {config}: {model_size}, {(size // 16 // patch) ** 2} tokens, "
           f"r = {r}, backprop {backprop_iters}, forward + backward + AdamW, {dtype} autocast\n")
@@ -369,12 +369,12 @@ def bench_kernels():
         rows.append([mixer, counter.kernels, counter.count])
     table(["mixer", "kernels (ops that are not views)", "all ops"], rows)
     print("Counted at the dispatcher (TorchDispatchMode) on the CPU: on a GPU each kernel is one launch,\n"
-          "and eager PyTorch spends ~30 us of host time on each at these sizes.\n")
+          f"and eager PyTorch spends ~{T4_SECONDS_PER_KERNEL * 1e6:.0f} us of host time on each at these sizes.\n")
 
 
 def bench_compile():
-    model_size, size, batch, patch, train_iters, backprop_iters = flow_settings_of(config.split(",")[0])
-    batch = 4  # compiling does not depend on it, and this CPU runs the config's batch slowly
+    model_size, size, _, patch, train_iters, backprop_iters = flow_settings_of(config.split(",")[0])
+    batch = 4  # not the config's: compiling does not depend on it, and a CPU runs the config's slowly
     print(f"## train_flow.py's step on {config} with compile=True (each Core layer, inductor), fp32, batch "
           f"{batch}, r in {train_iters}\n")
     rows = []
@@ -397,7 +397,7 @@ def bench_compile():
     text_kv = layer.cross_attention.key_values(torch.randn(2, 12, width))
     explained = torch._dynamo.explain(layer)(torch.randn(2, side * side, width), torch.randn(2, width), (side, side),
                                              text_kv, torch.ones(2, 1, 1, 12, dtype=torch.bool))
-    table(["", f"first step of each r, s", "ms / step", "graphs compiled"], rows)
+    table(["", "first step of each r, s", "ms / step", "graphs compiled"], rows)
     print(f"one Core layer under torch._dynamo.explain: {explained.graph_count} graph(s), "
           f"{explained.graph_break_count} graph break(s)\n")
 

@@ -983,15 +983,19 @@ def test_train_flow_on_shapes_writes_everything_and_resumes(tiny_runs):
     assert result.returncode != 0 and 'dim=32 there, 48 here' in result.stderr and 'Traceback' not in result.stderr
 
 
+def _train_tiny_pokemon(data, max_steps, tiny_runs, tmp_path):
+    """train_flow.py on config/pokemon.py with data ('--data_dir=...' or '--dataset=...'), every size tiny."""
+    return _run(['train_flow.py', os.path.join(HERE, 'config', 'pokemon.py'), data, '--num_holdout=1',
+                 '--image_size=32', '--patch_size=1', '--dim=32', '--heads=2', '--core_layers=1', '--batch_size=2',
+                 f'--max_steps={max_steps}', '--train_iters=(2,)', '--sample_steps=1', f'--vae_dir={tiny_runs / "vae"}',
+                 f'--cache_dir={tmp_path / "cache"}', f'--out_dir={tmp_path / "flow"}'], tmp_path)
+
+
 def test_train_flow_on_the_pokemon_config_with_a_local_folder(tiny_runs, tmp_path):
     folder = tmp_path / 'images'
     folder.mkdir()
     _write_folder(folder)
-    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'pokemon.py'), f'--data_dir={folder}',
-                   '--num_holdout=1', '--image_size=32', '--patch_size=1', '--dim=32', '--heads=2', '--core_layers=1',
-                   '--batch_size=2', '--max_steps=1', '--train_iters=(2,)', '--sample_steps=1',
-                   f'--vae_dir={tiny_runs / "vae"}', f'--cache_dir={tmp_path / "cache"}',
-                   f'--out_dir={tmp_path / "flow"}'], tmp_path)
+    result = _train_tiny_pokemon(f'--data_dir={folder}', 1, tiny_runs, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / 'flow' / 'ckpt.safetensors').exists()
 
@@ -1010,11 +1014,7 @@ def test_train_flow_on_a_hub_data_set_in_a_local_parquet_folder(tiny_runs, tmp_p
     (tmp_path / 'pokemon' / 'data').mkdir(parents=True)
     table.to_parquet(str(tmp_path / 'pokemon' / 'data' / 'train-00000-of-00001.parquet'))
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))  # the subprocess's datasets cache, not the user's
-    result = _run(['train_flow.py', os.path.join(HERE, 'config', 'pokemon.py'), f'--dataset={tmp_path / "pokemon"}',
-                   '--num_holdout=1', '--image_size=32', '--patch_size=1', '--dim=32', '--heads=2', '--core_layers=1',
-                   '--batch_size=2', '--max_steps=2', '--train_iters=(2,)', '--sample_steps=1',
-                   f'--vae_dir={tiny_runs / "vae"}', f'--cache_dir={tmp_path / "cache"}',
-                   f'--out_dir={tmp_path / "flow"}'], tmp_path)
+    result = _train_tiny_pokemon(f'--dataset={tmp_path / "pokemon"}', 2, tiny_runs, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'skipped 1 unreadable image' in result.stderr and 'encoded 5 images' in result.stdout
     assert (tmp_path / 'flow' / 'samples_000002.png').exists()
