@@ -64,6 +64,8 @@ config = "config/pokemon.py"  # the run the memory section measures (several fil
 dtype = "bfloat16"
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('threads', 'dim', 'repeats'))
+if dtype not in ("bfloat16", "float16", "float32"):
+    raise SystemExit(f"error: dtype must be 'bfloat16', 'float16' or 'float32', got {dtype!r}"[:200])
 torch.set_num_threads(threads)
 torch.manual_seed(seed)
 
@@ -129,18 +131,18 @@ def bench_mixer():
         nn.init.normal_(p, std=0.02)
     attention_layer = copy.deepcopy(grfm_layer)
     attention_layer.mixer = SelfAttentionMixer(dim, cfg.heads)
-    c = torch.randn(1, dim)
+    modulation = grfm_layer.modulation(torch.randn(1, dim)).detach()  # Iris.velocity computes it ahead
     text_kv = grfm_layer.cross_attention.key_values(torch.randn(1, 77, dim)).detach()
     mask = torch.ones(1, 1, 1, 77, dtype=torch.bool)
     rows = []
     for side in (8, 16, 32, 64):
         hw, n = (side, side), side * side
         x = torch.randn(1, n, dim, requires_grad=True)
-        layer_ms = [1e3 * median_time(lambda: layer(x, c, hw, text_kv, mask).sum().backward())
+        layer_ms = [1e3 * median_time(lambda: layer(x, modulation, hw, text_kv, mask).sum().backward())
                     for layer in (grfm_layer, attention_layer)]
         mixer_ms = [1e3 * median_time(lambda: layer.mixer(x, hw).sum().backward())
                     for layer in (grfm_layer, attention_layer)]
-        ops = [count_ops(lambda: layer(x, c, hw, text_kv, mask)) for layer in (grfm_layer, attention_layer)]
+        ops = [count_ops(lambda: layer(x, modulation, hw, text_kv, mask)) for layer in (grfm_layer, attention_layer)]
         rows.append([n, f"{layer_ms[0]:.1f}", f"{layer_ms[1]:.1f}", f"{layer_ms[1] / layer_ms[0]:.2f}x",
                      f"{mixer_ms[0]:.1f}", f"{mixer_ms[1]:.1f}", f"{mixer_ms[1] / mixer_ms[0]:.2f}x", *ops])
     table(["tokens", "GRFM layer", "attn layer", "speed-up", "GRFM alone", "attn alone", "speed-up",

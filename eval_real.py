@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from configurator import configure
 from data import control_map, load_imagefolder, map_image, save_grid, to_float, to_uint8
-from flow import flow_loss, keep_input, text_to_image, upscale
+from flow import held_out_loss, keep_input, text_to_image, upscale
 from metrics import accuracy, control_f1, frechet_distance, nearest_distance, read, sharpness, ssim, train_classifier
 from model import load_generator
 from text import load_text_encoder
@@ -68,22 +68,6 @@ def load_split(folder, image_size):
     with open(os.path.join(folder, 'metadata.jsonl')) as f:
         group_of = {row['text']: row.get('group') for row in map(json.loads, f)}
     return images, captions, [group_of.get(c) for c in captions]
-
-
-@torch.no_grad()
-def held_out_flow_loss(model, latents, prompt):
-    """Mean loss at t = 1/8, 3/8, 5/8, 7/8 with one fixed noise per image, per r."""
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    rows = {}
-    for r in loss_iters:
-        bands = []
-        for t in (0.125, 0.375, 0.625, 0.875):
-            batches = [slice(i, i + batch_size) for i in range(0, len(latents), batch_size)]
-            losses = [flow_loss(model, latents[b], prompt.rows(b), r, eps=noise[b],
-                                t=torch.full((len(latents[b]),), t, device=device))[0] for b in batches]
-            bands.append(torch.cat(losses).mean().item())
-        rows[r] = bands
-    return rows
 
 
 @torch.no_grad()
@@ -174,7 +158,8 @@ if 'loss' in sections:
         latents = torch.cat([vae.encode_latent(to_float(test_images[i:i + batch_size]).to(device))
                              for i in range(0, len(test_images), batch_size)])
     with autocast:
-        losses = held_out_flow_loss(model, latents, encoder(test_captions).to(device))
+        prompt = encoder(test_captions).to(device)
+        losses = {r: held_out_loss(model, latents, prompt, r, batch_size, seed) for r in loss_iters}
     print("| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean |\n|---|---|---|---|---|---|")
     for r, bands in losses.items():
         print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} |")

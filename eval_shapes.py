@@ -21,7 +21,7 @@ import torch
 from configurator import configure
 from data import (COLOURS, POSITIONS, SHAPES, SIZES, control_map, make_shapes, map_image, save_grid,
                   shape_attributes, shape_caption, to_float)
-from flow import text_to_image
+from flow import held_out_loss, text_to_image
 from metrics import ATTRIBUTES, adherence, analyse, control_f1
 from model import load_generator
 from text import load_text_encoder
@@ -32,6 +32,8 @@ from vae import latent_keep_mask, load_vae, reconstruct
 out_dir = ''  # a train_flow.py / distill.py run; '' = the newest generator checkpoint under out*/
 num_prompts = 256  # held-out captions (seed 1, as train_flow.py's held-out set)
 iters_list = (2, 4, 8, 16)  # core iterations r to compare, each with steps_list[-1] Euler steps
+loss_iters = (1, 2, 4, 8, 16, 32)  # r for the held-out flow loss
+exit_tolerance = 0.0  # > 0: also adaptive iterations (model.iterate_core), at most max(loss_iters)
 steps_list = (4, 10, 25)  # Euler steps to compare, each at the run's sample_iters
 cfg_scale = 4.0
 shift = 1.0  # > 1 spends more Euler steps at high noise, where the layout is decided
@@ -42,7 +44,7 @@ batch_size = 128
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast for sampling, as in training: 'auto', 'float32', 'bfloat16' or 'float16'
 # -----------------------------------------------------------------------------
-configure(globals(), positive=('num_prompts', 'iters_list', 'steps_list', 'shift', 'batch_size'))
+configure(globals(), positive=('num_prompts', 'iters_list', 'loss_iters', 'steps_list', 'shift', 'batch_size'))
 
 
 def row(name, scores, seconds=None):
@@ -162,10 +164,25 @@ if check['all 5'] < 0.98:
 vae = load_vae(run['vae_dir'], device)
 print(row('their VAE reconstructions', adherence(reconstruct(vae, real), attributes)))
 encoder = load_text_encoder(model.config.text_encoder, device)
+with mixed_precision(resolve_dtype(dtype, device), device)[0]:
+    latents = torch.cat([vae.encode_latent(to_float(real[i:i + batch_size]).to(device))
+                         for i in range(0, num_prompts, batch_size)])
+    prompt = encoder(captions).to(device)
+    print("\n| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean | mean r |\n" + "|---" * 7 + "|")
+    adaptive = [(max(loss_iters), exit_tolerance)] if exit_tolerance else []
+    for r, tolerance in [(r, 0.0) for r in loss_iters] + adaptive:
+        model.exit_tolerance, model.iterations_used = tolerance, []
+        bands = held_out_loss(model, latents, prompt, r, batch_size, seed)
+        used = torch.cat(model.iterations_used).mean().item() if tolerance else r
+        name = f"auto (tolerance {tolerance:g}, at most {r})" if tolerance else f"r = {r}"
+        print(f"| {name} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} | {used:.1f} |")
+    model.exit_tolerance = 0.0
+print()
 noise = torch.randn(num_prompts, model.config.latent_channels, run['image_size'] // 16, run['image_size'] // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
 sampler = run.get('sampler', 'euler')
 settings = [(steps_list[-1], r) for r in iters_list] + [(s, run['sample_iters']) for s in steps_list[:-1]]
+by_iters = []  # the first 8 captions at each r of iters_list: one row each
 for steps, iters in settings:
     start = time.time()
     images = generate(model, vae, encoder, captions, noise, steps, iters, sampler)
@@ -174,6 +191,10 @@ for steps, iters in settings:
     print(row(name, adherence(images, attributes), (time.time() - start) / num_prompts))
     if (steps, iters) == settings[0]:
         save_grid(images[:32], os.path.join(out_dir, 'eval_samples.png'))
+    if len(by_iters) < len(iters_list):  # settings start with the r sweep
+        by_iters.append(images[:8])
+save_grid(torch.cat(by_iters), os.path.join(out_dir, 'eval_iters.png'), columns=min(8, num_prompts))
+print(f"grid: {out_dir}/eval_iters.png, one row per r in {iters_list}, the same captions and noise")
 if model.config.control:
     eval_control(model, vae, encoder, attributes, captions, real, noise, steps_list[-1], run['sample_iters'], sampler)
 if inpaint:

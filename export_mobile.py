@@ -90,12 +90,12 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
         save_grid(example, os.path.join(target, 'control_example.png'))
         control_args = [f"--control={os.path.join(target, 'control_example.png')}"]
     with torch.no_grad():
-        reference = generate(eager.get, [manifest['sample_prompt']], noise, **settings,
-                             generator=torch.Generator().manual_seed(seed + 1), control=control)
+        reference, _ = generate(eager.get, [manifest['sample_prompt']], noise, **settings,
+                                generator=torch.Generator().manual_seed(seed + 1), control=control)
     results = {}
     for fmt in formats:
-        image = generate(exported_parts(target, manifest, fmt), [manifest['sample_prompt']], noise, **settings,
-                         generator=torch.Generator().manual_seed(seed + 1), control=control)
+        image, _ = generate(exported_parts(target, manifest, fmt), [manifest['sample_prompt']], noise, **settings,
+                            generator=torch.Generator().manual_seed(seed + 1), control=control)
         diff = (image - reference).abs().max().item() / reference.abs().max().item()
         image_psnr = psnr(to_uint8(image), to_uint8(reference))
         print(f"pipeline {fmt} ({settings['steps']} {settings['sampler']} steps, r={settings['iters']}): "
@@ -128,6 +128,9 @@ if model_size:  # an untrained model: its files, memory and speed are those of a
     side, target = size or 512, export_dir or f'out-mobile-{model_size}-{size or 512}-{precision}'
 else:
     model, run, run_dir = load_generator(out_dir, fft_impl='dft')
+    if model.config.state_init != 'prelude':  # the app starts the Core from the prelude's e (mobile.py)
+        raise SystemExit(f"error: {run_dir} starts its Core from noise (state_init='{model.config.state_init}'), "
+                         f"which the exported pipeline does not draw yet; export a run with state_init='prelude'")
     vae = load_vae(run['vae_dir'])
     side, target = size or run['image_size'], export_dir or os.path.join(run_dir, f'mobile-{precision}')
 try:

@@ -41,6 +41,17 @@ def flow_loss(model, x0, prompt, iters, weighting='none', t=None, eps=None):
     return error, t
 
 
+@torch.no_grad()
+def held_out_loss(model, latents, prompt, iters, batch_size, seed=0):
+    """SD3's validation loss: the mean flow loss of held-out latents at t = 1/8, 3/8, 5/8, 7/8,
+    with one fixed noise per image, at r = iters. -> the four bands' means."""
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
+    batches = [slice(i, i + batch_size) for i in range(0, len(latents), batch_size)]
+    return [torch.cat([flow_loss(model, latents[b], prompt.rows(b), iters, eps=noise[b],
+                                 t=torch.full((len(latents[b]),), t, device=latents.device))[0]
+                       for b in batches]).mean().item() for t in (0.125, 0.375, 0.625, 0.875)]
+
+
 def time_grid(steps, shift=1.0, t_start=1.0):
     """steps + 1 times from t_start down to 0. shift > 1 spends more steps at high noise
     (SD3's resolution shift t' = s t / (1 + (s - 1) t)), which larger images want."""

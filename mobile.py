@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from data import control_map, make_shapes
 from flow import consistency_sample, euler_sample
-from model import FourierMixer
+from model import FourierMixer, iterate_core
 from text import MAX_TOKENS, Prompt
 
 
@@ -99,6 +99,7 @@ class MobileGenerator:
 
     def __init__(self, run, batch):
         self.run, self.batch = run, batch
+        self.exit_tolerance, self.iterations_used = 0.0, []  # adaptive iterations, as model.Iris has
 
     def encode_prompt(self, text, mask):
         return (*self.run('prompt', text, mask), mask)
@@ -112,34 +113,41 @@ class MobileGenerator:
                              f"re-export it or use its sampler and guidance settings")
         text_kv, text_cond, mask = prompt
         e, c_base = self.run('prelude', z, t, text_cond)
-        s = e
-        for i in range(iters):
+
+        def iteration(i, s):
             if control is not None:
                 s = s + self.run('inject', control, s, c_base)[0]
-            s = self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
+            return self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
+        s, used = iterate_core(iteration, e, iters, self.exit_tolerance)
+        if used is not None:
+            self.iterations_used.append(used)
         return self.run('coda', s, c_base)[0]
 
     def __call__(self, z, t, text, mask, iters):
         return self.velocity(z, t, self.encode_prompt(text, mask), iters)
 
 
-def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, generator, control=None):
-    """Prompts -> float images (B, 3, H, W) in about [-1, 1]. get_part(name) returns the
-    'text_encoder', 'generator' or 'vae_decoder'; each is dropped once used, so only one
-    part is in memory at a time. export_mobile.py runs this with the PyTorch models too.
-    control: a control map (B, 1, H, W) for a control run's generator."""
+def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, generator, control=None,
+             exit_tolerance=0.0):
+    """Prompts -> (float images (B, 3, H, W) in about [-1, 1], the mean Core iterations a
+    sample used). get_part(name) returns the 'text_encoder', 'generator' or 'vae_decoder';
+    each is dropped once used, so only one part is in memory at a time. export_mobile.py runs
+    this with the PyTorch models too. control: a control map (B, 1, H, W) for a control run's
+    generator. exit_tolerance > 0: adaptive iterations, at most iters (model.iterate_core)."""
     encoder = get_part('text_encoder')
     prompt, null_prompt = encoder(prompts), encoder([''])
     del encoder
     model = get_part('generator')
+    model.exit_tolerance, model.iterations_used = exit_tolerance, []
     control = None if control is None else model.encode_control(control)
     if sampler == 'consistency':
         z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, control=control)
     else:
         z = euler_sample(model, noise, prompt, null_prompt, steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift,
                          control=control)
+    iterations = torch.cat(model.iterations_used).mean().item() if exit_tolerance else iters
     del model
-    return get_part('vae_decoder')(z)
+    return get_part('vae_decoder')(z), iterations
 
 
 def read_manifest(export_dir):

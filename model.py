@@ -61,6 +61,8 @@ class IrisConfig:
     fft_impl: str = "torch"      # "torch" (complex FFT) or "dft" (real matmuls, for export)
     text_encoder: str = "minilm"  # the token space text_proj was trained on (text.py); samplers must match it
     control: str = ""            # "" or the control signal a ControlAdapter reads: "edges" or "silhouette" (data.py)
+    iteration_embedding: str = "progress"  # what the Core is told of its iteration: "progress" (i / r) or "none"
+    state_init: str = "prelude"  # the Core's start s_0: "prelude" (e) or "noise" (Huginn's s_0 ~ N(0, I))
 
 
 # ---------------------------------------------------------------------------------------
@@ -528,9 +530,10 @@ class CoreLayer(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.mlp_ratio)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 7 * cfg.dim))
 
-    def forward(self, x, c, hw, text_kv, text_mask, prepared=None):
-        # prepared: self.mixer.prepare(hw), which Iris.velocity computes once for all iterations
-        shift1, scale1, gate1, gate2, shift3, scale3, gate3 = self.modulation(c).unsqueeze(1).chunk(7, dim=-1)
+    def forward(self, x, modulation, hw, text_kv, text_mask, prepared=None):
+        # modulation: self.modulation(c), (B, 7D); prepared: self.mixer.prepare(hw). Iris.velocity
+        # computes both ahead for all iterations.
+        shift1, scale1, gate1, gate2, shift3, scale3, gate3 = modulation.unsqueeze(1).chunk(7, dim=-1)
         x = x + gate1 * self.mixer(modulate(self.norm1(x), shift1, scale1), hw, prepared)
         x = x + gate2 * self.cross_attention(self.norm2(x), text_kv, text_mask)
         return x + gate3 * self.ffn(modulate(self.norm3(x), shift3, scale3))
@@ -601,7 +604,12 @@ class Iris(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.latent_channels, D, cfg.patch_size, stride=cfg.patch_size)
         self.text_proj = nn.Linear(cfg.text_dim, D)
         self.time_embed = ScalarEmbedder(D, scale=1000.0)      # t in [0, 1] spread like DDPM's 1000 steps
-        self.progress_embed = ScalarEmbedder(D, scale=1000.0)  # i / r in [0, 1)
+        if cfg.iteration_embedding not in ("progress", "none"):
+            raise ValueError(f"iteration_embedding must be 'progress' or 'none', not {cfg.iteration_embedding!r}")
+        if cfg.state_init not in ("prelude", "noise"):
+            raise ValueError(f"state_init must be 'prelude' or 'noise', not {cfg.state_init!r}")
+        # i / r in [0, 1)
+        self.progress_embed = ScalarEmbedder(D, scale=1000.0) if cfg.iteration_embedding == "progress" else None
         self.text_pool = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         self.prelude = nn.ModuleList([PreludeBlock(D, cfg.mlp_ratio) for _ in range(cfg.prelude_blocks)])
         self.adapter = nn.Linear(2 * D, D)
@@ -613,6 +621,8 @@ class Iris(nn.Module):
         if cfg.control not in ("", "edges", "silhouette"):
             raise ValueError(f"control must be '', 'edges' or 'silhouette', not {cfg.control!r}")
         self.control_adapter = ControlAdapter(D, cfg.patch_size, cfg.mlp_ratio) if cfg.control else None
+        self.exit_tolerance = 0.0  # > 0: adaptive iterations (iterate_core); velocity appends what each sample used
+        self.iterations_used = []
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -621,7 +631,7 @@ class Iris(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for embedder in (self.time_embed, self.progress_embed):
+        for embedder in filter(None, (self.time_embed, self.progress_embed)):
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every Core layer starts as the identity, and the output as zero (DiT)
@@ -675,16 +685,21 @@ class Iris(nn.Module):
         return x, self.time_embed(t) + text_cond
 
     def core_condition(self, c_base, progress):
-        """c_i = c_base + emb(i / r): progress (B,) gives (B, D); (r, 1) gives every iteration's
-        at once, (r, B, D). The core is told its progress rather than i, because r at inference
-        may exceed every r seen in training."""
-        return c_base + self.progress_embed(progress.flatten()).view(*progress.shape, -1)
+        """c_i = c_base + emb(i / r), and from it each Core layer's adaLN-Zero modulation.
+        progress (B,) -> a list of (B, 7D), one per layer; (r, 1) -> a list of (r, B, 7D): every
+        iteration's at once, one matmul per layer instead of one per layer and iteration. The
+        core is told its progress rather than i, because r at inference may exceed every r
+        seen in training."""
+        c = c_base if self.progress_embed is None else (
+            c_base + self.progress_embed(progress.flatten()).view(*progress.shape, -1))
+        return [layer.modulation(c) for layer in self.core]
 
-    def core_iteration(self, s, e, c, text_kv, text_mask, hw, prepared):
-        """s_{i+1} = Core(adapter([s_i, e]), c_i); prepared: each layer's mixer.prepare(hw)."""
+    def core_iteration(self, s, e, modulations, text_kv, text_mask, hw, prepared):
+        """s_{i+1} = Core(adapter([s_i, e]), c_i); modulations: core_condition()'s for c_i;
+        prepared: each layer's mixer.prepare(hw)."""
         s = self.adapter(torch.cat([s, e], dim=-1))
-        for layer, layer_kv, layer_prepared in zip(self.core, text_kv, prepared):
-            s = layer(s, c, hw, layer_kv, text_mask[:, None, None, :], layer_prepared)
+        for layer, modulation, layer_kv, layer_prepared in zip(self.core, modulations, text_kv, prepared):
+            s = layer(s, modulation, hw, layer_kv, text_mask[:, None, None, :], layer_prepared)
         return s
 
     def compile_core(self):
@@ -713,29 +728,61 @@ class Iris(nn.Module):
     def velocity(self, z, t, prompt, iters, control=None):
         """forward() with the prompt (and control) encoded ahead by encode_prompt() (and
         encode_control()). export_mobile.py exports the stages separately, so that a phone
-        encodes a prompt once and picks r at run time."""
+        encodes a prompt once and picks r at run time. With self.exit_tolerance > 0 iters is
+        the most each sample may use (iterate_core)."""
         self.check_latent_size(*z.shape[-2:])
         hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)
         text_kv, text_cond, text_mask = prompt
         e, c_base = self.prelude_forward(z, t, text_cond)
         # What no iteration changes, computed once: each iteration's conditioning and what
         # the mixers derive from their weights
-        progress = torch.arange(iters, device=z.device, dtype=torch.float32)[:, None] / iters
-        conditions = self.core_condition(c_base, progress)
+        if self.progress_embed is None:  # every iteration is conditioned alike
+            modulations = [self.core_condition(c_base, None)] * iters
+        else:
+            progress = torch.arange(iters, device=z.device, dtype=torch.float32)[:, None] / iters
+            modulations = list(zip(*self.core_condition(c_base, progress)))  # iteration i -> each layer's (B, 7D)
         prepared = [layer.mixer.prepare(hw) for layer in self.core]
-        s = e
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.
         first_with_grad = iters - self.config.backprop_iters if self.config.backprop_iters else 0
         # Views taken outside no_grad keep their gradient functions, which module hooks (the
         # FLOP counter's) look for in a gradient-free iteration
         text_kv = text_kv.unbind(0)
-        for i, c in enumerate(conditions):
+
+        def iteration(i, s):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_with_grad):
                 if control is not None:
                     s = s + self.control_adapter.inject(control, s, c_base)
-                s = self.core_iteration(s, e, c, text_kv, text_mask, hw, prepared)
+                return self.core_iteration(s, e, modulations[i], text_kv, text_mask, hw, prepared)
+        s = e if self.config.state_init == "prelude" else torch.randn_like(e)
+        s, used = iterate_core(iteration, s, iters, self.exit_tolerance)
+        if used is not None:
+            self.iterations_used.append(used)
         return self.coda_forward(s, c_base, hw)
+
+
+def iterate_core(iteration, s, iters, exit_tolerance=0.0):
+    """s_{i+1} = iteration(i, s_i) for i = 0 .. iters-1 -> (s, the iterations each sample ran
+    (B,), or None without exit_tolerance).
+
+    exit_tolerance > 0: adaptive iterations (inference), iters the most. A sample stops once
+    an iteration changes its state by at most that, relative to its norm,
+    ||s_{i+1} - s_i|| <= tol ||s_{i+1}||, and keeps that state while the others run on."""
+    if not exit_tolerance:
+        for i in range(iters):
+            s = iteration(i, s)
+        return s, None
+    running = torch.ones(len(s), dtype=torch.bool, device=s.device)
+    used = torch.zeros(len(s), device=s.device)
+    for i in range(iters):
+        s_next = iteration(i, s)
+        used += running
+        change = (s_next - s).flatten(1).norm(dim=1) / s_next.flatten(1).norm(dim=1).clamp_min(1e-12)
+        s = torch.where(running[:, None, None], s_next, s)
+        running &= change > exit_tolerance
+        if not running.any():
+            break
+    return s, used
 
 
 def count_parameters(model):
@@ -748,7 +795,8 @@ def count_parameters(model):
     }
     if model.control_adapter is not None:
         groups["control"] = [model.control_adapter]
-    counts = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in groups.items()}
+    counts = {name: sum(p.numel() for m in modules if m is not None for p in m.parameters())
+              for name, modules in groups.items()}
     counts["total"] = sum(p.numel() for p in model.parameters())
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     return counts

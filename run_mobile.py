@@ -6,6 +6,7 @@ checkpoint. This is what the phone app does, run on this machine with the same r
     python run_mobile.py --export_dir=out-shapes-flow/mobile-fp32 --prompt "a large red circle in the center"
     python run_mobile.py --export_dir=out-mobile-small-512-fp16 --iters 8 --steps 10 --output small.png
     python run_mobile.py --export_dir=out-mobile-small-512-fp32 --format onnx
+    python run_mobile.py --export_dir=out-shapes-flow/mobile-fp32 --exit_tolerance 0.1 --iters 32   # adaptive r
     python run_mobile.py --export_dir=out-shapes-edges/mobile-fp32 --control photo.png   # follows photo.png's edges
 
 The parts are loaded one at a time and freed after use (text encoder, then generator,
@@ -29,6 +30,7 @@ prompt = ''  # '' = the run's first held-out prompt
 format = 'pte'  # 'pte' (ExecuTorch) or 'onnx' (ONNX Runtime)
 steps = 0  # 0 = the export's default
 iters = 0  # core iterations r; 0 = the export's default
+exit_tolerance = 0.0  # > 0: adaptive iterations, at most iters (model.iterate_core)
 cfg_scale = 0.0  # 0 = the export's default
 seed = 0
 control = ''  # a control run: an image whose edges (or silhouette) to follow
@@ -60,12 +62,14 @@ if control:
 importlib.import_module('executorch.runtime' if format == 'pte' else 'onnxruntime')
 imports_mb = peak_rss_mb()  # Python, torch and the runtime, before any model
 start = time.time()
-image = generate(exported_parts(export_dir, manifest, format), [prompt], initial_noise(manifest, seed), steps=steps,
-                 cfg_scale=cfg_scale, iters=iters, shift=manifest['shift'], sampler=manifest['sampler'],
-                 generator=torch.Generator().manual_seed(seed + 1), control=control_image)
+image, used = generate(exported_parts(export_dir, manifest, format), [prompt], initial_noise(manifest, seed),
+                       steps=steps, cfg_scale=cfg_scale, iters=iters, shift=manifest['shift'],
+                       sampler=manifest['sampler'], generator=torch.Generator().manual_seed(seed + 1),
+                       control=control_image, exit_tolerance=exit_tolerance)
 seconds = time.time() - start
 output = output or os.path.join(export_dir, f'sample-{format}.png')
 save_grid(to_uint8(image), output, columns=1)
-print(f"wrote {output}: {manifest['image_size']}px, {steps} {manifest['sampler']} steps, r={iters}, "
+iterations = f"r={used:.1f} on average (at most {iters})" if exit_tolerance else f"r={iters}"
+print(f"wrote {output}: {manifest['image_size']}px, {steps} {manifest['sampler']} steps, {iterations}, "
       f"{manifest['precision']} {format}, {seconds:.1f} s")
 print(f"peak RSS {peak_rss_mb():.0f} MB ({imports_mb:.0f} MB before loading a model: Python, torch, the runtime)")

@@ -5,6 +5,7 @@ Generate images with a trained IRIS generator and write them as one PNG grid.
     python sample.py config/shapes.py --prompt "a large red circle in the center on a blue background"
     python sample.py --prompt "a red circle|a blue square" --num_samples 4 --steps 10 --seed 1
     python sample.py --out_dir out-shapes-flow --iters 16 --cfg_scale 6 --output out-shapes-flow/r16.png
+    python sample.py --exit_tolerance 0.1 --iters 32    # adaptive: each image stops iterating by itself
     python sample.py --out_dir out-shapes-cd --steps 2     # a distill.py student: 1-4 steps, no cfg
     python sample.py --init_image photo.png --strength 0.6 --prompt "..."      # img2img (SDEdit)
     python sample.py --init_image photo.png --mask hole.png --prompt "..."     # inpainting
@@ -12,9 +13,11 @@ Generate images with a trained IRIS generator and write them as one PNG grid.
     python sample.py config/emoji.py --upscale small.png --prompt "..."        # 2x super-resolution
 
 --iters is the number of Core iterations r (more compute, usually better images; any
-value works, not only those seen in training); --steps the number of Euler steps, or of
-consistency steps for a distilled student (whose guidance is baked in: --cfg_scale is
-ignored).
+value works, not only those seen in training), or with --exit_tolerance the most it may
+use: each image then stops when an iteration changes the Core's state by less than that
+fraction (model.iterate_core), and the mean it used is printed. --steps is the number of
+Euler steps, or of consistency steps for a distilled student (whose guidance is baked in:
+--cfg_scale is ignored).
 
 --control takes an ordinary image and extracts from it the signal the run's adapter was
 trained on (its edges or its silhouette, data.control_map), so a photo, a drawing or a
@@ -42,6 +45,7 @@ prompt = ''  # one prompt, or several separated by '|'; '' = the run's held-out 
 num_samples = 1  # images per prompt
 steps = 25
 iters = 8
+exit_tolerance = 0.0  # > 0: adaptive iterations, at most iters
 cfg_scale = 4.0
 shift = 1.0  # > 1 spends more steps at high noise (SD3's resolution shift)
 seed = 0
@@ -138,6 +142,7 @@ noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size
 sampling = dict(steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift,
                 sampler=run.get('sampler', 'euler'),  # a distill.py student samples in 1-4 consistency steps
                 generator=torch.Generator().manual_seed(seed + 1))
+model.exit_tolerance = exit_tolerance
 with autocast:
     if upscale:
         images = super_resolve(model, vae, encoder, small=small.expand(len(prompts), -1, -1, -1), prompts=prompts,
@@ -156,7 +161,11 @@ output = output or os.path.join(out_dir, 'sample.png')
 edited = init_image or upscale or control
 save_grid(images, output, columns=num_samples if num_samples > 1 and not edited else min(8, len(images)))
 sampler = sampling['sampler']
-settings = f"{size}x{size}, {steps} {sampler} steps, r={iters}"
+if exit_tolerance:
+    used = torch.cat(model.iterations_used).mean().item()
+    settings = f"{size}x{size}, {steps} {sampler} steps, r={used:.1f} on average (at most {iters})"
+else:
+    settings = f"{size}x{size}, {steps} {sampler} steps, r={iters}"
 settings += '' if sampler == 'consistency' else f", cfg {cfg_scale}"
 if init_image or upscale:
     settings += f", from {init_image or upscale} at strength {strength}" + (f" inside {mask}" if mask else '')

@@ -36,12 +36,12 @@ from metrics import adherence, analyse, control_f1, frechet_distance, ssim
 from flow import (consistency_fn, consistency_loss, consistency_sample, encode_once, euler_sample, flow_loss, guided,
                   time_grid, upscale)
 from model import (CHUNK, SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SelfAttentionMixer,
-                   SpatialMixer, count_parameters, irfft2_dft, linear_scan, load_generator, rfft2_dft, sequential_scan,
-                   wake_up, window_attention)
+                   SpatialMixer, count_parameters, irfft2_dft, iterate_core, linear_scan, load_generator, rfft2_dft,
+                   sequential_scan, wake_up, window_attention)
 from text import Prompt, load_text_encoder
 import training
-from training import (ema_update, load_checkpoint, make_ema, mixed_precision, optimizer_step, read_checkpoint,
-                      save_checkpoint)
+from training import (draw_iters, ema_update, load_checkpoint, make_ema, mixed_precision, optimizer_step,
+                      read_checkpoint, save_checkpoint)
 from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
 from wavelet import dwt, idwt, impose_lowpass
 
@@ -404,6 +404,66 @@ def test_core_conditioning_changes_with_the_iteration_index():
     steps = [model.core_iteration(s, e, model.core_condition(c_base, torch.full((2,), i / 8)), text_kv, mask, (4, 4),
                                   prepared) for i in (0, 1, 7)]
     assert (steps[0] - steps[1]).abs().max() > 1e-3 and (steps[1] - steps[2]).abs().max() > 1e-3
+
+
+def test_training_draws_r_uniformly_or_from_huginns_heavy_tail():
+    generator = torch.Generator().manual_seed(0)
+    uniform = [draw_iters((2, 4, 6), 0.0, generator) for _ in range(3000)]
+    assert set(uniform) == {2, 4, 6} and abs(np.mean(uniform) - 4) < 0.1
+    # 1 + Poisson(exp(tau)): E = 1 + E[exp(tau)] = 1 + exp(log(m - 1) - s^2/2 + s^2/2) = m
+    heavy = np.array([draw_iters((64,), 6.0, generator) for _ in range(20000)])
+    assert abs(heavy.mean() - 6) < 0.1 and heavy.min() >= 1 and heavy.max() <= 64
+    assert np.median(heavy) < 6 and (heavy >= 12).mean() > 0.03  # mostly short, sometimes long
+    assert max(draw_iters((8,), 6.0, generator) for _ in range(2000)) == 8  # capped at max(train_iters)
+
+
+def test_adaptive_iterations_stop_each_sample_where_its_state_settles():
+    # s -> a s + (1 - a) converges to 1 with ||s_{i+1} - s_i|| / ||s_{i+1}|| known per step;
+    # the reference runs each sample alone and stops at the first step within tolerance
+    rates = torch.tensor([0.1, 0.5, 0.9])
+    iteration = lambda i, s: rates[:, None, None] * s + (1 - rates[:, None, None])  # noqa: E731
+    s, used = iterate_core(iteration, torch.zeros(3, 4, 2), 100, exit_tolerance=1e-3)
+    for k, rate in enumerate(rates):
+        state, steps = torch.zeros(4, 2), 0
+        while steps < 100:
+            following = rate * state + (1 - rate)
+            steps += 1
+            settled = (following - state).norm() <= 1e-3 * following.norm()
+            state = following
+            if settled:
+                break
+        assert used[k] == steps and torch.equal(s[k], state)
+    assert used[0] < used[1] < used[2] < 100
+    assert iterate_core(iteration, torch.zeros(3, 4, 2), 5)[1] is None  # without a tolerance: exactly iters
+
+
+def test_adaptive_iterations_are_the_fixed_ones_at_the_extremes():
+    model = _wake_up(Iris(_tiny_config(iteration_embedding='none'))).eval()
+    z, t, text, mask = _inputs()
+    with torch.no_grad():
+        fixed = {r: model(z, t, text, mask, r) for r in (1, 6)}
+        model.exit_tolerance = 1e-30  # never settles: every sample runs the cap
+        torch.testing.assert_close(model(z, t, text, mask, 6), fixed[6], rtol=0, atol=0)
+        model.exit_tolerance = 1e30  # settles at once: one iteration
+        torch.testing.assert_close(model(z, t, text, mask, 6), fixed[1], rtol=0, atol=0)
+    assert model.iterations_used[0].tolist() == [6, 6] and model.iterations_used[1].tolist() == [1, 1]
+
+
+def test_a_core_told_nothing_of_its_iteration_repeats_one_map():
+    # iteration_embedding='none' (Huginn): no progress embedder, and iteration i is the same
+    # function of (s, e) for every i and r
+    model = _wake_up(Iris(_tiny_config(iteration_embedding='none')))
+    assert model.progress_embed is None
+    z, t, text, mask = _inputs()
+    text_kv, text_cond, _ = model.encode_prompt(text, mask)
+    e, c_base = model.prelude_forward(z, t, text_cond)
+    prepared = [layer.mixer.prepare((8, 8)) for layer in model.core]
+    modulations = model.core_condition(c_base, None)
+    s = e
+    for _ in range(3):
+        s = model.core_iteration(s, e, modulations, text_kv, mask, (8, 8), prepared)
+    expected = model.coda_forward(s, c_base, (8, 8))
+    torch.testing.assert_close(model.velocity(z, t, (text_kv, text_cond, mask), 3), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize('mixer', ['grfm', 'attention'])
@@ -1020,6 +1080,26 @@ def test_train_flow_on_a_hub_data_set_in_a_local_parquet_folder(tiny_runs, tmp_p
     assert (tmp_path / 'flow' / 'samples_000002.png').exists()
 
 
+def test_eval_shapes_measures_each_r_and_adaptive_iterations(tmp_path):
+    # 64 px: the analyser reads real shapes reliably only from there, and eval_shapes.py checks
+    result = _run(['train_vae.py', SHAPES_CONFIG, '--num_images=64', '--num_holdout=8', '--channels=(8, 16, 16)',
+                   '--batch_size=8', '--max_steps=2', '--out_dir=vae'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--image_size=64', '--max_steps=2',
+                   '--iteration_embedding=none', '--train_iters=(4,)', '--train_iters_mean=2.0'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run(['eval_shapes.py', '--out_dir=out-flow', '--num_prompts=8', '--iters_list=(1, 2)',
+                   '--steps_list=(2,)', '--loss_iters=(1, 2)', '--exit_tolerance=1e30', '--inpaint=False',
+                   '--batch_size=8'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = {line.split(' | ')[0].lstrip('| '): [float(x) for x in line.rstrip(' |').split(' | ')[1:]]
+              for line in result.stdout.splitlines() if line.startswith(('| r = ', '| auto'))}
+    assert set(losses) == {'r = 1', 'r = 2', 'auto (tolerance 1e+30, at most 2)'}, result.stdout
+    # a tolerance nothing can miss stops every sample after one iteration: r = 1 exactly
+    assert losses['auto (tolerance 1e+30, at most 2)'] == losses['r = 1']
+    assert Image.open(tmp_path / 'out-flow' / 'eval_iters.png').size == (8 * 64, 2 * 64)
+
+
 def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     for split, seed in (('train', 0), ('test', 1)):  # prepare.py's layout: train/ and test/ with a group per image
         (tmp_path / split).mkdir()
@@ -1406,6 +1486,14 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
                 reference = model(z, t, text, mask, iters)
             error = (exported(z, t, text, mask, iters) - reference).abs().max() / reference.abs().max()
             assert error < 1e-4, (fmt, iters, error)
+        model.exit_tolerance = exported.exit_tolerance = 0.5  # adaptive iterations, as the app runs them
+        model.iterations_used, exported.iterations_used = [], []
+        with torch.no_grad():
+            reference = model(z, t, text, mask, 8)
+        error = (exported(z, t, text, mask, 8) - reference).abs().max() / reference.abs().max()
+        model.exit_tolerance = 0.0
+        assert error < 1e-4 and torch.equal(exported.iterations_used[0], model.iterations_used[0]), (fmt, error)
+        assert model.iterations_used[0].max() < 8, "the tolerance should stop some sample early"
         if control:  # the adapter's methods: the hint of one map (as the app has), injected in both branches
             maps = control_map(make_shapes(1, 16 * z.shape[-1], seed=1)[0], control)
             with torch.no_grad():
@@ -1504,7 +1592,7 @@ ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'distill.py', 'sample.py', 'ev
 
 
 CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype', 'precision', 'backend', 'sections',
-                   'format', 'sampler', 'control')
+                   'format', 'sampler', 'control', 'iteration_embedding', 'state_init')
 
 
 READ_PATHS = {'train_vae.py': ('data_dir',), 'train_flow.py': ('vae_dir', 'data_dir'), 'distill.py': ('teacher_dir',),

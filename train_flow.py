@@ -33,9 +33,9 @@ from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
 from flow import flow_loss, text_to_image
 from model import SIZES, count_parameters, load_generator
 from text import Prompt, load_text_encoder
-from training import (LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema,
-                      micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
-                      stop_if_diverged, sync_gradients, wrap_distributed)
+from training import (LossLog, all_sum, backward, draw_iters, ema_update, load_checkpoint, lock_out_dir, lr_at,
+                      make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint,
+                      setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -60,6 +60,9 @@ core_layers = 0
 patch_size = 2  # image_size must be a multiple of 16 * patch_size
 mixer = 'grfm'  # the Core's token mixer: 'grfm' or 'attention' (full self-attention, the baseline)
 train_iters = (4, 6, 8, 10, 12)  # r is drawn from these each step
+train_iters_mean = 0.0  # > 0: r drawn from Huginn's heavy tail with this mean instead, at most max(train_iters)
+iteration_embedding = 'progress'  # what the Core is told of its iteration: 'progress' (i / r) or 'none'
+state_init = 'prelude'  # the Core's start: 'prelude' (its output e) or 'noise' (Huginn's)
 backprop_iters = 0  # backpropagate through the last k core iterations only (0 = all)
 # spatial control: train only a ControlAdapter on a finished run, which stays frozen
 control = ''  # '' (train a generator), 'edges' or 'silhouette' (data.control_map)
@@ -97,6 +100,9 @@ if loss_weighting not in ('none', 'high_noise'):
                      f"got '{loss_weighting}'")
 if mixer not in ('grfm', 'attention'):
     raise SystemExit(f"error: mixer must be 'grfm' or 'attention', got '{mixer}'")
+if iteration_embedding not in ('progress', 'none') or state_init not in ('prelude', 'noise'):
+    raise SystemExit(f"error: iteration_embedding must be 'progress' or 'none' and state_init 'prelude' or 'noise', "
+                     f"got '{iteration_embedding}' and '{state_init}'")
 if control and (control not in CONTROLS or not base_dir):
     raise SystemExit(f"error: control must be one of {', '.join(CONTROLS)} and needs --base_dir (a finished "
                      f"train_flow.py run), got control='{control}', base_dir='{base_dir}'")
@@ -151,7 +157,8 @@ if control:
     sample_controls = sample_controls[:len(sample_prompts)].float().to(device)
 else:
     model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
-                              text_encoder=text_encoder, backprop_iters=backprop_iters).to(device)
+                              text_encoder=text_encoder, backprop_iters=backprop_iters,
+                              iteration_embedding=iteration_embedding, state_init=state_init).to(device)
 ema = make_ema(model)
 if master:
     counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
@@ -199,7 +206,7 @@ for step in bar:
     text, mask = captions.text[rows].float(), captions.mask[rows]
     drop = torch.rand(batch_size, generator=data_generator) < cfg_dropout
     text[drop], mask[drop] = null_prompt.text, null_prompt.mask
-    iters = train_iters[torch.randint(len(train_iters), (1,), generator=data_generator).item()]
+    iters = draw_iters(train_iters, train_iters_mean, data_generator)
     t = torch.sigmoid(torch.randn(batch_size))
     eps = torch.randn(batch_size, *latents.shape[1:])
     loss_sum = torch.zeros((), device=device)  # read only when logged: a read waits for the GPU

@@ -130,6 +130,16 @@ def lr_at(step, max_steps, warmup_steps, lr, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def draw_iters(train_iters, mean, generator):
+    """The Core's r for one training step: uniform over the tuple train_iters, or with mean > 0
+    Huginn's heavy tail, 1 + Poisson(exp(tau)) with tau ~ N(log(mean - 1) - sigma^2 / 2, sigma),
+    sigma = 1/2 (mostly short, sometimes long; its mean is `mean`), capped at max(train_iters)."""
+    if not mean:
+        return train_iters[torch.randint(len(train_iters), (1,), generator=generator).item()]
+    tau = math.log(max(mean - 1, 1e-3)) - 0.125 + 0.5 * torch.randn(1, generator=generator)
+    return min(1 + int(torch.poisson(tau.exp(), generator=generator).item()), max(train_iters))
+
+
 def make_ema(model):
     ema = copy.deepcopy(model).eval()
     ema.requires_grad_(False)
