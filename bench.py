@@ -1,7 +1,7 @@
 """
 Measures what the README claims about the generator on this machine, as tables:
 
-    python bench.py                          # everything (1 minute on 2 CPU cores)
+    python bench.py                          # the default sections, in minutes
     python bench.py --sections=mixer,scan    # of: params, mixer, scan, step, latency, flops, memory, kernels,
                                              #     compile, runtime
     python bench.py --threads=1
@@ -25,9 +25,10 @@ Measures what the README claims about the generator on this machine, as tables:
            printed with it)
   kernels  (not in the default; 3 minutes) the kernels one training step of --config's generator
            launches, GRFM against attention in its place
-  compile  (not in the default) train_flow.py's step on --config with compile=True (each Core
-           layer compiled): time to compile, ms per step, graphs compiled over train_iters, and
-           the graph breaks in a Core layer (torch._dynamo.explain)
+  compile  (not in the default; 6 minutes with inductor's cache cold) train_flow.py's step on
+           --config, eager and with compile=True (each Core layer compiled), with either FFT:
+           time to compile, ms and kernels per step, graphs compiled over train_iters, and the
+           graph breaks in a Core layer (torch._dynamo.explain)
   runtime  (not in the default; needs requirements-export.txt) the ExecuTorch kernels that
            export_mobile.py works around, each against eager PyTorch
 Timings are medians of several runs after a warm-up. No test asserts on them.
@@ -374,32 +375,55 @@ def bench_kernels():
           f"and eager PyTorch spends ~{T4_SECONDS_PER_KERNEL * 1e6:.0f} us of host time on each at these sizes.\n")
 
 
+def kernels_profiled(fn):
+    """The kernels one call of fn() runs, counted by the profiler: inductor's fused kernels and
+    the innermost aten ops that are neither views nor allocations. OpCounter cannot count a
+    compiled step: the code inductor generates does not pass through the dispatcher."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+
+    def is_kernel(name):
+        if "cpp_fused" in name:
+            return True
+        op = getattr(torch.ops.aten, name.removeprefix("aten::"), None) if name.startswith("aten::") else None
+        return (op is not None and name not in ("aten::empty", "aten::empty_strided", "aten::empty_like")
+                and not any(getattr(op, overload).is_view for overload in op.overloads()))
+
+    def runs_a_kernel_inside(event):
+        return any(is_kernel(child.name) or runs_a_kernel_inside(child) for child in event.cpu_children)
+    return sum(is_kernel(e.name) and not runs_a_kernel_inside(e) for e in profile.events())
+
+
 def bench_compile():
     model_size, size, _, patch, train_iters, backprop_iters = flow_settings_of(config.split(",")[0])
     batch = 4  # not the config's: compiling does not depend on it, and a CPU runs the config's slowly
     print(f"## train_flow.py's step on {config} with compile=True (each Core layer, inductor), fp32, batch "
           f"{batch}, r in {train_iters}\n")
+    torch._inductor.config.cpp.enable_kernel_profile = True  # fused kernels show in the profiler
     rows = []
-    for compiled in (False, True):
+    for compiled, fft_impl in ((False, "torch"), (True, "torch"), (False, "dft"), (True, "dft")):
         torch.manual_seed(seed)
-        model = SIZES[model_size](patch_size=patch, backprop_iters=backprop_iters)
+        model = SIZES[model_size](patch_size=patch, backprop_iters=backprop_iters, fft_impl=fft_impl)
         if compiled:
             model.compile_core()
         step = flow_training_step(model, batch, size, patch, train_iters[0], "float32")
         torch._dynamo.reset()
-        start = time.perf_counter()
+        graphs_before, start = torch._dynamo.utils.counters["stats"]["unique_graphs"], time.perf_counter()
         for r in train_iters:  # the first step of each r compiles what it needs
             step(r)
         first = time.perf_counter() - start
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        rows.append(["compiled" if compiled else "eager", f"{first:.0f}", f"{1e3 * median_time(step, repeats=3):.0f}",
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+        r = train_iters[len(train_iters) // 2]
+        rows.append(["compiled" if compiled else "eager", fft_impl, f"{first:.0f}",
+                     f"{1e3 * median_time(lambda: step(r), repeats=3):.0f}", kernels_profiled(lambda: step(r)),
                      graphs if compiled else "-"])
     layer, side = SIZES[model_size](patch_size=patch).core[0], size // 16 // patch
     width = layer.norm1.normalized_shape[0]
     text_kv = layer.cross_attention.key_values(torch.randn(2, 12, width))
-    explained = torch._dynamo.explain(layer)(torch.randn(2, side * side, width), torch.randn(2, width), (side, side),
-                                             text_kv, torch.ones(2, 1, 1, 12, dtype=torch.bool))
-    table(["", "first step of each r, s", "ms / step", "graphs compiled"], rows)
+    explained = torch._dynamo.explain(layer)(torch.randn(2, side * side, width), torch.randn(2, 7 * width),
+                                             (side, side), text_kv, torch.ones(2, 1, 1, 12, dtype=torch.bool))
+    table(["", "fft_impl", "first step of each r, s", f"ms / step (r = {r})", "kernels / step", "graphs compiled"],
+          rows)
     print(f"one Core layer under torch._dynamo.explain: {explained.graph_count} graph(s), "
           f"{explained.graph_break_count} graph break(s)\n")
 

@@ -13,8 +13,8 @@ Three sources, chosen by the scripts' `dataset` / `data_dir` settings:
 
 Images are converted to RGB (transparency composited on white), centre-cropped to a
 square and resized. Files that cannot be decoded, images over MAX_PIXELS, metadata lines
-that are not UTF-8 JSON with a caption and images no line names are skipped, counted and
-reported once per kind.
+that are not UTF-8 JSON with a caption and a file inside the folder, and images no line
+names are skipped, counted and reported once per kind.
 """
 import io
 import json
@@ -147,8 +147,8 @@ def decode_rows(rows, image_size, source):
 
 def read_metadata(data_dir):
     """The rows of data_dir/metadata.jsonl that name an image and a caption. A line that is
-    not UTF-8 JSON with a "file_name" and a non-empty "text", and an image in the folder that
-    no line names, are skipped, counted and reported once."""
+    not UTF-8 JSON with a "file_name" inside the folder and a non-empty "text", and an image
+    in the folder that no line names, are skipped, counted and reported once."""
     path = os.path.join(data_dir, 'metadata.jsonl')
     rows, bad_lines = [], []
     with open(path, 'rb') as f:
@@ -160,13 +160,15 @@ def read_metadata(data_dir):
                 name, text = str(entry['file_name']), entry['text']
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError('no caption')
+                if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == '..':
+                    raise ValueError('a file outside the folder')
             except (UnicodeDecodeError, ValueError, KeyError, TypeError):
                 bad_lines.append(number)
                 continue
             rows.append({'image': {'path': os.path.join(data_dir, name), 'bytes': None}, 'text': text})
     if bad_lines:
-        warnings.warn(f"{path}: skipped {len(bad_lines)} line(s) that are not UTF-8 JSON with a file_name and a "
-                      f"caption, e.g. line {bad_lines[0]}", stacklevel=3)
+        warnings.warn(f"{path}: skipped {len(bad_lines)} line(s) that are not UTF-8 JSON with a file_name inside the "
+                      f"folder and a caption, e.g. line {bad_lines[0]}", stacklevel=3)
     named = {os.path.normpath(row['image']['path']) for row in rows}
     unnamed = [f for f in sorted(os.listdir(data_dir)) if f.lower().endswith(IMAGE_EXTENSIONS)
                and os.path.normpath(os.path.join(data_dir, f)) not in named]
@@ -234,7 +236,37 @@ def load_data(dataset, data_dir, image_size, num_images, num_holdout, seed=0):
 
 def image_tensor(img, image_size):
     """One PIL image -> uint8 (1, 3, S, S), converted and centre-cropped as the data sets are."""
-    return torch.from_numpy(np.asarray(to_square_rgb(img, image_size))).permute(2, 0, 1)[None]
+    return torch.from_numpy(np.array(to_square_rgb(img, image_size))).permute(2, 0, 1)[None]
+
+
+def open_image(path, what):
+    """An image a user hands a script (--init_image, --control, ...) -> a decoded PIL image, or
+    one error line: missing, unreadable, or over MAX_PIXELS, which the header tells before a
+    decompression bomb is decoded."""
+    too_large = f"error: --{what} {path} is over the {MAX_PIXELS // 2**20} Mpixel limit; resize it first"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # refused below, in one line
+            image = Image.open(path)
+        if image.width * image.height > MAX_PIXELS:
+            image.close()
+            raise SystemExit(too_large)
+        image.load()  # PIL reads lazily: make a truncated file fail here, not deep inside a resize
+        return image
+    except Image.DecompressionBombError:  # PIL's own limit, twice its warning's
+        raise SystemExit(too_large) from None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read --{what} {path} ({type(e).__name__}); give a PNG or JPEG file") from None
+
+
+def check_output(path):
+    """Refuse an --output PNG path that cannot be written, before any work: a missing folder or
+    a file type PIL does not write."""
+    folder, extension = os.path.dirname(path) or '.', os.path.splitext(path)[1].lower()
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --output {path}: folder {folder} does not exist; create it or choose another")
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        raise SystemExit(f"error: --output {path}: '{extension}' is not an image type; end it in .png or .jpg")
 
 
 def to_float(images):

@@ -17,6 +17,7 @@ holds the shared weights once.
 import copy
 import importlib
 import json
+import logging
 import os
 import resource
 import sys
@@ -182,6 +183,8 @@ def initial_noise(manifest, seed):
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'int8': torch.float32}  # int8: float in, quantised inside
 warnings.filterwarnings('ignore', message='.*LeafSpec', category=FutureWarning)  # torch's, raised inside ExecuTorch
+# torch.onnx logs a line per torchvision op it could translate; IRIS uses none
+logging.getLogger('torch.onnx._internal.exporter._registration').setLevel(logging.ERROR)
 
 
 def require_export_packages():

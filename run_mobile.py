@@ -18,10 +18,9 @@ import os
 import time
 
 import torch
-from PIL import Image
 
 from configurator import configure
-from data import control_map, image_tensor, save_grid, to_uint8
+from data import check_output, control_map, image_tensor, open_image, save_grid, to_uint8
 from mobile import exported_parts, generate, initial_noise, peak_rss_mb, read_manifest
 
 # -----------------------------------------------------------------------------
@@ -37,6 +36,8 @@ control = ''  # a control run: an image whose edges (or silhouette) to follow
 output = ''  # '' = EXPORT_DIR/sample-<format>.png
 # -----------------------------------------------------------------------------
 configure(globals())
+if output:
+    check_output(output)
 if not export_dir:
     raise SystemExit("error: say which export to run, e.g. --export_dir=out-shapes-flow/mobile-fp32 "
                      "(export_mobile.py writes it)")
@@ -54,11 +55,8 @@ control_image = None
 if control:
     if not manifest.get('control'):
         raise SystemExit(f"error: {export_dir} is not a control run's export; drop --control")
-    try:
-        picture = image_tensor(Image.open(control), manifest['image_size'])
-    except OSError as e:
-        raise SystemExit(f"error: cannot read --control {control} ({type(e).__name__}); give a PNG or JPEG") from None
-    control_image = control_map(picture, manifest['control'])
+    control_image = control_map(image_tensor(open_image(control, 'control'), manifest['image_size']),
+                                manifest['control'])
 importlib.import_module('executorch.runtime' if format == 'pte' else 'onnxruntime')
 imports_mb = peak_rss_mb()  # Python, torch and the runtime, before any model
 start = time.time()

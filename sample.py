@@ -30,9 +30,10 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from configurator import configure
-from data import control_map, image_tensor, map_image, save_grid, to_float
+from data import MAX_PIXELS, check_output, control_map, image_tensor, map_image, open_image, save_grid, to_float
 from flow import text_to_image, upscale as super_resolve
 from model import load_generator
 from text import load_text_encoder
@@ -62,18 +63,10 @@ control_strength = 1.0  # 0 = the base generator, 1 = as trained, more = follow 
 upscale = ''  # an image of half the output side: draw it at twice the size (needs --prompt)
 text_encoder = ''  # '' = the checkpoint's; a different one is refused
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # 'auto' (bf16 on sm80+ GPUs, fp16 on older ones, fp32 on a CPU), 'float32', 'bfloat16' or 'float16'
+dtype = 'auto'  # 'float32', 'bfloat16', 'float16' or 'auto': bf16 on sm80+ GPUs and on CPUs with native bf16,
+# fp16 on older GPUs, else fp32
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('num_samples', 'steps', 'iters', 'shift'))
-
-
-def open_image(path, what):
-    try:
-        image = Image.open(path)
-        image.load()  # PIL reads lazily: make a truncated file fail here, not deep inside a resize
-        return image
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read --{what} {path} ({type(e).__name__}); give a PNG or JPEG file") from None
 
 
 def load_edit(vae, init_image, mask, size):
@@ -97,6 +90,8 @@ def load_edit(vae, init_image, mask, size):
     return picture, init, None if keep is None else keep.to(device)
 
 
+if output:
+    check_output(output)
 model, run, out_dir = load_generator(out_dir, device)
 if text_encoder and text_encoder != model.config.text_encoder:
     raise SystemExit(f"error: {out_dir} was trained with text encoder '{model.config.text_encoder}', "
@@ -123,10 +118,23 @@ if upscale:
     size = 2 * min(small.size)
     small = image_tensor(small, size // 2)
 size = size or run['image_size']
+# Far outside training a setting costs much: say how much
+trained_iters = max(run['train_iters'])
+if iters > 4 * trained_iters and not exit_tolerance:
+    warnings.warn(f"--iters={iters} is {iters / trained_iters:.0f}x the most this run trained with (r={trained_iters}): "
+                  f"{steps * iters} Core iterations per image, where r={trained_iters} takes {steps * trained_iters}")
+if steps > 200:
+    warnings.warn(f"--steps={steps} is {steps / 25:.0f}x the default 25 steps and takes {steps / 25:.0f}x as long")
 try:
     check_image_size(size, size, 16 * model.config.patch_size)
 except ValueError as e:
     raise SystemExit(f"error: {'twice the --upscale image side' if upscale else '--size'}: {e}") from None
+if size * size > MAX_PIXELS:
+    raise SystemExit(f"error: --size={size} is over the {MAX_PIXELS // 2**20} Mpixel limit of an image; choose a "
+                     f"smaller one (this run trained at {run['image_size']})")
+if size > 2 * run['image_size']:
+    warnings.warn(f"--size={size} is {size / run['image_size']:.0f}x the side this run trained at: "
+                  f"{(size / run['image_size']) ** 2:.0f}x the tokens per Core iteration, at a scale it never saw")
 
 encoder = load_text_encoder(model.config.text_encoder, device)
 vae = load_vae(run['vae_dir'], device)
@@ -143,6 +151,15 @@ sampling = dict(steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift,
                 sampler=run.get('sampler', 'euler'),  # a distill.py student samples in 1-4 consistency steps
                 generator=torch.Generator().manual_seed(seed + 1))
 model.exit_tolerance = exit_tolerance
+# A bar over Core iterations, not sampling steps: one step can hold thousands (--iters)
+bar = tqdm(total=steps * iters, desc='sampling', unit='iter', dynamic_ncols=True)
+
+
+def count_iteration(module, inputs, output):  # the adapter runs once per Core iteration
+    bar.update()
+
+
+model.adapter.register_forward_hook(count_iteration)
 with autocast:
     if upscale:
         images = super_resolve(model, vae, encoder, small=small.expand(len(prompts), -1, -1, -1), prompts=prompts,
@@ -157,6 +174,7 @@ if upscale:  # the input, enlarged without interpolation, then the result
     images = torch.cat([small.repeat_interleave(2, -1).repeat_interleave(2, -2), images])
 if control:
     images = torch.cat([map_image(control_image), images])
+bar.close()
 output = output or os.path.join(out_dir, 'sample.png')
 edited = init_image or upscale or control
 save_grid(images, output, columns=num_samples if num_samples > 1 and not edited else min(8, len(images)))

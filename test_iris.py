@@ -9,13 +9,18 @@ import ast
 import concurrent.futures
 import copy
 import errno
+import glob
 import json
+import logging
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import time
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -29,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import cache
 from cache import load_training_set
 from configurator import configure, read_config_file
-from data import (POSITIONS, conflicting_shape_captions, control_map, load_data, load_hub, load_imagefolder,
-                  make_shapes, shape_attributes, to_float, to_uint8)
+from data import (POSITIONS, conflicting_shape_captions, control_map, image_tensor, load_data, load_hub,
+                  load_imagefolder, make_shapes, open_image, shape_attributes, to_float, to_uint8)
 import metrics
 from metrics import adherence, analyse, control_f1, frechet_distance, ssim
 from flow import (consistency_fn, consistency_loss, consistency_sample, encode_once, euler_sample, flow_loss, guided,
@@ -417,6 +422,21 @@ def test_training_draws_r_uniformly_or_from_huginns_heavy_tail():
     assert max(draw_iters((8,), 6.0, generator) for _ in range(2000)) == 8  # capped at max(train_iters)
 
 
+@pytest.mark.parametrize('amx, avx512_bf16, expected', [(False, False, 'float32'), (True, False, 'bfloat16'),
+                                                         (False, True, 'bfloat16')])
+def test_auto_dtype_on_a_cpu_is_bf16_only_where_the_cpu_has_it_natively(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
+    assert training.resolve_dtype('auto', 'cpu') == expected
+    assert training.resolve_dtype('float16', 'cpu') == 'float16'  # a dtype asked for is kept
+
+
+def test_no_config_forces_a_dtype():  # 'auto' knows the machine; a config file does not
+    for path in glob.glob(os.path.join(HERE, 'config', '*.py')):
+        for script in ('train_vae', 'train_flow', 'distill'):
+            assert 'dtype' not in read_config_file(path, script), (path, script)
+
+
 def test_adaptive_iterations_stop_each_sample_where_its_state_settles():
     # s -> a s + (1 - a) converges to 1 with ||s_{i+1} - s_i|| / ||s_{i+1}|| known per step;
     # the reference runs each sample alone and stops at the first step within tolerance
@@ -587,13 +607,41 @@ def test_imagefolder_skips_bad_metadata_unnamed_and_huge_images(tmp_path):
         f.write(b'{"file_name": "huge.png", "text": "too big"}\n')
         f.write(b'{"file_name": "0.png", "text": "caf\xe9 in latin-1"}\n')  # not UTF-8
         f.write(b'{"file_name": "1.png"}\n\n')                               # no caption
+        f.write(b'{"file_name": "../outside.png", "text": "leaves the folder"}\n')
+        f.write(b'{"file_name": "%s", "text": "an absolute path"}\n' % str(tmp_path / '0.png').encode())
+    Image.new('RGB', (8, 8)).save(tmp_path.parent / 'outside.png')  # readable: only its path is wrong
     with pytest.warns(UserWarning) as caught:
         images, got = load_imagefolder(str(tmp_path), 32)
     messages = ' | '.join(str(w.message) for w in caught)
-    assert 'skipped 2 line(s)' in messages and 'e.g. line 9' in messages
+    assert 'skipped 4 line(s)' in messages and 'e.g. line 9' in messages
     assert 'skipped 1 image(s) with no line' in messages and 'unnamed.png' in messages
     assert 'skipped 3 unreadable' in messages  # corrupt.png, empty.jpg and huge.png
     assert images.shape == (5, 3, 32, 32) and got == captions
+
+
+def _png_header_only(path, width, height):
+    """A PNG that declares width x height in its header and holds no pixels: a decompression
+    bomb's first bytes, which is all a guard against one may read."""
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 1, 0, 0, 0, 0))
+                     + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('side', [9000, 30000])  # over MAX_PIXELS; over PIL's own bomb limit
+def test_an_image_a_user_hands_in_is_refused_from_its_header_when_huge(tmp_path, side):
+    _png_header_only(tmp_path / 'big.png', side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # PIL's DecompressionBombWarning would be noise
+        with pytest.raises(SystemExit, match='big.png is over the 64 Mpixel limit; resize it first'):
+            open_image(str(tmp_path / 'big.png'), 'init_image')
+
+
+def test_image_tensor_of_a_pil_image_warns_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # torch warns on a read-only NumPy view of the PIL image
+        picture = image_tensor(Image.new('RGB', (40, 32), (10, 20, 30)), 16)
+    assert picture.shape == (1, 3, 16, 16) and picture[0, :, 0, 0].tolist() == [10, 20, 30]
 
 
 def test_load_data_holds_out_a_disjoint_split(tmp_path):
@@ -988,6 +1036,7 @@ def test_train_vae_script_end_to_end_then_resume(tmp_path):
                   tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'held-out PSNR' in result.stdout and 'bfloat16 on cpu' in result.stdout
+    assert 'vae: 100%' in result.stderr and 'nan' not in result.stderr  # no PSNR in the bar before it is measured
     out = tmp_path / 'run'
     assert {'ckpt.safetensors', 'config.json', 'log.csv', 'recon_000010.png', 'recon_000020.png'} <= set(
         os.listdir(out))
@@ -1140,9 +1189,17 @@ def test_sample_script_end_to_end_and_its_errors(tiny_runs):
     assert Image.open(tiny_runs / 'two.png').size == (2 * 32, 2 * 32)
     for bad, message in [('--prompt=a red circle|  ', 'prompt 2 of 2 is empty'),
                          ('--text_encoder=openai/clip-vit-large-patch14', "trained with text encoder 'minilm'"),
-                         ('--size=40', 'not a multiple of 16'), ('--out_dir=nowhere', 'no generator checkpoint')]:
+                         ('--size=40', 'not a multiple of 16'), ('--out_dir=nowhere', 'no generator checkpoint'),
+                         ('--size=16384', 'over the 64 Mpixel limit'),
+                         ('--output=missing_dir/x.png', 'folder missing_dir does not exist'),
+                         ('--output=x.txt', "'.txt' is not an image type")]:
         result = _run(['sample.py', bad], tiny_runs)
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    # far beyond the r <= 2 it trained with: it runs, says what that costs and shows its progress
+    result = _run(['sample.py', '--prompt=a red circle', '--steps=1', '--iters=300', '--output=far.png'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '--iters=300 is 150x the most this run trained with (r=2): 300 Core iterations per image' in result.stderr
+    assert 'sampling: 100%' in result.stderr and '300/300' in result.stderr
 
 
 @pytest.mark.slow  # inductor compiles each r once: about 80 s per dtype on 2 cores
@@ -1503,9 +1560,11 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
             assert error / reference.abs().max() < 1e-4, (fmt, error)
 
 
-def test_generator_exports_to_executorch_and_onnx_and_matches_pytorch(tmp_path):
+def test_generator_exports_to_executorch_and_onnx_and_matches_pytorch(tmp_path, caplog):
     pytest.importorskip('executorch', reason='pip install -r requirements-export.txt')
-    _check_generator_export(tmp_path, 'portable', ['pte', 'onnx'], control='edges')  # with a control adapter
+    with caplog.at_level(logging.WARNING):
+        _check_generator_export(tmp_path, 'portable', ['pte', 'onnx'], control='edges')  # with a control adapter
+    assert not caplog.records, f"the export logs what a user cannot act on: {caplog.records[0].getMessage()}"
 
 
 @pytest.mark.slow  # about a minute: XNNPACK's lowering passes are slow on a graph this fragmented
@@ -1653,6 +1712,8 @@ def _fuzz_cases(tmp_path, seed=0, per_script=4):
         cases += [(script, '--no_such_setting=1'), (script, str(broken_config)), (script, 'config/no_such_file.py')]
         if script in ('train_vae.py', 'train_flow.py', 'distill.py'):  # where a run writes
             cases += [(script, f'--out_dir={"x" * 10000}'), (script, f'--out_dir={empty_file}')]
+        if script in ('sample.py', 'run_mobile.py'):  # where a user names the image written
+            cases += [(script, '--output=missing_dir/x.png'), (script, '--output=x.txt')]
         for name in READ_PATHS.get(script, ()):
             cases += [(script, f'--{name}={tmp_path / "missing"}'), (script, f'--{name}={"x" * 10000}')]
             cases += [(script, f'--{name}={empty_file if name == "init_image" else corrupt_run}')]

@@ -87,7 +87,8 @@ grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScaler on older ones (T4), fp32 on a CPU
+dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScaler on older ones (T4); on a CPU
+# bf16 where it is native (AMX, AVX512-BF16), else fp32
 compile = False
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
@@ -96,8 +97,7 @@ config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_
 if init_from not in ('scratch', 'resume'):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
 if loss_weighting not in ('none', 'high_noise'):
-    raise SystemExit(f"error: loss_weighting must be 'none' or 'high_noise' (called 'seed' before), "
-                     f"got '{loss_weighting}'")
+    raise SystemExit(f"error: loss_weighting must be 'none' or 'high_noise', got '{loss_weighting}'")
 if mixer not in ('grfm', 'attention'):
     raise SystemExit(f"error: mixer must be 'grfm' or 'attention', got '{mixer}'")
 if iteration_embedding not in ('progress', 'none') or state_init not in ('prelude', 'noise'):

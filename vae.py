@@ -141,7 +141,7 @@ def load_vae(vae_dir, device='cpu'):
 def vae_loss(wavelet_hat, x, mean, logvar, wavelet_weight=1.0, high_freq_weight=2.0, kl_weight=1e-6, mse_weight=4.0):
     """Total loss and its parts. wavelet_hat: (B, 12, H/2, W/2) decoder output, x: (B, 3, H, W).
     L1 + MSE in pixels (the MSE weighs the few large errors at edges, which PSNR counts and
-    L1 alone neglects: +3 dB held-out on shapes at equal steps) + an L1 on the subbands that
+    L1 alone neglects; docs/results.md measures what it adds) + an L1 on the subbands that
     weights LH, HL, HH (where blur shows) more than LL + a small KL to N(0, 1) that keeps
     the latent smooth enough to generate in."""
     error = idwt(wavelet_hat) - x

@@ -8,7 +8,6 @@ if script == 'train_flow':
     data_dir = 'data/twemoji/128/train'
     image_size = 128
     num_holdout = 64
-    dtype = 'bfloat16'
     vae_dir = 'out-emoji-vae'
     base_dir = 'out-emoji-flow'
     control = 'edges'

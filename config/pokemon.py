@@ -29,7 +29,7 @@ if script == 'train_flow':
     vae_dir = 'out-pokemon-vae'
     model_size = 'small'  # 47M; patch 2 -> 64 tokens at 256 px
     patch_size = 2
-    train_iters = (4, 6, 8)  # every core iteration is ~40% of a step's kernel launches on a GPU
+    train_iters = (4, 6, 8)  # small: each core iteration adds kernel launches, which bound a GPU step here
     backprop_iters = 4  # memory stays flat in r
     batch_size = 32
     max_steps = 3000

@@ -1,4 +1,4 @@
-# A longer Pokemon run for one free Colab runtime (estimated ~2.5 h on a T4 for VAE + generator:
+# A longer Pokemon run for one free Colab runtime (its estimated time on a T4:
 # `python bench.py --sections=memory --config=config/pokemon.py,config/pokemon_long.py`).
 # It overrides the quickstart, so name both, in this order:
 #   python train_vae.py config/pokemon.py config/pokemon_long.py
