@@ -64,9 +64,7 @@ config = "config/pokemon.py"  # the run the memory section measures (several fil
 # convolutions run ~150x slower than bf16 on this CPU
 dtype = "bfloat16"
 # -----------------------------------------------------------------------------
-configure(globals(), positive=('threads', 'dim', 'repeats'))
-if dtype not in ("bfloat16", "float16", "float32"):
-    raise SystemExit(f"error: dtype must be 'bfloat16', 'float16' or 'float32', got {dtype!r}"[:200])
+configure(globals(), positive=('threads', 'dim', 'repeats'), choices=dict(dtype=("bfloat16", "float16", "float32")))
 torch.set_num_threads(threads)
 torch.manual_seed(seed)
 
@@ -306,7 +304,7 @@ def bench_memory():
 
     def flow_step(r):
         with autocast:
-            return flow_loss(model, z, prompt, r, t=t, eps=torch.randn_like(z))[0].mean()
+            return flow_loss(model, z, prompt, r, t, torch.randn_like(z)).mean()
     # memory at the largest r (flat in r with backprop_iters); FLOPs and ops grow linearly in r,
     # so the step at the mean r drawn is the line through the smallest and the largest
     low, high = (measure_training_step(model, lambda: flow_step(r)) for r in (min(train_iters), max(train_iters)))
@@ -340,7 +338,7 @@ def flow_training_step(model, batch, size, patch, r, dtype, text_width=384):
 
     def step(iters=r):
         with autocast:
-            loss = flow_loss(model, z, prompt, iters, t=t, eps=torch.randn_like(z))[0].mean()
+            loss = flow_loss(model, z, prompt, iters, t, torch.randn_like(z)).mean()
         scaler.scale(loss).backward()
         optimizer_step(model, optimizer, scaler, 1.0)
     return step

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data import COLOURS, CONTROLS, POSITIONS, SHAPES, SIZES, control_map, load_data, to_float
+from data import COLOURS, CONTROLS, POSITIONS, RADII, SHAPES, control_map, load_data, to_float
 from text import Prompt, sha256_file
 
 
@@ -50,7 +50,7 @@ def cache_path(cache_dir, data_settings, **more):
     else makes the data (the drawing rules, the metadata's bytes) and `more`."""
     identity = dict(data_settings, **more)
     if data_settings['dataset'] == 'shapes' and not data_settings['data_dir']:  # data.py's drawing rules are data too
-        identity['shapes'] = repr((SHAPES, COLOURS, SIZES, POSITIONS))
+        identity['shapes'] = repr((SHAPES, COLOURS, RADII, POSITIONS))
     if data_settings['data_dir']:  # a folder's contents can change under the same name
         metadata = os.path.join(data_settings['data_dir'], 'metadata.jsonl')
         identity['metadata'] = sha256_file(metadata) if os.path.isfile(metadata) else None

@@ -72,7 +72,7 @@ def measure_generator_step(mixer, dtype, batch, r=6):
 
     def step():
         with autocast:
-            loss = flow_loss(model, z, prompt, r, t=t, eps=torch.randn_like(z))[0].mean()
+            loss = flow_loss(model, z, prompt, r, t, torch.randn_like(z)).mean()
         scaler.scale(loss).backward()
         optimizer_step(model, optimizer, scaler, 1.0)
 

@@ -12,10 +12,11 @@ which applies, in order, each bare argument as a Python file of overrides and ea
 A value that looks like a Python literal (a number, a quoted string, a tuple or list,
 True/False/None) is parsed with ast.literal_eval; anything else, of any length, is a
 string. It must have the type of the default; a float must be finite, an int below 2^63,
-and neither negative unless its default is (a sentinel such as sample.py's strength = -1);
-the settings a script names in configure(globals(), positive=(...)) must be above zero. An
-unknown key, a wrong type or a bad number stops the script with a one-line message before
-any heavy work starts. One config file serves every stage of a setup:
+and neither negative unless its default is (a sentinel such as sample.py's strength = -1).
+A script declares the rest of what it accepts in its configure() call: the settings that
+must be above zero (positive=), the values a setting may take (choices=) and the bounds of
+a number (ranges=). An unknown key, a wrong type, a bad number or a value outside those
+stops the script with a one-line message before any heavy work starts. One config file serves every stage of a setup:
 it sees the name of the running script as `script`, so settings that differ per stage
 sit under `if script == 'train_vae':`. It is less clever than a config framework, and a
 reader sees every setting at the top of the script that uses it: worth it.
@@ -34,6 +35,10 @@ def _settings(script_globals):
             if not k.startswith('_') and type(v) in SETTING_TYPES}
 
 
+def _shown(value):
+    return repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + '...'
+
+
 def _checked(key, value, defaults, source, script):
     if key not in defaults:
         raise SystemExit(f"error: {script}.py has no setting '{key}' (from {source}); "
@@ -44,9 +49,8 @@ def _checked(key, value, defaults, source, script):
     if type(default) is tuple and type(value) is list:
         value = tuple(value)
     if type(value) is not type(default):
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + '...'
         raise SystemExit(f"error: setting '{key}' (from {source}) must be {type(default).__name__} "
-                         f"like its default {default!r}, got {type(value).__name__} {shown}")
+                         f"like its default {default!r}, got {type(value).__name__} {_shown(value)}")
     if type(value) is tuple and default and any(type(x) is not type(default[0]) for x in value):
         raise SystemExit(f"error: setting '{key}' (from {source}) must hold {type(default[0]).__name__}s "
                          f"like its default {default!r}, got {value!r}"[:300])
@@ -67,20 +71,28 @@ def _parse(text):
         return text
 
 
-def _check_positive(settings, names):
-    for key in names:
+def _check_declared(settings, positive, choices, ranges):
+    for key in positive:
         value = settings[key]
         bad = (not value or min(value) < 1) if type(value) is tuple else value <= 0
         if bad:
             need = "a non-empty tuple of counts of at least 1" if type(value) is tuple else (
                 "at least 1" if type(value) is int else "above 0")
             raise SystemExit(f"error: setting '{key}' must be {need}, got {value!r}")
+    for key, allowed in choices.items():
+        if settings[key] not in allowed:
+            raise SystemExit(f"error: setting '{key}' must be one of {', '.join(map(repr, allowed))}, "
+                             f"got {_shown(settings[key])}")
+    for key, (low, high) in ranges.items():
+        if not low <= settings[key] <= high:
+            raise SystemExit(f"error: setting '{key}' must be from {low} to {high}, got {settings[key]!r}")
 
 
-def configure(script_globals, argv=None, positive=()):
+def configure(script_globals, argv=None, positive=(), choices=None, ranges=None):
     """Apply config files and --key=value overrides to script_globals; return the settings dict.
-    positive: the settings that must end up above zero (steps, sizes, batch, lr ...), checked
-    once every override is in."""
+    Once every override is in, checks positive: the settings that must be above zero (steps,
+    sizes, batch, lr ...), choices: {setting: the values it may take} and ranges: {setting:
+    (lowest, highest)}."""
     argv = list(sys.argv[1:] if argv is None else argv)
     script = os.path.splitext(os.path.basename(script_globals.get('__file__', 'script')))[0]
     defaults = _settings(script_globals)
@@ -96,7 +108,7 @@ def configure(script_globals, argv=None, positive=()):
         else:
             for key, value in read_config_file(arg, script).items():
                 script_globals[key] = _checked(key, value, defaults, arg, script)
-    _check_positive(script_globals, positive)
+    _check_declared(script_globals, positive, choices or {}, ranges or {})
     return _settings(script_globals)
 
 

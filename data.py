@@ -38,7 +38,7 @@ COLOURS = {  # far apart in RGB so that a nearest-colour reader cannot confuse t
     'green': (40, 170, 60), 'blue': (40, 80, 220), 'purple': (140, 60, 180),
     'white': (245, 245, 245), 'black': (20, 20, 20),
 }
-SIZES = {'small': 0.19, 'large': 0.28}  # radius as a fraction of the image side: small ones still span 1.5 latent cells
+RADII = {'small': 0.19, 'large': 0.28}  # radius as a fraction of the image side: small ones still span 1.5 latent cells
 POSITIONS = {  # (x, y) centre as a fraction of the image side, and how a caption says it
     'top left': ((0.27, 0.27), 'in the top left'), 'top': ((0.5, 0.27), 'at the top'),
     'top right': ((0.73, 0.27), 'in the top right'), 'left': ((0.27, 0.5), 'on the left'),
@@ -55,7 +55,7 @@ def shape_attributes(seed, index):
     """The attributes of image `index` of the shapes set `seed`; independent of set size."""
     rng = random.Random(f"shapes-{seed}-{index}")  # string seeds hash deterministically
     colour, background = rng.sample(sorted(COLOURS), 2)
-    return dict(shape=rng.choice(SHAPES), colour=colour, size=rng.choice(sorted(SIZES)),
+    return dict(shape=rng.choice(SHAPES), colour=colour, size=rng.choice(sorted(RADII)),
                 position=rng.choice(sorted(POSITIONS)), background=background,
                 jitter=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04), rng.uniform(0.9, 1.1)))
 
@@ -72,7 +72,7 @@ def conflicting_shape_captions(num_images, seed=0):
     captions = []
     for i in range(num_images):
         a = shape_attributes(seed, i)
-        layout = dict(shape=rng.choice([s for s in SHAPES if s != a['shape']]), size=rng.choice(sorted(SIZES)),
+        layout = dict(shape=rng.choice([s for s in SHAPES if s != a['shape']]), size=rng.choice(sorted(RADII)),
                       position=rng.choice([p for p in sorted(POSITIONS) if p != a['position']]))
         captions.append(shape_caption(a | layout))
     return captions
@@ -84,7 +84,7 @@ def draw_shape(a, image_size):
     img = Image.new('RGB', (S, S), COLOURS[a['background']])
     (fx, fy), _ = POSITIONS[a['position']]
     dx, dy, dr = a['jitter']
-    cx, cy, r = (fx + dx) * S, (fy + dy) * S, SIZES[a['size']] * dr * S
+    cx, cy, r = (fx + dx) * S, (fy + dy) * S, RADII[a['size']] * dr * S
     fill = COLOURS[a['colour']]
     draw = ImageDraw.Draw(img)
     if a['shape'] == 'circle':

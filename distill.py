@@ -30,11 +30,10 @@ from cache import load_training_set
 from configurator import configure
 from data import save_grid
 from flow import consistency_loss, text_to_image, time_grid
-from model import load_generator
 from text import Prompt, load_text_encoder
-from training import (LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema,
-                      micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
-                      stop_if_diverged, sync_gradients, wrap_distributed)
+from training import (DTYPES, LossLog, all_sum, backward, ema_update, load_checkpoint, load_generator, lock_out_dir,
+                      lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype,
+                      save_checkpoint, setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------
@@ -62,9 +61,8 @@ dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScal
 # bf16 where it is native (AMX, AVX512-BF16), else fp32
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'schedule_steps', 'batch_size',
-                                       'gradient_accumulation_steps', 'max_steps', 'lr'))
-if init_from not in ('scratch', 'resume'):
-    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
+                                       'gradient_accumulation_steps', 'max_steps', 'lr'),
+                   choices=dict(init_from=('scratch', 'resume'), dtype=DTYPES))
 rank, world_size, device = setup_distributed(device)
 master = rank == 0  # logs, grids and checkpoints
 shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
@@ -134,7 +132,7 @@ for step in bar:
             with autocast:  # the forward only: backward runs each op in the dtype its forward chose
                 loss = consistency_loss(train_model, target, teacher, x0=latents[index[share]].to(device),
                                         prompt=Prompt(captions.text[rows].float(), captions.mask[rows]).to(device),
-                                        null_prompt=null_prompt, t_now=grid[n[share]], t_next=grid[n[share] + 1],
+                                        null_prompt=null_prompt, t_low=grid[n[share]], t_high=grid[n[share] + 1],
                                         cfg_scale=teacher_cfg, teacher_iters=teacher_iters, iters=iters,
                                         huber_c=huber_c)
             backward(loss * len(share), scaler, world_size, batch_size)

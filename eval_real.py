@@ -39,9 +39,8 @@ from configurator import configure
 from data import control_map, load_imagefolder, map_image, save_grid, to_float, to_uint8
 from flow import held_out_loss, keep_input, text_to_image, upscale
 from metrics import accuracy, control_f1, frechet_distance, nearest_distance, read, sharpness, ssim, train_classifier
-from model import load_generator
 from text import load_text_encoder
-from training import mixed_precision, resolve_dtype
+from training import load_generator, mixed_precision, resolve_dtype
 from vae import load_vae, psnr, reconstruct
 
 # -----------------------------------------------------------------------------

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 
 from configurator import configure
-from data import (COLOURS, POSITIONS, SHAPES, SIZES, control_map, make_shapes, map_image, save_grid,
+from data import (COLOURS, POSITIONS, RADII, SHAPES, control_map, make_shapes, map_image, save_grid,
                   shape_attributes, shape_caption, to_float)
 from flow import held_out_loss, text_to_image
 from metrics import ATTRIBUTES, adherence, analyse, control_f1
-from model import load_generator
 from text import load_text_encoder
-from training import mixed_precision, resolve_dtype
+from training import load_generator, mixed_precision, resolve_dtype
 from vae import latent_keep_mask, load_vae, reconstruct
 
 # -----------------------------------------------------------------------------
@@ -71,7 +70,7 @@ def inpainting_task(a, index, image_size):
     new = dict(a, colour=colours[index % len(colours)], shape=SHAPES[(SHAPES.index(a['shape']) + 1) % len(SHAPES)])
     (fx, fy), _ = POSITIONS[a['position']]
     cx, cy = (fx + a['jitter'][0]) * image_size, (fy + a['jitter'][1]) * image_size
-    half = 1.2 * SIZES[a['size']] * a['jitter'][2] * image_size
+    half = 1.2 * RADII[a['size']] * a['jitter'][2] * image_size
     y, x = np.mgrid[0:image_size, 0:image_size] + 0.5
     hole = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
     return new, torch.from_numpy(hole)[None]

@@ -33,8 +33,9 @@ from configurator import configure
 from data import control_map, make_shapes, save_grid, to_uint8
 from mobile import (PRECISIONS, Method, as_tuple, export_onnx, export_pte, exported_parts, generate, generator_methods,
                     in_precision, initial_noise, load_part, require_export_packages, save_manifest, save_tokenizer)
-from model import SIZES, load_generator, wake_up
+from model import SIZES, wake_up
 from text import MAX_TOKENS, load_text_encoder
+from training import load_generator
 from vae import WaveletVAE, check_image_size, load_vae, psnr
 
 # -----------------------------------------------------------------------------
@@ -51,7 +52,8 @@ prompt = ''  # the pipeline check's prompt; '' = the run's first held-out prompt
 export_dir = ''  # '' = OUT_DIR/mobile-<precision>, or out-mobile-<size>-<side>-<precision> for an untrained model
 seed = 0
 # -----------------------------------------------------------------------------
-configure(globals(), positive=('iters',))
+configure(globals(), positive=('iters',), choices=dict(precision=tuple(PRECISIONS), backend=('xnnpack', 'portable'),
+                                                      model_size=('', *SIZES)))
 FP32_TOLERANCE = 1e-4  # max |exported - eager| / max |eager|
 
 
@@ -112,13 +114,6 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
     return results
 
 
-if precision not in PRECISIONS:
-    raise SystemExit(f"error: --precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-if backend not in ('xnnpack', 'portable'):
-    raise SystemExit(f"error: --backend must be 'xnnpack' or 'portable', not {backend!r}")
-if model_size and model_size not in SIZES:
-    raise SystemExit(f"error: --model_size must be one of {', '.join(SIZES)} (or '' for a trained run), "
-                     f"not {model_size!r}")
 require_export_packages()
 torch.manual_seed(seed)
 if model_size:  # an untrained model: its files, memory and speed are those of a trained one

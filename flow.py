@@ -27,18 +27,18 @@ def noised(x0, noise, t):
     return (1 - t) * x0 + t * noise
 
 
-def flow_loss(model, x0, prompt, iters, weighting='none', t=None, eps=None):
-    """Per-sample loss (B,) and the t it was drawn at (B,); t and eps are drawn unless given.
+def flow_loss(model, x0, prompt, iters, t, eps, weighting='none'):
+    """Per-sample loss (B,) of the velocity model(x_t, t) against its target eps - x_0, at
+    times t (B,) and noise eps (shaped like x0), which the caller draws (train_flow.py: SD3's
+    logit-normal t).
 
     weighting 'none' is SD3's choice; 'high_noise' is the seed document's t / (1 - t + 0.05),
     which leans on the noisy end, where the layout is decided."""
-    t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device)) if t is None else t
-    eps = torch.randn_like(x0) if eps is None else eps
     x_t = noised(x0, eps, t.view(-1, 1, 1, 1))
     error = (model(x_t, t, prompt.text, prompt.mask, iters) - (eps - x0)).float().square().mean(dim=(1, 2, 3))
     if weighting == 'high_noise':
         error = error * t / (1 - t + 0.05)
-    return error, t
+    return error
 
 
 @torch.no_grad()
@@ -47,8 +47,8 @@ def held_out_loss(model, latents, prompt, iters, batch_size, seed=0):
     with one fixed noise per image, at r = iters. -> the four bands' means."""
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
     batches = [slice(i, i + batch_size) for i in range(0, len(latents), batch_size)]
-    return [torch.cat([flow_loss(model, latents[b], prompt.rows(b), iters, eps=noise[b],
-                                 t=torch.full((len(latents[b]),), t, device=latents.device))[0]
+    return [torch.cat([flow_loss(model, latents[b], prompt.rows(b), iters,
+                                 torch.full((len(latents[b]),), t, device=latents.device), noise[b])
                        for b in batches]).mean().item() for t in (0.125, 0.375, 0.625, 0.875)]
 
 
@@ -59,30 +59,28 @@ def time_grid(steps, shift=1.0, t_start=1.0):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def encode_once(model, prompt, control=None):
+def encode_once(model, prompt, hint=None):
     """model(x, t, text, mask, iters) for a prompt that stays the same through sampling, as
-    v(x, t, iters). A generator that can encode a prompt ahead (Iris.encode_prompt: every
-    cross-attention's keys and values of the text) does it here, once per sampling call.
-    control: the hint of Iris.encode_control, or None."""
-    if not hasattr(model, 'encode_prompt'):
-        return lambda x, t, iters: model(x, t, prompt.text, prompt.mask, iters)
+    v(x, t, iters): the prompt is encoded once per sampling call (Iris.encode_prompt: every
+    cross-attention's keys and values of the text), not at every step.
+    hint: a control image's, from Iris.encode_control, or None."""
     encoded = model.encode_prompt(prompt.text, prompt.mask)
-    return lambda x, t, iters: model.velocity(x, t, encoded, iters, control)
+    return lambda x, t, iters: model.velocity(x, t, encoded, iters, hint)
 
 
-def guided(model, prompt, null_prompt, cfg_scale, control=None):
+def guided(model, prompt, null_prompt, cfg_scale, hint=None):
     """-> v(x, t, iters), t a scalar or (B,): classifier-free guidance, v_u + w (v_c - v_u),
     with both branches in one batch and the prompts encoded once. null_prompt is the empty
-    caption's (1 row). A control acts on both branches (as in ControlNet), so guidance
+    caption's (1 row). A control's hint acts on both branches (as in ControlNet), so guidance
     sharpens the text's share only."""
     if cfg_scale == 1.0:
-        velocity = encode_once(model, prompt, control)
+        velocity = encode_once(model, prompt, hint)
         return lambda x, t, iters: velocity(x, t.expand(len(x)), iters)
     length = max(prompt.text.shape[1], null_prompt.text.shape[1])
     prompt, null_prompt = prompt.padded(length), null_prompt.padded(length)
     both = Prompt(torch.cat([prompt.text, null_prompt.text.expand(len(prompt.text), -1, -1)]),
                   torch.cat([prompt.mask, null_prompt.mask.expand(len(prompt.mask), -1)]))
-    velocity = encode_once(model, both, None if control is None else torch.cat([control, control]))
+    velocity = encode_once(model, both, None if hint is None else torch.cat([hint, hint]))
 
     def guided_velocity(x, t, iters):
         t = t.expand(len(x))
@@ -93,20 +91,20 @@ def guided(model, prompt, null_prompt, cfg_scale, control=None):
 
 @torch.no_grad()
 def euler_sample(model, noise, prompt, null_prompt, steps=25, cfg_scale=4.0, iters=8, shift=1.0, init=None,
-                 strength=1.0, keep=None, control=None):
+                 strength=1.0, keep=None, hint=None):
     """Integrate dx/dt = v from t = strength (1: pure noise) to t = 0; returns x_0 (B, 16, h, w).
 
     Editing with the same model: img2img (SDEdit, Meng et al. 2021, arXiv 2108.01073)
     starts from the latent `init` noised to t = strength. Inpainting also passes keep
     (1 or B, 1, h, w) in [0, 1], 1 where init must stay: after every step that region is
     re-imposed from init noised to the current t, with the same noise, blended where
-    0 < keep < 1 (the border), and is exactly init at t = 0. control: the hint of
+    0 < keep < 1 (the border), and is exactly init at t = 0. hint: a control image's, from
     Iris.encode_control, or None."""
     times = time_grid(steps, shift, strength).to(noise.device)
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
-    velocity = guided(model, prompt, null_prompt, cfg_scale, control)
+    velocity = guided(model, prompt, null_prompt, cfg_scale, hint)
     for t, t_next in zip(times[:-1], times[1:]):
         x = x - (t - t_next) * velocity(x, t, iters)
         if keep is not None:
@@ -120,26 +118,27 @@ def consistency_fn(velocity, x, t, iters):
     return x - t.view(-1, 1, 1, 1) * velocity(x, t, iters)
 
 
-def consistency_loss(student, target, teacher, x0, prompt, null_prompt, t_now, t_next, cfg_scale, teacher_iters, iters,
+def consistency_loss(student, target, teacher, x0, prompt, null_prompt, t_low, t_high, cfg_scale, teacher_iters, iters,
                      huber_c):
-    """Consistency distillation (CM, Algorithm 2) for one batch; t_now < t_next are (B,)
-    neighbours on the teacher's grid. The teacher takes one guided Euler step from
-    t_next to t_now; the student at t_next must predict what the target predicts at t_now."""
-    x_next = noised(x0, torch.randn_like(x0), t_next.view(-1, 1, 1, 1))
+    """Consistency distillation (CM, Algorithm 2) for one batch; t_low < t_high are (B,)
+    neighbours on the teacher's grid (CM's t_n < t_{n+1}). The teacher takes one guided Euler
+    step from t_high down to t_low; the student at t_high must predict what the target
+    predicts at t_low."""
+    x_high = noised(x0, torch.randn_like(x0), t_high.view(-1, 1, 1, 1))
     with torch.no_grad():
-        v = guided(teacher, prompt, null_prompt, cfg_scale)(x_next, t_next, teacher_iters)
-        x_now = x_next - (t_next - t_now).view(-1, 1, 1, 1) * v
-        goal = consistency_fn(encode_once(target, prompt), x_now, t_now, iters)
+        v = guided(teacher, prompt, null_prompt, cfg_scale)(x_high, t_high, teacher_iters)
+        x_low = x_high - (t_high - t_low).view(-1, 1, 1, 1) * v
+        goal = consistency_fn(encode_once(target, prompt), x_low, t_low, iters)
     # the student is called whole, as DDP and torch.compile wrap it
     student_velocity = lambda x, t, iters: student(x, t, prompt.text, prompt.mask, iters)  # noqa: E731
-    prediction = consistency_fn(student_velocity, x_next, t_next, iters)
+    prediction = consistency_fn(student_velocity, x_high, t_high, iters)
     distance = (prediction - goal).float().square().sum(dim=(1, 2, 3))
     return (torch.sqrt(distance + huber_c ** 2) - huber_c).mean()  # pseudo-Huber (iCT, arXiv 2310.14189)
 
 
 @torch.no_grad()
 def consistency_sample(model, noise, prompt, steps=2, iters=8, generator=None, init=None, strength=1.0, keep=None,
-                       control=None):
+                       hint=None):
     """Multistep consistency sampling (CM, Algorithm 1): predict x_0, re-noise it to the
     next time of the grid, predict again. The guidance is baked into the student.
     init, strength and keep edit an image as in euler_sample; keep acts on each x_0."""
@@ -147,7 +146,7 @@ def consistency_sample(model, noise, prompt, steps=2, iters=8, generator=None, i
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
-    velocity = encode_once(model, prompt, control)
+    velocity = encode_once(model, prompt, hint)
     for t, t_next in zip(times[:-1], times[1:]):
         x0 = consistency_fn(velocity, x, t.expand(len(x)), iters)
         if keep is not None:
@@ -165,8 +164,8 @@ def text_to_image(model, vae, encoder, prompts, noise, steps=25, cfg_scale=4.0, 
     control: control images (B, 1, H, W) for a model with a ControlAdapter, whose hint is
     scaled by control_strength (0: the base model, 1: as trained)."""
     prompt = Prompt(*encoder(prompts))
-    control = None if control is None else model.encode_control(control.to(noise.device), control_strength)
-    edit = dict(init=init, strength=strength, keep=keep, control=control)
+    hint = None if control is None else model.encode_control(control.to(noise.device), control_strength)
+    edit = dict(init=init, strength=strength, keep=keep, hint=hint)
     if sampler == 'consistency':
         z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, **edit)
     else:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import COLOURS, POSITIONS, SHAPES, SIZES, to_float
+from data import COLOURS, POSITIONS, RADII, SHAPES, to_float
 from wavelet import dwt
 
 # -----------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def analyse(image):
         if iou > best_iou:
             best_iou, found['shape'], radius, centre = iou, shape, r / S, np.array([cx, centre_y]) / S
     found['position'] = list(POSITIONS)[np.square(CENTRES - centre).sum(-1).argmin()]
-    found['size'] = 'small' if radius < (SIZES['small'] + SIZES['large']) / 2 else 'large'
+    found['size'] = 'small' if radius < (RADII['small'] + RADII['large']) / 2 else 'large'
     return found
 
 

@@ -108,16 +108,16 @@ class MobileGenerator:
     def encode_control(self, control, strength=1.0):
         return strength * self.run('control', control)[0]
 
-    def velocity(self, z, t, prompt, iters, control=None):
+    def velocity(self, z, t, encoded_prompt, iters, hint=None):
         if len(z) != self.batch:
             raise SystemExit(f"error: this generator was exported for batch {self.batch}, not {len(z)}; "
                              f"re-export it or use its sampler and guidance settings")
-        text_kv, text_cond, mask = prompt
+        text_kv, text_cond, mask = encoded_prompt
         e, c_base = self.run('prelude', z, t, text_cond)
 
         def iteration(i, s):
-            if control is not None:
-                s = s + self.run('inject', control, s, c_base)[0]
+            if hint is not None:
+                s = s + self.run('inject', hint, s, c_base)[0]
             return self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
         s, used = iterate_core(iteration, e, iters, self.exit_tolerance)
         if used is not None:
@@ -140,12 +140,12 @@ def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, 
     del encoder
     model = get_part('generator')
     model.exit_tolerance, model.iterations_used = exit_tolerance, []
-    control = None if control is None else model.encode_control(control)
+    hint = None if control is None else model.encode_control(control)
     if sampler == 'consistency':
-        z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, control=control)
+        z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, hint=hint)
     else:
         z = euler_sample(model, noise, prompt, null_prompt, steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift,
-                         control=control)
+                         hint=hint)
     iterations = torch.cat(model.iterations_used).mean().item() if exit_tolerance else iters
     del model
     return get_part('vae_decoder')(z), iterations

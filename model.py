@@ -27,13 +27,14 @@ GRFM, the token mixer, fuses three views of the h x w token grid:
 IrisConfig(mixer="attention") puts full self-attention in GRFM's place: the baseline that
 bench.py and the evals measure GRFM against.
 
-Run `python bench.py` for parameter counts and timings; tests are in test_iris.py.
+The file reads top-down: the config, the embeddings, the three GRFM views and GRFM, attention,
+the blocks (the Core layer among them), then Iris, whose velocity() is the whole forward pass
+with the shape of every tensor. At the end: the fast paths (each the speed-up of a plain
+reference above, and tested against it) and the model sizes. `python bench.py` measures
+them; tests are in test_iris.py.
 """
 import contextlib
-import glob
-import json
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -127,53 +128,10 @@ class FeedForward(nn.Module):
 # GRFM pathway 1: Fourier (AFNO)
 
 
-@lru_cache(maxsize=32)
-def _dft_matrices(h, w):
-    """rfft2/irfft2 (norm="ortho") on an h x w grid as four real matrices.
-
-    Along w (real -> half spectrum, k = 0 .. w//2): [Yr; Yi] = [C_w; S_w] x.
-    Along h (complex): [Zr; Zi] = [[C_h, -S_h], [S_h, C_h]] [Yr; Yi]; the inverse is the
-    conjugate (C_h is symmetric). Back along w is irfft's c2r: x = [2 C_w^T, 2 S_w^T] [Yr; Yi],
-    each bin counted twice except DC and Nyquist, whose imaginary parts it ignores.
-    Here C = cos(2 pi k n / N) / sqrt(N) and S = -sin(2 pi k n / N) / sqrt(N).
-    """
-    n_h, n_w = torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64)
-    angle_h = 2 * math.pi * torch.outer(n_h, n_h) / h
-    angle_w = 2 * math.pi * torch.outer(torch.arange(w // 2 + 1, dtype=torch.float64), n_w) / w
-    cos_h, sin_h = torch.cos(angle_h) / math.sqrt(h), -torch.sin(angle_h) / math.sqrt(h)
-    cos_w, sin_w = torch.cos(angle_w) / math.sqrt(w), -torch.sin(angle_w) / math.sqrt(w)
-    twice = torch.full((w // 2 + 1, 1), 2.0, dtype=torch.float64)
-    twice[0] = 1
-    if w % 2 == 0:
-        twice[-1] = 1
-    forward_w = torch.cat([cos_w, sin_w])
-    forward_h = torch.cat([torch.cat([cos_h, -sin_h], 1), torch.cat([sin_h, cos_h], 1)])
-    inverse_h = torch.cat([torch.cat([cos_h, sin_h], 1), torch.cat([-sin_h, cos_h], 1)])
-    inverse_w = torch.cat([twice * cos_w, twice * sin_w]).T
-    return tuple(m.float() for m in (forward_w, forward_h, inverse_h, inverse_w))
-
-
-def rfft2_dft(x):
-    """x: (B, h, w, D) real -> (B, h, w//2+1, D, 2), equal to view_as_real(rfft2(x, norm='ortho')):
-    two real matmuls, which export to any runtime; as fast as the FFT up to 16 x 16 grids, slower above."""
-    B, h, w, D = x.shape
-    forward_w, forward_h, _, _ = (m.to(x) for m in _dft_matrices(h, w))
-    y = torch.matmul(forward_w, x)                                                 # (B, h, [re; im] k, D)
-    y = y.view(B, h, 2, -1, D).transpose(1, 2).reshape(B, 2 * h, -1)               # (B, [re; im] h, k D)
-    return torch.matmul(forward_h, y).view(B, 2, h, -1, D).permute(0, 2, 3, 4, 1)
-
-
-def irfft2_dft(spectrum, w):
-    """The inverse of rfft2_dft: (B, h, w//2+1, D, 2) -> (B, h, w, D), equal to
-    irfft2(view_as_complex(spectrum), s=(h, w), norm='ortho')."""
-    B, h, k, D, _ = spectrum.shape
-    _, _, inverse_h, inverse_w = (m.to(spectrum) for m in _dft_matrices(h, w))
-    y = torch.matmul(inverse_h, spectrum.permute(0, 4, 1, 2, 3).reshape(B, 2 * h, k * D))
-    return torch.matmul(inverse_w, y.view(B, 2, h, k, D).transpose(1, 2).reshape(B, h, 2 * k, D))
-
-
 class FourierMixer(nn.Module):
-    """AFNO: rfft2 -> block-diagonal complex 2-layer MLP -> softshrink -> irfft2."""
+    """AFNO: rfft2 -> block-diagonal complex 2-layer MLP -> softshrink -> irfft2. With
+    fft_impl='dft' the FFTs are real matmuls (rfft2_dft, under "Fast paths"), which every
+    export runtime runs."""
 
     def __init__(self, dim, blocks, softshrink, fft_impl):
         super().__init__()
@@ -227,90 +185,7 @@ class FourierMixer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# GRFM pathway 2: gated linear recurrence (RG-LRU) with a parallel scan
-
-
-CHUNK = 8  # tokens per closed-form chunk: bench.py --sections=scan measures the choice
-
-
-def sequential_scan(log_a, b):
-    """The recurrence as written, h_t = a_t h_{t-1} + b_t with a_t = exp(log_a_t), one token at
-    a time: the reference linear_scan is tested and benchmarked against (N steps; too slow to train)."""
-    h, out = torch.zeros_like(b[:, 0]), []
-    for t in range(b.shape[1]):
-        h = log_a[:, t].exp() * h + b[:, t]
-        out.append(h)
-    return torch.stack(out, dim=1)
-
-
-def _shift(x, steps):
-    """x (B, N, ...) moved `steps` tokens later, zeros in front: x_{t - steps} at t."""
-    return F.pad(x, [0, 0] * (x.dim() - 2) + [steps, 0])[:, :x.shape[1]]
-
-
-def _hillis_steele(a, b):
-    """h_t = a_t h_{t-1} + b_t over dim 1 in log2(N) shift-multiply-add steps (Hillis & Steele
-    1986): exact for any a in [0, 1], as it only multiplies decays. Shifting zeros into a is
-    safe: a token whose span already starts at token 0 only ever meets the zero state h_{-1}."""
-    shift = 1
-    while shift < a.shape[1]:
-        b = b + a * _shift(b, shift)
-        if 2 * shift < a.shape[1]:  # the decays' products are needed only by a next step
-            a = a * _shift(a, shift)
-        shift *= 2
-    return b
-
-
-def _chunked_scan(log_a, b, chunk):
-    # Inside a chunk the recurrence has a closed form: with A_t = a_1 ... a_t = exp(cumsum(log a)),
-    #     h_t = A_t * sum_{s <= t} b_s / A_s
-    # two prefix sums instead of a loop. 1 / A_s must stay finite, so log a is clamped at
-    # -60 / chunk: a state that shrinks 1800-fold per token is forgotten either way. A
-    # Hillis-Steele scan over the chunks' last states, which has no such limit, then carries
-    # each chunk's state into the next.
-    B, N, D = b.shape
-    n_chunks = -(-N // chunk)
-    if n_chunks * chunk > N:  # pad after the last token: a = 1, b = 0
-        log_a, b = F.pad(log_a, (0, 0, 0, n_chunks * chunk - N)), F.pad(b, (0, 0, 0, n_chunks * chunk - N))
-    # M @ x is the inclusive cumsum of x over its second-to-last dim: a matmul, which every
-    # runtime runs fast (ExecuTorch has no fast cumsum); built where it is used, on b's device
-    prefix_sum = torch.ones(chunk, chunk, device=b.device, dtype=b.dtype).tril()
-    with full_precision(b):  # autocast would run these matmuls in bf16 / fp16
-        decay = torch.matmul(prefix_sum, log_a.clamp_min(-60 / chunk).reshape(B, n_chunks, chunk, D)).exp()
-        h = decay * torch.matmul(prefix_sum, b.reshape(B, n_chunks, chunk, D) / decay)
-    if n_chunks > 1:
-        chunk_state = _hillis_steele(decay[:, :, -1], h[:, :, -1])  # the true state at each chunk's last token
-        h = h + decay * _shift(chunk_state, 1)[:, :, None]  # plus the state entering each chunk
-    return h.view(B, n_chunks * chunk, D)[:, :N]
-
-
-class _LinearScan(torch.autograd.Function):
-    """The backward pass of a linear recurrence is the same recurrence run the other way:
-    with g_t = dL/dh_t + a_{t+1} g_{t+1} (a backward scan: the forward one on flipped tokens),
-    dL/db_t = g_t and dL/dlog_a_t = g_t a_t h_{t-1} = g_t (h_t - b_t). One more scan instead
-    of autograd through every step."""
-
-    @staticmethod
-    def forward(ctx, log_a, b, chunk):
-        h = _chunked_scan(log_a, b, chunk)
-        ctx.save_for_backward(log_a, b, h)
-        ctx.chunk = chunk
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        log_a, b, h = ctx.saved_tensors
-        # flipped, log a_{t+1} is the flipped log a one token later, 0 before the first
-        g = _chunked_scan(_shift(log_a.flip(1), 1), grad_h.flip(1), ctx.chunk).flip(1)
-        return g * (h - b), g, None
-
-
-def linear_scan(log_a, b, chunk=CHUNK):
-    """h_t = a_t * h_{t-1} + b_t over dim 1 of (B, N, D) with a_t = exp(log_a_t) <= 1 and
-    h_{-1} = 0, without a loop over tokens."""
-    if torch.is_grad_enabled() and (log_a.requires_grad or b.requires_grad):
-        return _LinearScan.apply(log_a, b, chunk)
-    return _chunked_scan(log_a, b, chunk)  # plain tensor ops: what torch.export traces
+# GRFM pathway 2: gated linear recurrence (RG-LRU)
 
 
 class RecurrentMixer(nn.Module):
@@ -355,6 +230,17 @@ class RecurrentMixer(nn.Module):
         with its tokens in reverse order."""
         forward, backward = x.chunk(2, dim=-1)
         return torch.cat([forward, backward.flip(1)])
+
+
+def sequential_scan(log_a, b):
+    """The recurrence as written, h_t = a_t h_{t-1} + b_t with a_t = exp(log_a_t), one token at
+    a time: the reference for linear_scan (under "Fast paths"), which RecurrentMixer calls; N
+    sequential steps are too slow to train with."""
+    h, out = torch.zeros_like(b[:, 0]), []
+    for t in range(b.shape[1]):
+        h = log_a[:, t].exp() * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, dim=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,6 +289,12 @@ class SpatialMixer(nn.Module):
 
 
 class GRFM(nn.Module):
+    """The Gated Recurrent Fourier Mixer: three views of the h x w token grid, fused.
+        y = W_o LN(g * fourier(x) + (1 - g) * recurrent(x) + alpha * spatial(x)),  g = sigmoid(W_g x)
+    The gate picks, per token and channel, between the global spectral view and the
+    ordered recurrent one; the Manhattan decay adds local 2D context at a learned weight
+    alpha (per channel, from 0.1)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.fourier = FourierMixer(cfg.dim, cfg.fourier_blocks, cfg.softshrink, cfg.fft_impl)
@@ -722,43 +614,43 @@ class Iris(nn.Module):
         token embeddings with text_mask: (B, L) bool, True for real tokens; iters: core
         iterations r; control: an optional control image (B, 1, H, W) for the adapter.
         Returns the velocity, shaped like z."""
-        control = None if control is None else self.encode_control(control)
-        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, control)
+        hint = None if control is None else self.encode_control(control)
+        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, hint)
 
-    def velocity(self, z, t, prompt, iters, control=None):
-        """forward() with the prompt (and control) encoded ahead by encode_prompt() (and
-        encode_control()). export_mobile.py exports the stages separately, so that a phone
-        encodes a prompt once and picks r at run time. With self.exit_tolerance > 0 iters is
-        the most each sample may use (iterate_core)."""
+    def velocity(self, z, t, encoded_prompt, iters, hint=None):
+        """forward() with the prompt encoded ahead by encode_prompt() and the control image by
+        encode_control() (its hint). export_mobile.py exports the stages separately, so that a
+        phone encodes a prompt once and picks r at run time. With self.exit_tolerance > 0 iters
+        is the most each sample may use (iterate_core)."""
         self.check_latent_size(*z.shape[-2:])
-        hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)
-        text_kv, text_cond, text_mask = prompt
-        e, c_base = self.prelude_forward(z, t, text_cond)
+        hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)  # token grid h, w; N = h w
+        text_kv, text_cond, text_mask = encoded_prompt   # (layers, 2, B, heads, L, D/heads), (B, D), (B, L)
+        e, c_base = self.prelude_forward(z, t, text_cond)  # (B, N, D), (B, D)
         # What no iteration changes, computed once: each iteration's conditioning and what
         # the mixers derive from their weights
         if self.progress_embed is None:  # every iteration is conditioned alike
-            modulations = [self.core_condition(c_base, None)] * iters
+            modulations = [self.core_condition(c_base, None)] * iters  # r x layers x (B, 7D)
         else:
-            progress = torch.arange(iters, device=z.device, dtype=torch.float32)[:, None] / iters
-            modulations = list(zip(*self.core_condition(c_base, progress)))  # iteration i -> each layer's (B, 7D)
+            progress = torch.arange(iters, device=z.device, dtype=torch.float32)[:, None] / iters  # (r, 1): i / r
+            modulations = list(zip(*self.core_condition(c_base, progress)))  # r x layers x (B, 7D)
         prepared = [layer.mixer.prepare(hw) for layer in self.core]
         # Truncated backprop (Huginn): only the last k iterations keep activations for
         # the backward pass, so training memory does not grow with r.
         first_with_grad = iters - self.config.backprop_iters if self.config.backprop_iters else 0
         # Views taken outside no_grad keep their gradient functions, which module hooks (the
         # FLOP counter's) look for in a gradient-free iteration
-        text_kv = text_kv.unbind(0)
+        text_kv = text_kv.unbind(0)                      # layers x (2, B, heads, L, D/heads)
 
-        def iteration(i, s):
+        def iteration(i, s):                             # s_i (B, N, D) -> s_{i+1} (B, N, D)
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_with_grad):
-                if control is not None:
-                    s = s + self.control_adapter.inject(control, s, c_base)
+                if hint is not None:
+                    s = s + self.control_adapter.inject(hint, s, c_base)  # hint (B, N, D)
                 return self.core_iteration(s, e, modulations[i], text_kv, text_mask, hw, prepared)
-        s = e if self.config.state_init == "prelude" else torch.randn_like(e)
-        s, used = iterate_core(iteration, s, iters, self.exit_tolerance)
+        s = e if self.config.state_init == "prelude" else torch.randn_like(e)  # s_0 (B, N, D)
+        s, used = iterate_core(iteration, s, iters, self.exit_tolerance)      # s_r (B, N, D); used (B,) or None
         if used is not None:
             self.iterations_used.append(used)
-        return self.coda_forward(s, c_base, hw)
+        return self.coda_forward(s, c_base, hw)          # v (B, 16, H/16, W/16)
 
 
 def iterate_core(iteration, s, iters, exit_tolerance=0.0):
@@ -814,6 +706,131 @@ def wake_up(model, std=0.02):
 
 
 # ---------------------------------------------------------------------------------------
+# Fast paths. Each computes what a plain reference above computes, for speed or for export,
+# and a test holds it to that reference:
+#   rfft2_dft / irfft2_dft  = torch.fft.rfft2 / irfft2      test_fourier_dft_matrices_match_the_torch_fft
+#   linear_scan             = sequential_scan               test_parallel_scan_matches_a_sequential_loop_...
+
+
+@lru_cache(maxsize=32)
+def _dft_matrices(h, w):
+    """rfft2/irfft2 (norm="ortho") on an h x w grid as four real matrices.
+
+    Along w (real -> half spectrum, k = 0 .. w//2): [Yr; Yi] = [C_w; S_w] x.
+    Along h (complex): [Zr; Zi] = [[C_h, -S_h], [S_h, C_h]] [Yr; Yi]; the inverse is the
+    conjugate (C_h is symmetric). Back along w is irfft's c2r: x = [2 C_w^T, 2 S_w^T] [Yr; Yi],
+    each bin counted twice except DC and Nyquist, whose imaginary parts it ignores.
+    Here C = cos(2 pi k n / N) / sqrt(N) and S = -sin(2 pi k n / N) / sqrt(N).
+    """
+    n_h, n_w = torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64)
+    angle_h = 2 * math.pi * torch.outer(n_h, n_h) / h
+    angle_w = 2 * math.pi * torch.outer(torch.arange(w // 2 + 1, dtype=torch.float64), n_w) / w
+    cos_h, sin_h = torch.cos(angle_h) / math.sqrt(h), -torch.sin(angle_h) / math.sqrt(h)
+    cos_w, sin_w = torch.cos(angle_w) / math.sqrt(w), -torch.sin(angle_w) / math.sqrt(w)
+    twice = torch.full((w // 2 + 1, 1), 2.0, dtype=torch.float64)
+    twice[0] = 1
+    if w % 2 == 0:
+        twice[-1] = 1
+    forward_w = torch.cat([cos_w, sin_w])
+    forward_h = torch.cat([torch.cat([cos_h, -sin_h], 1), torch.cat([sin_h, cos_h], 1)])
+    inverse_h = torch.cat([torch.cat([cos_h, sin_h], 1), torch.cat([-sin_h, cos_h], 1)])
+    inverse_w = torch.cat([twice * cos_w, twice * sin_w]).T
+    return tuple(m.float() for m in (forward_w, forward_h, inverse_h, inverse_w))
+
+
+def rfft2_dft(x):
+    """x: (B, h, w, D) real -> (B, h, w//2+1, D, 2), equal to view_as_real(rfft2(x, norm='ortho')):
+    two real matmuls, which export to any runtime; as fast as the FFT up to 16 x 16 grids, slower above."""
+    B, h, w, D = x.shape
+    forward_w, forward_h, _, _ = (m.to(x) for m in _dft_matrices(h, w))
+    y = torch.matmul(forward_w, x)                                                 # (B, h, [re; im] k, D)
+    y = y.view(B, h, 2, -1, D).transpose(1, 2).reshape(B, 2 * h, -1)               # (B, [re; im] h, k D)
+    return torch.matmul(forward_h, y).view(B, 2, h, -1, D).permute(0, 2, 3, 4, 1)
+
+
+def irfft2_dft(spectrum, w):
+    """The inverse of rfft2_dft: (B, h, w//2+1, D, 2) -> (B, h, w, D), equal to
+    irfft2(view_as_complex(spectrum), s=(h, w), norm='ortho')."""
+    B, h, k, D, _ = spectrum.shape
+    _, _, inverse_h, inverse_w = (m.to(spectrum) for m in _dft_matrices(h, w))
+    y = torch.matmul(inverse_h, spectrum.permute(0, 4, 1, 2, 3).reshape(B, 2 * h, k * D))
+    return torch.matmul(inverse_w, y.view(B, 2, h, k, D).transpose(1, 2).reshape(B, h, 2 * k, D))
+
+
+CHUNK = 8  # tokens per closed-form chunk: bench.py --sections=scan measures the choice
+
+
+def _shift(x, steps):
+    """x (B, N, ...) moved `steps` tokens later, zeros in front: x_{t - steps} at t."""
+    return F.pad(x, [0, 0] * (x.dim() - 2) + [steps, 0])[:, :x.shape[1]]
+
+
+def _hillis_steele(a, b):
+    """h_t = a_t h_{t-1} + b_t over dim 1 in log2(N) shift-multiply-add steps (Hillis & Steele
+    1986): exact for any a in [0, 1], as it only multiplies decays. Shifting zeros into a is
+    safe: a token whose span already starts at token 0 only ever meets the zero state h_{-1}."""
+    shift = 1
+    while shift < a.shape[1]:
+        b = b + a * _shift(b, shift)
+        if 2 * shift < a.shape[1]:  # the decays' products are needed only by a next step
+            a = a * _shift(a, shift)
+        shift *= 2
+    return b
+
+
+def _chunked_scan(log_a, b, chunk):
+    # Inside a chunk the recurrence has a closed form: with A_t = a_1 ... a_t = exp(cumsum(log a)),
+    #     h_t = A_t * sum_{s <= t} b_s / A_s
+    # two prefix sums instead of a loop. 1 / A_s must stay finite, so log a is clamped at
+    # -60 / chunk: a state that shrinks 1800-fold per token is forgotten either way. A
+    # Hillis-Steele scan over the chunks' last states, which has no such limit, then carries
+    # each chunk's state into the next.
+    B, N, D = b.shape
+    n_chunks = -(-N // chunk)
+    if n_chunks * chunk > N:  # pad after the last token: a = 1, b = 0
+        log_a, b = F.pad(log_a, (0, 0, 0, n_chunks * chunk - N)), F.pad(b, (0, 0, 0, n_chunks * chunk - N))
+    # M @ x is the inclusive cumsum of x over its second-to-last dim: a matmul, which every
+    # runtime runs fast (ExecuTorch has no fast cumsum); built where it is used, on b's device
+    prefix_sum = torch.ones(chunk, chunk, device=b.device, dtype=b.dtype).tril()
+    with full_precision(b):  # autocast would run these matmuls in bf16 / fp16
+        decay = torch.matmul(prefix_sum, log_a.clamp_min(-60 / chunk).reshape(B, n_chunks, chunk, D)).exp()
+        h = decay * torch.matmul(prefix_sum, b.reshape(B, n_chunks, chunk, D) / decay)
+    if n_chunks > 1:
+        chunk_state = _hillis_steele(decay[:, :, -1], h[:, :, -1])  # the true state at each chunk's last token
+        h = h + decay * _shift(chunk_state, 1)[:, :, None]  # plus the state entering each chunk
+    return h.view(B, n_chunks * chunk, D)[:, :N]
+
+
+class _LinearScan(torch.autograd.Function):
+    """The backward pass of a linear recurrence is the same recurrence run the other way:
+    with g_t = dL/dh_t + a_{t+1} g_{t+1} (a backward scan: the forward one on flipped tokens),
+    dL/db_t = g_t and dL/dlog_a_t = g_t a_t h_{t-1} = g_t (h_t - b_t). One more scan instead
+    of autograd through every step."""
+
+    @staticmethod
+    def forward(ctx, log_a, b, chunk):
+        h = _chunked_scan(log_a, b, chunk)
+        ctx.save_for_backward(log_a, b, h)
+        ctx.chunk = chunk
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        log_a, b, h = ctx.saved_tensors
+        # flipped, log a_{t+1} is the flipped log a one token later, 0 before the first
+        g = _chunked_scan(_shift(log_a.flip(1), 1), grad_h.flip(1), ctx.chunk).flip(1)
+        return g * (h - b), g, None
+
+
+def linear_scan(log_a, b, chunk=CHUNK):
+    """h_t = a_t * h_{t-1} + b_t over dim 1 of (B, N, D) with a_t = exp(log_a_t) <= 1 and
+    h_{-1} = 0, without a loop over tokens."""
+    if torch.is_grad_enabled() and (log_a.requires_grad or b.requires_grad):
+        return _LinearScan.apply(log_a, b, chunk)
+    return _chunked_scan(log_a, b, chunk)  # plain tensor ops: what torch.export traces
+
+
+# ---------------------------------------------------------------------------------------
 # Sizes (seed figures: Tiny ~19M, Small ~47M, Base ~135M generator parameters)
 
 
@@ -830,41 +847,3 @@ def iris_base(**overrides):
 
 
 SIZES = {"tiny": iris_tiny, "small": iris_small, "base": iris_base}
-
-
-def newest_generator_run():
-    """The newest run under out*/ whose checkpoint holds a generator: its model config names a
-    text encoder, which a VAE's does not."""
-    from safetensors import safe_open
-    runs = []
-    for path in glob.glob("out*/ckpt.safetensors"):
-        with safe_open(path, framework="pt") as f:
-            if "text_encoder" in json.loads((f.metadata() or {}).get("model_config", "{}")):
-                runs.append(path)
-    if not runs:
-        raise SystemExit("error: no generator checkpoint under out*/; train one with "
-                         "`python train_flow.py config/shapes.py` or pass --out_dir")
-    return os.path.dirname(max(runs, key=os.path.getmtime))
-
-
-def load_generator(out_dir="", device="cpu", **overrides):
-    """The EMA generator of a train_flow.py / distill.py run ('' = the newest under out*/),
-    the run's settings and its folder. overrides change inference-only fields, e.g.
-    fft_impl="dft" for export, or add a new control adapter (control="edges")."""
-    from training import read_checkpoint, submodule_state
-    out_dir = out_dir or newest_generator_run()
-    path = os.path.join(out_dir, "ckpt.safetensors")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no generator checkpoint at {path}; train one with "
-                         f"`python train_flow.py config/<name>.py` or point --out_dir at one")
-    tensors, meta = read_checkpoint(path, prefixes=("ema.",))
-    if "text_encoder" not in meta["model_config"]:
-        raise SystemExit(f"error: {path} is a VAE checkpoint, not a generator; point --out_dir at a train_flow.py "
-                         f"or distill.py run")
-    model = Iris(IrisConfig(**{**meta["model_config"], **overrides}))
-    state = submodule_state(tensors, "ema.")
-    if model.control_adapter is not None and not meta["model_config"].get("control"):
-        # a base run under a new, zero-initialised adapter (train_flow.py --control)
-        state |= {f"control_adapter.{k}": v for k, v in model.control_adapter.state_dict().items()}
-    model.load_state_dict(state)
-    return model.to(device).eval().requires_grad_(False), meta["config"], out_dir

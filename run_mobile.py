@@ -35,14 +35,12 @@ seed = 0
 control = ''  # a control run: an image whose edges (or silhouette) to follow
 output = ''  # '' = EXPORT_DIR/sample-<format>.png
 # -----------------------------------------------------------------------------
-configure(globals())
+configure(globals(), choices=dict(format=('pte', 'onnx')))
 if output:
     check_output(output)
 if not export_dir:
     raise SystemExit("error: say which export to run, e.g. --export_dir=out-shapes-flow/mobile-fp32 "
                      "(export_mobile.py writes it)")
-if format not in ('pte', 'onnx'):
-    raise SystemExit(f"error: --format must be 'pte' or 'onnx', not {format!r}")
 manifest = read_manifest(export_dir)
 prompt = prompt or manifest['sample_prompt']
 if not prompt.strip():

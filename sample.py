@@ -35,9 +35,8 @@ from tqdm import tqdm
 from configurator import configure
 from data import MAX_PIXELS, check_output, control_map, image_tensor, map_image, open_image, save_grid, to_float
 from flow import text_to_image, upscale as super_resolve
-from model import load_generator
 from text import load_text_encoder
-from training import mixed_precision, resolve_dtype
+from training import load_generator, mixed_precision, resolve_dtype
 from vae import check_image_size, latent_keep_mask, load_vae
 
 # -----------------------------------------------------------------------------

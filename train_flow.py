@@ -31,11 +31,11 @@ from cache import encode_captions, load_control_maps, load_training_set
 from configurator import configure
 from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
 from flow import flow_loss, text_to_image
-from model import SIZES, count_parameters, load_generator
+from model import SIZES, count_parameters
 from text import Prompt, load_text_encoder
-from training import (LossLog, all_sum, backward, draw_iters, ema_update, load_checkpoint, lock_out_dir, lr_at,
-                      make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint,
-                      setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
+from training import (DTYPES, LossLog, all_sum, backward, draw_iters, ema_update, load_checkpoint, load_generator,
+                      lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype,
+                      save_checkpoint, setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -93,25 +93,15 @@ compile = False
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
                                        'patch_size', 'train_iters', 'sample_steps', 'sample_iters', 'batch_size',
-                                       'gradient_accumulation_steps', 'max_steps', 'lr'))
-if init_from not in ('scratch', 'resume'):
-    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
-if loss_weighting not in ('none', 'high_noise'):
-    raise SystemExit(f"error: loss_weighting must be 'none' or 'high_noise', got '{loss_weighting}'")
-if mixer not in ('grfm', 'attention'):
-    raise SystemExit(f"error: mixer must be 'grfm' or 'attention', got '{mixer}'")
-if iteration_embedding not in ('progress', 'none') or state_init not in ('prelude', 'noise'):
-    raise SystemExit(f"error: iteration_embedding must be 'progress' or 'none' and state_init 'prelude' or 'noise', "
-                     f"got '{iteration_embedding}' and '{state_init}'")
-if control and (control not in CONTROLS or not base_dir):
-    raise SystemExit(f"error: control must be one of {', '.join(CONTROLS)} and needs --base_dir (a finished "
-                     f"train_flow.py run), got control='{control}', base_dir='{base_dir}'")
-if not 0 <= caption_conflict <= 1:
-    raise SystemExit(f"error: caption_conflict is a share of the captions, in [0, 1]; got {caption_conflict}")
+                                       'gradient_accumulation_steps', 'max_steps', 'lr'),
+                   choices=dict(init_from=('scratch', 'resume'), model_size=tuple(SIZES), mixer=('grfm', 'attention'),
+                                iteration_embedding=('progress', 'none'), state_init=('prelude', 'noise'),
+                                loss_weighting=('none', 'high_noise'), control=('', *CONTROLS), dtype=DTYPES),
+                   ranges=dict(caption_conflict=(0, 1)))
+if control and not base_dir:
+    raise SystemExit("error: --control needs --base_dir, the finished train_flow.py run the adapter trains on")
 if caption_conflict and not (control and dataset == 'shapes' and not data_dir):
     raise SystemExit("error: caption_conflict needs --control and the shapes data set, whose captions can be rewritten")
-if model_size not in SIZES:
-    raise SystemExit(f"error: model_size must be one of {', '.join(SIZES)}, got '{model_size}'")
 try:
     check_image_size(image_size, image_size, 16 * patch_size)
 except ValueError as e:
@@ -207,7 +197,7 @@ for step in bar:
     drop = torch.rand(batch_size, generator=data_generator) < cfg_dropout
     text[drop], mask[drop] = null_prompt.text, null_prompt.mask
     iters = draw_iters(train_iters, train_iters_mean, data_generator)
-    t = torch.sigmoid(torch.randn(batch_size))
+    t = torch.sigmoid(torch.randn(batch_size))  # SD3's logit-normal: most steps at mid noise
     eps = torch.randn(batch_size, *latents.shape[1:])
     loss_sum = torch.zeros((), device=device)  # read only when logged: a read waits for the GPU
     for micro, share in enumerate(shares):
@@ -217,9 +207,9 @@ for step in bar:
             step_model = lambda *inputs: train_model(*inputs, control=step_control)
         with sync_gradients(train_model, last=micro == len(shares) - 1):
             with autocast:  # the forward only: backward runs each op in the dtype its forward chose
-                per_sample, _ = flow_loss(step_model, latents[index[share]].to(device),
-                                          Prompt(text[share], mask[share]).to(device), iters, loss_weighting,
-                                          t=t[share].to(device), eps=eps[share].to(device))
+                per_sample = flow_loss(step_model, latents[index[share]].to(device),
+                                       Prompt(text[share], mask[share]).to(device), iters, t[share].to(device),
+                                       eps[share].to(device), loss_weighting)
             backward(per_sample.sum(), scaler, world_size, batch_size)
         loss_sum += per_sample.detach().float().sum()
         band = (t[share] * 4).long().clamp(max=3).to(device)

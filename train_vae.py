@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from configurator import configure
 from data import load_data, save_grid, to_float
-from training import (LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at, make_ema,
-                      micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint, setup_distributed,
-                      stop_if_diverged, sync_gradients, wrap_distributed)
+from training import (DTYPES, LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at,
+                      make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint,
+                      setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import WaveletVAE, check_image_size, psnr, reconstruct, vae_loss
 
 # -----------------------------------------------------------------------------
@@ -65,9 +65,8 @@ compile = False
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
                                        'channels', 'latent_channels', 'blocks_per_stage', 'batch_size',
-                                       'gradient_accumulation_steps', 'max_steps', 'lr'))
-if init_from not in ('scratch', 'resume'):
-    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got '{init_from}'")
+                                       'gradient_accumulation_steps', 'max_steps', 'lr'),
+                   choices=dict(init_from=('scratch', 'resume'), dtype=DTYPES))
 try:
     check_image_size(image_size, image_size)
 except ValueError as e:

@@ -1,6 +1,6 @@
 """
 What every IRIS training script shares: the learning-rate schedule, the EMA, the loss log
-and checkpoints.
+and checkpoints, and loading a trained generator (load_generator) for the scripts that use one.
 
 A checkpoint is ONE safetensors file (no pickle anywhere): the model, its EMA, the
 optimizer's moments and the RNG states as tensors, and the settings, step and optimizer
@@ -25,6 +25,8 @@ import shutil
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from model import Iris, IrisConfig
 
 
 def setup_distributed(device):
@@ -354,3 +356,39 @@ def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     if cuda_states:
         torch.cuda.set_rng_state_all(cuda_states)
     return meta['step']
+
+
+def newest_generator_run():
+    """The newest run under out*/ whose checkpoint holds a generator: its model config names a
+    text encoder, which a VAE's does not."""
+    runs = []
+    for path in glob.glob('out*/ckpt.safetensors'):
+        with safe_open(path, framework='pt') as f:
+            if 'text_encoder' in json.loads((f.metadata() or {}).get('model_config', '{}')):
+                runs.append(path)
+    if not runs:
+        raise SystemExit('error: no generator checkpoint under out*/; train one with '
+                         '`python train_flow.py config/shapes.py` or pass --out_dir')
+    return os.path.dirname(max(runs, key=os.path.getmtime))
+
+
+def load_generator(out_dir='', device='cpu', **overrides):
+    """The EMA generator of a train_flow.py / distill.py run ('' = the newest under out*/),
+    the run's settings and its folder. overrides change inference-only fields, e.g.
+    fft_impl="dft" for export, or add a new control adapter (control="edges")."""
+    out_dir = out_dir or newest_generator_run()
+    path = os.path.join(out_dir, 'ckpt.safetensors')
+    if not os.path.isfile(path):
+        raise SystemExit(f'error: no generator checkpoint at {path}; train one with '
+                         f'`python train_flow.py config/<name>.py` or point --out_dir at one')
+    tensors, meta = read_checkpoint(path, prefixes=('ema.',))
+    if 'text_encoder' not in meta['model_config']:
+        raise SystemExit(f'error: {path} is a VAE checkpoint, not a generator; point --out_dir at a train_flow.py '
+                         f'or distill.py run')
+    model = Iris(IrisConfig(**{**meta['model_config'], **overrides}))
+    state = submodule_state(tensors, 'ema.')
+    if model.control_adapter is not None and not meta['model_config'].get('control'):
+        # a base run under a new, zero-initialised adapter (train_flow.py --control)
+        state |= {f'control_adapter.{k}': v for k, v in model.control_adapter.state_dict().items()}
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False), meta['config'], out_dir
