@@ -16,10 +16,12 @@ and neither negative unless its default is (a sentinel such as sample.py's stren
 A script declares the rest of what it accepts in its configure() call: the settings that
 must be above zero (positive=), the values a setting may take (choices=) and the bounds of
 a number (ranges=). An unknown key, a wrong type, a bad number or a value outside those
-stops the script with a one-line message before any heavy work starts. One config file serves every stage of a setup:
-it sees the name of the running script as `script`, so settings that differ per stage
-sit under `if script == 'train_vae':`. It is less clever than a config framework, and a
-reader sees every setting at the top of the script that uses it: worth it.
+stops the script with a one-line message before any heavy work starts.
+
+One config file serves every stage of a setup: it sees the name of the running script as
+`script`, so settings that differ per stage sit under `if script == 'train_vae':`. It is
+less clever than a config framework, and a reader sees every setting at the top of the
+script that uses it: worth it.
 """
 import ast
 import math

@@ -120,8 +120,9 @@ size = size or run['image_size']
 # Far outside training a setting costs much: say how much
 trained_iters = max(run['train_iters'])
 if iters > 4 * trained_iters and not exit_tolerance:
-    warnings.warn(f"--iters={iters} is {iters / trained_iters:.0f}x the most this run trained with (r={trained_iters}): "
-                  f"{steps * iters} Core iterations per image, where r={trained_iters} takes {steps * trained_iters}")
+    warnings.warn(f"--iters={iters} is {iters / trained_iters:.0f}x the most this run trained with "
+                  f"(r={trained_iters}): {steps * iters} Core iterations per image, where r={trained_iters} takes "
+                  f"{steps * trained_iters}")
 if steps > 200:
     warnings.warn(f"--steps={steps} is {steps / 25:.0f}x the default 25 steps and takes {steps / 25:.0f}x as long")
 try:

@@ -1409,7 +1409,7 @@ def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
                          (['--batch_size=4096'], 'larger than the 64 training images'),
                          (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
                          (['--loss_weighting=seed'], "setting 'loss_weighting' must be one of 'none', 'high_noise'"),
-                         (['--dtype=float8'], "setting 'dtype' must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
+                         (['--dtype=float8'], "setting 'dtype' must be one of 'auto', 'float32', 'bfloat16'"),
                          (['--caption_conflict=1.5'], "setting 'caption_conflict' must be from 0 to 1, got 1.5"),
                          (['--control=edges'], 'needs --base_dir')]:
         result = _run(flow + bad, tiny_runs)
