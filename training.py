@@ -333,6 +333,23 @@ def submodule_state(tensors, prefix):
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def read_ema_checkpoint(folder, kind, setting):
+    """-> (the EMA weights, the metadata) of the checkpoint in a finished run's folder, which
+    must hold a `kind`: 'VAE' or 'generator'; setting: the option that named the folder."""
+    trainer, trained_by, config_key = {'VAE': ('train_vae.py', 'train_vae.py', 'channels'),
+                                       'generator': ('train_flow.py', 'train_flow.py or distill.py',
+                                                     'text_encoder')}[kind]
+    path = os.path.join(folder, 'ckpt.safetensors')
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one with `python {trainer} config/<name>.py` "
+                         f"or point {setting} at one")
+    tensors, meta = read_checkpoint(path, prefixes=('ema.',))
+    if config_key not in meta['model_config']:
+        other = 'generator' if kind == 'VAE' else 'VAE'
+        raise SystemExit(f"error: {path} is a {other} checkpoint, not a {kind}; point {setting} at a {trained_by} run")
+    return submodule_state(tensors, 'ema.'), meta
+
+
 def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     """Restore everything save_checkpoint wrote; return the step to continue from."""
     tensors, meta = _newest_intact(path)
@@ -377,16 +394,8 @@ def load_generator(out_dir='', device='cpu', **overrides):
     the run's settings and its folder. overrides change inference-only fields, e.g.
     fft_impl="dft" for export, or add a new control adapter (control="edges")."""
     out_dir = out_dir or newest_generator_run()
-    path = os.path.join(out_dir, 'ckpt.safetensors')
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: no generator checkpoint at {path}; train one with '
-                         f'`python train_flow.py config/<name>.py` or point --out_dir at one')
-    tensors, meta = read_checkpoint(path, prefixes=('ema.',))
-    if 'text_encoder' not in meta['model_config']:
-        raise SystemExit(f'error: {path} is a VAE checkpoint, not a generator; point --out_dir at a train_flow.py '
-                         f'or distill.py run')
+    state, meta = read_ema_checkpoint(out_dir, 'generator', '--out_dir')
     model = Iris(IrisConfig(**{**meta['model_config'], **overrides}))
-    state = submodule_state(tensors, 'ema.')
     if model.control_adapter is not None and not meta['model_config'].get('control'):
         # a base run under a new, zero-initialised adapter (train_flow.py --control)
         state |= {f'control_adapter.{k}': v for k, v in model.control_adapter.state_dict().items()}

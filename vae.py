@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import to_float, to_uint8
-from training import read_checkpoint, submodule_state
+from training import read_ema_checkpoint
 from wavelet import dwt, idwt
 
 DOWNSAMPLE = 16  # image side / latent side: 2 from the DWT, 8 from the encoder
@@ -123,18 +123,12 @@ def latent_keep_mask(repaint):
 
 def load_vae(vae_dir, device='cpu'):
     """The EMA weights of a WaveletVAE trained by train_vae.py, ready to encode/decode."""
-    path = os.path.join(vae_dir, 'ckpt.safetensors')
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no VAE checkpoint at {path}; train one with `python train_vae.py config/<name>.py` "
-                         f"or point --vae_dir at one")
-    tensors, meta = read_checkpoint(path, prefixes=('ema.',))
-    if 'channels' not in meta['model_config']:
-        raise SystemExit(f"error: {path} is a generator checkpoint, not a VAE; point --vae_dir at a train_vae.py run")
+    state, meta = read_ema_checkpoint(vae_dir, 'VAE', '--vae_dir')
     vae = WaveletVAE(**meta['model_config'])
-    vae.load_state_dict(submodule_state(tensors, 'ema.'))
+    vae.load_state_dict(state)
     if bool((vae.latent_scale == 1).all()):
-        raise SystemExit(f"error: {path} has no measured latent scale (its training did not finish); "
-                         f"finish it with `python train_vae.py ... --init_from=resume`")
+        raise SystemExit(f"error: {os.path.join(vae_dir, 'ckpt.safetensors')} has no measured latent scale (its "
+                         f"training did not finish); finish it with `python train_vae.py ... --init_from=resume`")
     return vae.to(device).eval().requires_grad_(False)
 
 
