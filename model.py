@@ -3,7 +3,7 @@ The IRIS generator: a recurrent-depth diffusion transformer that predicts the
 rectified-flow velocity of a VAE latent, conditioned on text.
 
     z (B, 16, H/16, W/16) -> patch embed + 2D sin-cos -> Prelude -> e
-    s_0 = e;  s_{i+1} = Core(adapter([s_i, e]), c_i)  for i = 0 .. r-1    (shared weights)
+    s_0 = e;  s_{i+1} = Core(injection([s_i, e]), c_i)  for i = 0 .. r-1    (shared weights)
     Coda(s_r) -> final adaLN -> unpatchify -> v (B, 16, H/16, W/16)
 
 The Core is ONE block of `core_layers` layers applied r times (r = 4..16, chosen at run
@@ -204,11 +204,11 @@ class RecurrentMixer(nn.Module):
         self.gate_bias = nn.Parameter(torch.zeros(heads, 2 * block))
         # Griffin's init: a = sigmoid(Lambda)^c uniform in [0.9, 0.999]
         a = torch.empty(dim).uniform_(0.9, 0.999)
-        self.log_lambda = nn.Parameter(torch.logit(a ** (1 / self.c)))
+        self.decay_logit = nn.Parameter(torch.logit(a ** (1 / self.c)))  # Griffin's Lambda
 
     def prepare(self):
         """-> log sigmoid(Lambda)^c (D,), so that log a_t = r_t times it."""
-        return -self.c * F.softplus(-self.log_lambda.float())
+        return -self.c * F.softplus(-self.decay_logit.float())
 
     def forward(self, x, prepared=None):
         # x: (B, N, D), N in raster order; prepared: prepare()'s rates, computed here if not given
@@ -504,7 +504,7 @@ class Iris(nn.Module):
         self.progress_embed = ScalarEmbedder(D, scale=1000.0) if cfg.iteration_embedding == "progress" else None
         self.text_pool = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         self.prelude = nn.ModuleList([PreludeBlock(D, cfg.mlp_ratio) for _ in range(cfg.prelude_blocks)])
-        self.adapter = nn.Linear(2 * D, D)
+        self.injection = nn.Linear(2 * D, D)  # Huginn's adapter: [s_i, e] -> D
         self.core = nn.ModuleList([CoreLayer(cfg) for _ in range(cfg.core_layers)])
         self.coda = nn.ModuleList([CodaBlock(cfg) for _ in range(cfg.coda_blocks)])
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False)
@@ -587,9 +587,9 @@ class Iris(nn.Module):
         return [layer.modulation(c) for layer in self.core]
 
     def core_iteration(self, s, e, modulations, text_kv, text_mask, hw, prepared):
-        """s_{i+1} = Core(adapter([s_i, e]), c_i); modulations: core_condition()'s for c_i;
+        """s_{i+1} = Core(injection([s_i, e]), c_i); modulations: core_condition()'s for c_i;
         prepared: each layer's mixer.prepare(hw)."""
-        s = self.adapter(torch.cat([s, e], dim=-1))
+        s = self.injection(torch.cat([s, e], dim=-1))
         for layer, modulation, layer_kv, layer_prepared in zip(self.core, modulations, text_kv, prepared):
             s = layer(s, modulation, hw, layer_kv, text_mask[:, None, None, :], layer_prepared)
         return s
@@ -682,7 +682,7 @@ def count_parameters(model):
     groups = {
         "embed": [model.patch_embed, model.text_proj, model.time_embed, model.progress_embed, model.text_pool],
         "prelude": [model.prelude],
-        "core": [model.adapter, model.core],
+        "core": [model.injection, model.core],
         "coda": [model.coda, model.final_modulation, model.unpatchify],
     }
     if model.control_adapter is not None:

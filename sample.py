@@ -155,11 +155,11 @@ model.exit_tolerance = exit_tolerance
 bar = tqdm(total=steps * iters, desc='sampling', unit='iter', dynamic_ncols=True)
 
 
-def count_iteration(module, inputs, output):  # the adapter runs once per Core iteration
+def count_iteration(module, inputs, output):  # the input injection runs once per Core iteration
     bar.update()
 
 
-model.adapter.register_forward_hook(count_iteration)
+model.injection.register_forward_hook(count_iteration)
 with autocast:
     if upscale:
         images = super_resolve(model, vae, encoder, small=small.expand(len(prompts), -1, -1, -1), prompts=prompts,

@@ -256,7 +256,7 @@ def test_recurrent_mixer_is_the_rg_lru_written_out_with_a_loop_each_way():
     x = torch.randn(3, 12, 8, requires_grad=True)  # several rows: one scan runs both halves of every row
     gates = torch.einsum('bnhi,hio->bnho', x.view(3, 12, 2, 4), mixer.gate_weight) + mixer.gate_bias
     r, i = (g.reshape(3, 12, 8) for g in torch.sigmoid(gates).chunk(2, dim=-1))
-    a = torch.sigmoid(mixer.log_lambda) ** (mixer.c * r)                           # Griffin eq. 1-4
+    a = torch.sigmoid(mixer.decay_logit) ** (mixer.c * r)                           # Griffin eq. 1-4
     b = torch.sqrt(1 - a ** 2) * i * x
     forward = sequential_scan(a[..., :4].log(), b[..., :4])
     backward = sequential_scan(a[..., 4:].log().flip(1), b[..., 4:].flip(1)).flip(1)
@@ -497,7 +497,7 @@ def test_velocity_equals_iterations_that_compute_everything_themselves(mixer):
     s = e
     for i in range(3):
         c = c_base + model.progress_embed(torch.full((2,), i / 3))
-        s = model.adapter(torch.cat([s, e], dim=-1))
+        s = model.injection(torch.cat([s, e], dim=-1))
         for layer, layer_kv in zip(model.core, text_kv):
             shift1, scale1, gate1, gate2, shift3, scale3, gate3 = layer.modulation(c).unsqueeze(1).chunk(7, dim=-1)
             s = s + gate1 * layer.mixer(layer.norm1(s) * (1 + scale1) + shift1, (8, 8))
@@ -1010,6 +1010,23 @@ def test_unreadable_checkpoints_are_one_line_and_resume_takes_the_newest_intact_
     (tmp_path / 'ckpt_000003.safetensors').write_bytes(good[:100])  # the newest numbered copy is cut short too
     assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator()) == 2
     assert 'ckpt_000002.safetensors (step 2)' in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_the_old_parameter_names_loads_unchanged(tmp_path):
+    from safetensors import safe_open
+    model = _wake_up(Iris(_tiny_config()))
+    ema, path = make_ema(model), str(tmp_path / 'ckpt.safetensors')
+    save_checkpoint(path, model, ema, torch.optim.AdamW(model.parameters()), 5, {}, torch.Generator())
+    with safe_open(path, framework='pt') as f:  # rewrite it as a run made before the renames wrote it
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    old_names = {k.replace('.injection.', '.adapter.').replace('.decay_logit', '.log_lambda'): v
+                 for k, v in tensors.items()}
+    assert any('.adapter.' in k for k in old_names) and any(k.endswith('.log_lambda') for k in old_names)
+    save_file(old_names, path, metadata=metadata)
+    loaded, _, _ = training.load_generator(str(tmp_path))
+    for (name, expected), (loaded_name, weights) in zip(ema.state_dict().items(), loaded.state_dict().items()):
+        assert name == loaded_name and torch.equal(expected, weights)
+    assert load_checkpoint(path, model, make_ema(model), torch.optim.AdamW(model.parameters()), torch.Generator()) == 5
 
 
 def test_one_run_per_out_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):

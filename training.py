@@ -292,10 +292,19 @@ CHECKPOINT_PARTS = ('model.', 'ema.', 'optim.', 'rng.')
 UNREADABLE = (OSError, SafetensorError, ValueError)  # cut short, empty, or not a checkpoint (ValueError: its JSON)
 
 
+# Parameters renamed since checkpoints were first written (input injection was 'adapter',
+# Griffin's Lambda 'log_lambda'): a checkpoint with the old names loads under the new.
+RENAMED_PARAMETERS = {'adapter': 'injection', 'log_lambda': 'decay_logit'}
+
+
+def _current_name(key):
+    return '.'.join(RENAMED_PARAMETERS.get(part, part) for part in key.split('.'))
+
+
 def _read(path, prefixes):
     with safe_open(path, framework='pt') as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+        tensors = {_current_name(k): f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
     if 'step' not in meta or 'model_config' not in meta:
         raise ValueError("no IRIS metadata")
     return tensors, meta
