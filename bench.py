@@ -3,9 +3,10 @@ Measures what the README claims about the generator on this machine, as tables:
 
     python bench.py                          # the default sections, in minutes
     python bench.py --sections=mixer,scan    # of: params, mixer, scan, step, latency, flops, memory, kernels,
-                                             #     compile, runtime
+                                             #     compile, runtime, browser
     python bench.py --threads=1
     python bench.py --sections=memory --config=config/pokemon_long.py
+    python bench.py --sections=browser --export_dirs=out-shapes-flow/mobile-fp32
 
   params   parameters per component of iris_tiny / small / base
   mixer    forward+backward time of one GRFM core layer against the same layer with full
@@ -31,10 +32,17 @@ Measures what the README claims about the generator on this machine, as tables:
            graph breaks in a Core layer (torch._dynamo.explain)
   runtime  (not in the default; needs requirements-export.txt) the ExecuTorch kernels that
            export_mobile.py works around, each against eager PyTorch
+  browser  (not in the default; needs what browser.py names) the web page in headless Chromium
+           (WASM, --threads threads) on each of --export_dirs: the first image (downloads and
+           loads every file) and the next, the tab's peak memory and the download, against
+           run_mobile.py --format=onnx on the same files; --screenshot saves the page
 Timings are medians of several runs after a warm-up. No test asserts on them.
 """
 import copy
 import os
+import re
+import subprocess
+import sys
 import time
 
 import torch
@@ -43,11 +51,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import browser
 from configurator import configure, read_config_file
 from flow import flow_loss
 from model import (SIZES, CoreLayer, FourierMixer, IrisConfig, SelfAttentionMixer, count_parameters, iris_tiny,
                    linear_scan, sequential_scan, wake_up)
-from mobile import peak_rss_mb, xnnpack_partitioner
+from mobile import peak_rss_mb, read_manifest, xnnpack_partitioner
 from text import Prompt, load_text_encoder
 from training import mixed_precision, optimizer_step
 from vae import WaveletVAE, vae_loss
@@ -63,6 +72,8 @@ config = "config/pokemon.py"  # the run the memory section measures (several fil
 # and fp16 (one list), both 2 bytes: bf16 measures fp16's bytes, FLOPs and ops here, and fp16
 # convolutions run ~150x slower than bf16 on this CPU
 dtype = "bfloat16"
+export_dirs = ""     # the browser section's export_mobile.py folders, comma-separated
+screenshot = ""      # the browser section: a PNG of the page after the first export's image
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('threads', 'dim', 'repeats'), choices=dict(dtype=("bfloat16", "float16", "float32")))
 torch.set_num_threads(threads)
@@ -465,10 +476,45 @@ def bench_runtime():
           f"with portable kernels, {sizes[1] / 1e6:.2f} MB with XNNPACK (which stores them as fp32)\n")
 
 
+def bench_browser():
+    if browser.missing():
+        raise SystemExit(f"error: the browser section cannot run here: {browser.missing()}")
+    if not export_dirs:
+        raise SystemExit("error: the browser section needs --export_dirs=FOLDER[,FOLDER] (export_mobile.py writes them)")
+    runtime = [os.path.join(browser.WEB, 'node_modules', f) for f in (
+        'onnxruntime-web/dist/ort.wasm.min.mjs', 'onnxruntime-web/dist/ort-wasm-simd-threaded.mjs',
+        'onnxruntime-web/dist/ort-wasm-simd-threaded.wasm', '@huggingface/tokenizers/dist/tokenizers.min.mjs')]
+    runtime_mb = sum(map(os.path.getsize, runtime)) / 1e6
+    print(f"## The web page in headless Chromium (WASM, {threads} threads) against run_mobile.py (ONNX Runtime)\n")
+    rows = []
+    for folder in export_dirs.split(","):
+        manifest = read_manifest(folder)
+        settings = f"{manifest['image_size']}², {manifest['steps']} steps, r={manifest['iters']}"
+        files_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                       if f.endswith('.onnx') or f == 'tokenizer.json') / 1e6
+        with browser.web_page(folder, f'?threads={threads}') as (page, profile):
+            seconds = [page.evaluate('window.iris.draw()') for _ in range(3)]  # the first loads every file
+            peak_mb = browser.renderer_peak_mb(profile)
+            if screenshot and folder == export_dirs.split(",")[0]:
+                page.screenshot(path=screenshot, full_page=True)
+        measured = subprocess.run([sys.executable, 'run_mobile.py', f'--export_dir={folder}', '--format=onnx',
+                                   f'--output={os.path.join(folder, "bench-onnx.png")}'],
+                                  capture_output=True, text=True)
+        if measured.returncode:
+            raise SystemExit(f"error: run_mobile.py failed on {folder}: {measured.stderr.strip()[-500:]}")
+        python_s, python_mb = (float(re.search(pattern, measured.stdout).group(1))
+                               for pattern in (r'([\d.]+) s\n', r'peak RSS (\d+) MB'))
+        rows.append([folder, settings, f"{seconds[0]:.1f} s", f"{min(seconds[1:]):.1f} s", f"{python_s:.1f} s",
+                     f"{peak_mb:.0f} MB", f"{python_mb:.0f} MB", f"{files_mb:.1f} + {runtime_mb:.1f} MB"])
+    table(["export", "image", "page: first image", "page: next", "run_mobile.py", "tab peak RSS",
+           "run_mobile.py peak RSS", "download (models + runtime)"], rows)
+    if screenshot:
+        print(f"wrote {screenshot}\n")
+
+
 benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan, "step": bench_step,
            "latency": bench_latency, "flops": bench_flops, "memory": bench_memory, "kernels": bench_kernels,
-           "compile": bench_compile,
-           "runtime": bench_runtime}
+           "compile": bench_compile, "runtime": bench_runtime, "browser": bench_browser}
 unknown = set(sections.split(",")) - set(benches)
 if unknown:
     raise SystemExit(f"error: unknown bench.py section(s) {', '.join(sorted(unknown))}; "

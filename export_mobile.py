@@ -7,6 +7,7 @@ check every export on this machine against PyTorch before trusting it.
     python export_mobile.py config/shapes.py                # the trained shapes run, fp32
     python export_mobile.py --out_dir=out-shapes-cd --precision=fp16
     python export_mobile.py --model_size=small --size=512 --precision=int8   # untrained: files, memory, speed
+    python export_mobile.py config/shapes.py --pte=False    # ONNX only: what the web page (web/) runs
     python run_mobile.py --export_dir=out-shapes-flow/mobile-fp32   # the phone's pipeline from the files alone
 
 The parts and their methods are listed in mobile.py, which holds the export code; they are
@@ -44,6 +45,7 @@ model_size = ''  # 'tiny', 'small' or 'base': export an untrained model of that 
 size = 0  # image side in pixels; 0 = the run's training size (512 for an untrained model)
 precision = 'fp32'  # 'fp32', 'fp16' or 'int8'
 backend = 'xnnpack'  # 'xnnpack' (the phone's CPU delegate) or 'portable' (reference kernels: quick to export, slow)
+pte = True  # export and check ExecuTorch programs (the phone's); False: ONNX only, as the web page needs
 onnx = True  # also export and check ONNX models (fp32 only)
 iters = 4  # core iterations r of the checks and the default of run_mobile.py (any r runs)
 steps = 0  # sampling steps of the pipeline check; 0 = 25 Euler steps, or 2 for a distilled student
@@ -55,6 +57,12 @@ seed = 0
 configure(globals(), positive=('iters',), choices=dict(precision=tuple(PRECISIONS), backend=('xnnpack', 'portable'),
                                                       model_size=('', *SIZES)))
 FP32_TOLERANCE = 1e-4  # max |exported - eager| / max |eager|
+formats = (['pte'] if pte else []) + (['onnx'] if onnx and precision == 'fp32' else [])
+if not formats:
+    raise SystemExit(f"error: nothing to export: {precision} has no ONNX files, so keep --pte=True"
+                     if pte or onnx else "error: nothing to export: --pte=False and --onnx=False")
+if onnx and precision != 'fp32':
+    print(f"ONNX is exported in fp32 only: {precision} writes .pte files")
 
 
 def check_part(export_dir, part, fmt, methods, references, precision):
@@ -156,9 +164,6 @@ parts = {
     'vae_decoder': {'forward': (Method(vae, lambda m, z: m.decode_latent(z)), (latent[:1],))},
 }
 dtype = PRECISIONS[precision]
-formats = ['pte'] + (['onnx'] if onnx and precision == 'fp32' else [])
-if onnx and precision != 'fp32':
-    print(f"ONNX is exported in fp32 only: {precision} writes .pte files")
 report = []
 for part, methods in parts.items():
     with torch.no_grad():
@@ -182,7 +187,8 @@ for part, methods in parts.items():
             raise SystemExit(f"error: the {fmt} export of {part} differs from PyTorch by {worst:.1e} of the output's "
                              f"scale (tolerance {FP32_TOLERANCE:.0e}); do not ship it")
 
-manifest = dict(precision=precision, dtype=str(dtype).split('.')[-1], backend=backend, onnx='onnx' in formats,
+manifest = dict(precision=precision, dtype=str(dtype).split('.')[-1], backend=backend, pte='pte' in formats,
+                onnx='onnx' in formats,
                 image_size=side, latent_channels=model.config.latent_channels, generator_batch=batch,
                 control=model.config.control,
                 text_encoder=model.config.text_encoder, text_tokens=MAX_TOKENS, sampler=sampler,

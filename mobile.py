@@ -183,8 +183,10 @@ def initial_noise(manifest, seed):
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'int8': torch.float32}  # int8: float in, quantised inside
 warnings.filterwarnings('ignore', message='.*LeafSpec', category=FutureWarning)  # torch's, raised inside ExecuTorch
-# torch.onnx logs a line per torchvision op it could translate; IRIS uses none
+# torch.onnx logs a line per torchvision op it could translate; IRIS uses none. onnxscript's
+# optimiser logs each constant it could not fold (the text encoder's mask), and leaves it be.
 logging.getLogger('torch.onnx._internal.exporter._registration').setLevel(logging.ERROR)
+logging.getLogger('onnxscript.optimizer._constant_folding').setLevel(logging.ERROR)
 
 
 def require_export_packages():

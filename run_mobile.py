@@ -47,6 +47,8 @@ if not prompt.strip():
     raise SystemExit("error: --prompt is empty; write what to draw")
 steps, iters = steps or manifest['steps'], iters or manifest['iters']
 cfg_scale = cfg_scale or manifest['cfg_scale']
+if format == 'pte' and not manifest.get('pte', True):  # exports older than the setting all hold .pte files
+    raise SystemExit(f"error: {export_dir} was exported with --pte=False; run it with --format=onnx")
 if format == 'onnx' and not manifest['onnx']:
     raise SystemExit(f"error: {export_dir} has no ONNX files ({manifest['precision']} exports are .pte only)")
 control_image = None

@@ -31,6 +31,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
+import browser
 import cache
 from cache import load_training_set
 from configurator import configure, read_config_file
@@ -1789,3 +1790,89 @@ def test_fuzz_every_entry_script_stops_bad_input_with_one_error_line(tmp_path):
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n\n".join(failures)
     assert len(cases) >= 80
     assert not list(tmp_path.glob('out*')), "a run that stopped before its work left its out_dir behind"
+
+
+# -----------------------------------------------------------------------------
+# web/: the page in headless Chromium, against the Python ONNX pipeline (browser.py)
+
+
+@pytest.fixture(scope='module')
+def web_exports(tmp_path_factory):
+    """A small run's ONNX files, as export_mobile.py writes them, for a teacher (Euler with
+    guidance: the generator at batch 2) and a distilled student (consistency, batch 1). Its
+    text encoder is a one-layer BERT behind MiniLM's real tokenizer, so the page tokenises as
+    the app would."""
+    pytest.importorskip('onnxruntime', reason='pip install -r requirements-export.txt')
+    if browser.missing():
+        pytest.skip(browser.missing())
+    import mobile
+    from transformers import BertConfig, BertModel
+    folders = {}
+    for sampler, batch, steps in (('euler', 2, 25), ('consistency', 1, 2)):
+        folder = str(tmp_path_factory.mktemp(sampler))
+        torch.manual_seed(0)
+        encoder = load_text_encoder('minilm')
+        mobile.save_tokenizer(encoder, os.path.join(folder, 'tokenizer.json'))
+        bert = BertModel(BertConfig(vocab_size=encoder.tokenizer.vocab_size, hidden_size=24, num_hidden_layers=1,
+                                    num_attention_heads=3, intermediate_size=48), add_pooling_layer=False).eval()
+        ids = torch.ones(1, 77, dtype=torch.long)
+        text_encoder = mobile.Method(bert, lambda m, i, a: m(input_ids=i, attention_mask=a).last_hidden_state)
+        mobile.export_onnx({'forward': (text_encoder, (ids, ids))}, folder, 'text_encoder')
+        z, t, text, mask = _inputs(batch, side=4, text_len=77)
+        torch.manual_seed(0)  # weights large enough that the generator, not the noise, decides the picture
+        generator = wake_up(Iris(_tiny_config(fft_impl='dft')), std=0.2).eval().requires_grad_(False)
+        mobile.export_onnx(mobile.generator_methods(generator, z, t, text, mask), folder, 'generator')
+        vae = WaveletVAE(channels=(8, 16, 16)).eval()
+        mobile.export_onnx({'forward': (mobile.Method(vae, lambda m, z: m.decode_latent(z)), (z[:1],))}, folder,
+                           'vae_decoder')
+        mobile.save_manifest(folder, dict(precision='fp32', dtype='float32', onnx=True, image_size=64,
+                                          latent_channels=16, generator_batch=batch, control='', text_tokens=77,
+                                          sampler=sampler, steps=steps, iters=2, cfg_scale=4.0, shift=1.0,
+                                          sample_prompt='a large red circle in the center', untrained=True))
+        folders[sampler] = folder
+    return folders
+
+
+@pytest.mark.parametrize('sampler', ['euler', 'consistency'])
+def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_exports, sampler):
+    import mobile
+    from tokenizers import Tokenizer
+    folder = web_exports[sampler]
+    manifest = mobile.read_manifest(folder)
+    prompt, noise = 'a small blue square at the top left', mobile.initial_noise(manifest, seed=3)
+    renoise = torch.randn(manifest['steps'], *noise.shape, generator=torch.Generator().manual_seed(4))
+    settings = {k: manifest[k] for k in ('steps', 'cfg_scale', 'iters', 'shift', 'sampler')}
+    image, _ = mobile.generate(mobile.exported_parts(folder, manifest, 'onnx'), [prompt], noise, **settings,
+                               generator=torch.Generator().manual_seed(4))  # a student re-noises with renoise's draws
+    expected = to_uint8(image)[0].permute(1, 2, 0).numpy()
+    assert expected.std() > 10  # a picture, not a flat colour that any pipeline would match
+    with browser.web_page(folder) as (page, _):
+        backend = page.evaluate('window.iris.ready.then((p) => [p.backend, p.threads, self.crossOriginIsolated])')
+        assert backend == ['wasm', 2, True]  # headless Chromium has no GPU adapter; serve.py's headers allow threads
+        page.evaluate('(o) => window.iris.draw(o)', dict(prompt=prompt, steps=manifest['steps'], iters=manifest['iters'],
+                                                         cfgScale=manifest['cfg_scale'], noise=noise.flatten().tolist(),
+                                                         renoise=renoise.flatten(1).tolist()))
+        drawn = browser.canvas_pixels(page)
+        assert drawn.shape == expected.shape
+        assert np.abs(drawn.astype(int) - expected).max() <= 2, "the page's image differs from the Python pipeline's"
+        if sampler == 'euler':  # tokenizers.js and the page's padding and truncation against the Rust tokenizer
+            tokenizer = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
+            for text in ('', 'Café déjà-vu, 😀 "quoted" RED circle!', 'a circle ' * 60):
+                encoding = tokenizer.encode(text)
+                assert page.evaluate('(t) => window.iris.ready.then((p) => p.tokenize(t))', text) == dict(
+                    ids=encoding.ids, mask=encoding.attention_mask), text
+
+
+def test_the_web_page_says_what_is_wrong_in_one_line(web_exports, tmp_path):
+    folder = shutil.copytree(web_exports['consistency'], tmp_path / 'export')
+    (folder / 'generator_core.onnx').unlink()
+    with browser.web_page(str(folder)) as (page, _):
+        for prompt, message in (('  ', 'error: the prompt is empty: write what to draw'),
+                                ('a red circle', 'generator_core.onnx: 404')):
+            with pytest.raises(Exception, match=message.split(': ', 1)[1]):
+                page.evaluate('(p) => window.iris.draw({prompt: p})', prompt)
+            shown = page.evaluate("document.getElementById('error').textContent")
+            assert message in shown and '\n' not in shown, shown
+    result = subprocess.run([sys.executable, os.path.join(HERE, 'web', 'serve.py'), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode and result.stderr.strip().startswith('error: ') and 'no mobile.json' in result.stderr
