@@ -45,9 +45,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -56,7 +58,7 @@ from configurator import configure, read_config_file
 from flow import flow_loss
 from model import (SIZES, CoreLayer, FourierMixer, IrisConfig, SelfAttentionMixer, count_parameters, iris_tiny,
                    linear_scan, sequential_scan, wake_up)
-from mobile import peak_rss_mb, read_manifest, xnnpack_partitioner
+from mobile import initial_noise, peak_rss_mb, read_manifest, xnnpack_partitioner
 from text import Prompt, load_text_encoder
 from training import mixed_precision, optimizer_step
 from vae import WaveletVAE, vae_loss
@@ -492,22 +494,28 @@ def bench_browser():
         settings = f"{manifest['image_size']}², {manifest['steps']} steps, r={manifest['iters']}"
         files_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
                        if f.endswith('.onnx') or f == 'tokenizer.json') / 1e6
-        with browser.web_page(folder, f'?threads={threads}') as (page, profile):
-            seconds = [page.evaluate('window.iris.draw()') for _ in range(3)]  # the first loads every file
-            peak_mb = browser.renderer_peak_mb(profile)
-            if screenshot and folder == export_dirs.split(",")[0]:
-                page.screenshot(path=screenshot, full_page=True)
+        python_png = os.path.join(folder, 'bench-onnx.png')
         measured = subprocess.run([sys.executable, 'run_mobile.py', f'--export_dir={folder}', '--format=onnx',
-                                   f'--output={os.path.join(folder, "bench-onnx.png")}'],
-                                  capture_output=True, text=True)
+                                   f'--output={python_png}'], capture_output=True, text=True)
         if measured.returncode:
             raise SystemExit(f"error: run_mobile.py failed on {folder}: {measured.stderr.strip()[-500:]}")
         python_s, python_mb = (float(re.search(pattern, measured.stdout).group(1))
                                for pattern in (r'([\d.]+) s\n', r'peak RSS (\d+) MB'))
+        # run_mobile.py's noise (seed 0), so that the first image can be compared with its PNG
+        noise, renoise = initial_noise(manifest, 0), torch.Generator().manual_seed(1)
+        renoise = [torch.randn(noise.shape, generator=renoise).flatten().tolist() for _ in range(manifest['steps'])]
+        with browser.web_page(folder, f'?threads={threads}') as (page, profile):
+            seconds = [page.evaluate('(o) => window.iris.draw(o)', dict(noise=noise.flatten().tolist(), renoise=renoise))]
+            differs = np.abs(browser.canvas_pixels(page).astype(int) - np.asarray(Image.open(python_png))).max()
+            seconds += [page.evaluate('window.iris.draw()') for _ in range(2)]  # the first loaded every file
+            peak_mb = browser.renderer_peak_mb(profile)
+            if screenshot and folder == export_dirs.split(",")[0]:
+                page.locator('body').screenshot(path=screenshot)
         rows.append([folder, settings, f"{seconds[0]:.1f} s", f"{min(seconds[1:]):.1f} s", f"{python_s:.1f} s",
-                     f"{peak_mb:.0f} MB", f"{python_mb:.0f} MB", f"{files_mb:.1f} + {runtime_mb:.1f} MB"])
+                     f"{peak_mb:.0f} MB", f"{python_mb:.0f} MB", f"{files_mb:.1f} + {runtime_mb:.1f} MB",
+                     f"{differs}/255"])
     table(["export", "image", "page: first image", "page: next", "run_mobile.py", "tab peak RSS",
-           "run_mobile.py peak RSS", "download (models + runtime)"], rows)
+           "run_mobile.py peak RSS", "download (models + runtime)", "page against run_mobile.py"], rows)
     if screenshot:
         print(f"wrote {screenshot}\n")
 

@@ -266,12 +266,37 @@ def export_pte(methods, path, backend):
     os.replace(path + '.tmp', path)
 
 
-def export_onnx(methods, export_dir, part):
-    """One ONNX file per method: text_encoder.onnx, generator_core.onnx, ..."""
+def export_onnx(methods, export_dir, part, int8=False):
+    """One ONNX file per method: text_encoder.onnx, generator_core.onnx, ...; int8: each
+    quantised after export (quantize_onnx)."""
     for name, (module, inputs) in methods.items():
         path = os.path.join(export_dir, part if name == 'forward' else f'{part}_{name}') + '.onnx'
         with torch.no_grad():
             torch.onnx.export(module, inputs, path, dynamo=True, opset_version=18, external_data=False, verbose=False)
+        if int8:
+            quantize_onnx(path)
+
+
+def quantize_onnx(path):
+    """Dynamic int8, in place (ONNX Runtime's quantize_dynamic): int8 weights per output
+    channel in every x W of a MatMul or Gemm, activations quantised per call; embeddings,
+    convolutions and the constant matrices that multiply from the left (the DFT, the Manhattan
+    decay) stay fp32, as do the batched block-diagonal gates, whose per-channel zero points
+    ONNX Runtime's fused kernel rejects. reduce_range keeps the weights to 7 bits: x86 CPUs without VNNI
+    saturate 8-bit products and the browser's WASM kernels do not, so with 8 bits the page
+    and run_mobile.py draw visibly different images from the same file (docs/results.md)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    graph = onnx.load(path).graph
+    ranks = {tensor.name: len(tensor.dims) for tensor in graph.initializer}
+    batched = [node.name for node in graph.node if node.op_type == 'MatMul' and ranks.get(node.input[1], 2) != 2]
+    logging.disable(logging.WARNING)  # it advises, on the root logger, a pre-processing pass it does not need
+    try:
+        quantize_dynamic(path, path + '.tmp', weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                         op_types_to_quantize=['MatMul', 'Gemm'], nodes_to_exclude=batched)
+    finally:
+        logging.disable(logging.NOTSET)
+    os.replace(path + '.tmp', path)
 
 
 def as_tuple(outputs):

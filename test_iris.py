@@ -1680,6 +1680,29 @@ def test_reduced_precision_copy_for_export_stays_close(precision, tolerance):
     assert (output.float() - reference).abs().max() < tolerance * reference.abs().max()
 
 
+def test_int8_onnx_export_quantises_every_matmul_and_stays_close(tmp_path):
+    pytest.importorskip('onnxruntime', reason='pip install -r requirements-export.txt')
+    import mobile
+    import onnx
+    from mobile import MobileGenerator, load_part
+    model = _exportable_generator()
+    z, t, text, mask = _inputs()
+    methods = mobile.generator_methods(model, z, t, text, mask)
+    mobile.export_onnx(methods, str(tmp_path), 'generator')
+    fp32_bytes = os.path.getsize(tmp_path / 'generator_core.onnx')
+    mobile.export_onnx(methods, str(tmp_path), 'generator', int8=True)
+    core = onnx.load(str(tmp_path / 'generator_core.onnx'))
+    weights = {tensor.name: tensor.dims for tensor in core.graph.initializer}
+    float_matmuls = [node.name for node in core.graph.node  # x W with W a weight; the DFT's F x stays exact
+                     if node.op_type in ('MatMul', 'Gemm') and len(weights.get(node.input[1], ())) == 2]
+    assert not float_matmuls and any(node.op_type == 'MatMulInteger' for node in core.graph.node)
+    assert os.path.getsize(tmp_path / 'generator_core.onnx') < 0.7 * fp32_bytes
+    exported = MobileGenerator(load_part(str(tmp_path), 'generator', 'onnx', torch.float32), batch=2)
+    with torch.no_grad():
+        reference = model(z, t, text, mask, 2)
+    assert (exported(z, t, text, mask, 2) - reference).abs().max() < 5e-2 * reference.abs().max()
+
+
 def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
     import mobile
     from mobile import MobileTextEncoder
@@ -1840,10 +1863,11 @@ def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_exports, sam
     folder = web_exports[sampler]
     manifest = mobile.read_manifest(folder)
     prompt, noise = 'a small blue square at the top left', mobile.initial_noise(manifest, seed=3)
-    renoise = torch.randn(manifest['steps'], *noise.shape, generator=torch.Generator().manual_seed(4))
+    draws = torch.Generator().manual_seed(4)  # a student's re-noising, drawn as consistency_sample draws it
+    renoise = [torch.randn(noise.shape, generator=draws).flatten().tolist() for _ in range(manifest['steps'])]
     settings = {k: manifest[k] for k in ('steps', 'cfg_scale', 'iters', 'shift', 'sampler')}
     image, _ = mobile.generate(mobile.exported_parts(folder, manifest, 'onnx'), [prompt], noise, **settings,
-                               generator=torch.Generator().manual_seed(4))  # a student re-noises with renoise's draws
+                               generator=torch.Generator().manual_seed(4))
     expected = to_uint8(image)[0].permute(1, 2, 0).numpy()
     assert expected.std() > 10  # a picture, not a flat colour that any pipeline would match
     with browser.web_page(folder) as (page, _):
@@ -1851,7 +1875,7 @@ def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_exports, sam
         assert backend == ['wasm', 2, True]  # headless Chromium has no GPU adapter; serve.py's headers allow threads
         page.evaluate('(o) => window.iris.draw(o)', dict(prompt=prompt, steps=manifest['steps'], iters=manifest['iters'],
                                                          cfgScale=manifest['cfg_scale'], noise=noise.flatten().tolist(),
-                                                         renoise=renoise.flatten(1).tolist()))
+                                                         renoise=renoise))
         drawn = browser.canvas_pixels(page)
         assert drawn.shape == expected.shape
         assert np.abs(drawn.astype(int) - expected).max() <= 2, "the page's image differs from the Python pipeline's"

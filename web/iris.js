@@ -63,7 +63,7 @@ class Pipeline {
       'serve an export_mobile.py folder: python web/serve.py out-<run>/mobile-fp32')).json();
     if (!manifest.onnx) {
       throw new IrisError(`this export is ${manifest.precision} .pte only; the page runs ONNX: ` +
-                          'export with python export_mobile.py --precision=fp32 (onnx=True)');
+                          'export with python export_mobile.py --precision=fp32 or int8 (onnx=True)');
     }
     if (manifest.control) throw new IrisError('a control run draws from run_mobile.py --control; the page has no control input');
     const tokenizerJson = await (await fetchOk(base + 'tokenizer.json', 'export_mobile.py writes it beside the models')).json();

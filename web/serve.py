@@ -54,7 +54,7 @@ def main(argv):
                          f"python export_mobile.py --out_dir=<run> (it writes <run>/mobile-fp32)")
     with open(os.path.join(export_dir, 'mobile.json')) as f:
         if not json.load(f).get('onnx'):
-            raise SystemExit(f"error: {argv[0]} holds no ONNX files, which the page runs; export in fp32 with onnx=True")
+            raise SystemExit(f"error: {argv[0]} holds no ONNX files, which the page runs; export in fp32 or int8 with onnx=True")
     missing = [lib for lib in LIBRARIES if not os.path.isfile(os.path.join(WEB, 'node_modules', lib))]
     if missing:
         raise SystemExit(f"error: web/node_modules lacks {missing[0]}; install the page's libraries: npm ci --prefix web")
