@@ -11,7 +11,7 @@
 import { Tokenizer } from '@huggingface/tokenizers';
 
 // WebGPU only where the browser has a real adapter: a software fallback is slower than WASM,
-// and the WASM-only runtime downloads half as much (14 MB against 28 MB).
+// and the WASM-only runtime is half the download.
 async function loadRuntime(threads) {
   const adapter = navigator.gpu ? await navigator.gpu.requestAdapter().catch(() => null) : null;
   const webgpu = Boolean(adapter) && !adapter.isFallbackAdapter && !adapter.info?.isFallbackAdapter;
@@ -34,7 +34,7 @@ async function fetchOk(url, what) {
   return response;
 }
 
-// x - dt * v, v_u + w (v_c - v_u), (1 - t) x0 + t eps: the samplers' arithmetic, elementwise
+// flat-array helpers for the samplers' elementwise arithmetic
 const map = (n, f) => Float32Array.from({ length: n }, (_, i) => f(i));
 const concat = (a, b) => { const c = new a.constructor(a.length + b.length); c.set(a); c.set(b, a.length); return c; };
 
@@ -74,20 +74,18 @@ class Pipeline {
   constructor(base, manifest, tokenizer, padId, runtime) {
     Object.assign(this, { base, manifest, tokenizer, padId, ...runtime });
     this.sessions = {};
-    this.downloadedMB = 0;
   }
 
   async session(name) {  // each ONNX file once, kept for the next image
     if (!this.sessions[name]) {
       const bytes = new Uint8Array(await (await fetchOk(`${this.base}${name}.onnx`,
         're-export the run: python export_mobile.py --out_dir=<run>')).arrayBuffer());
-      this.downloadedMB += bytes.length / 1e6;
       try {
         this.sessions[name] = await this.ort.InferenceSession.create(bytes, { executionProviders: [this.backend] });
       } catch (e) {
         const tooBig = /memory|allocat|RangeError/i.test(String(e));
         throw new IrisError(tooBig
-          ? `${name}.onnx (${(bytes.length / 1e6).toFixed(0)} MB) does not fit in this tab's memory: close other tabs or export a smaller model`
+          ? `${name}.onnx (${(bytes.length / 1e6).toFixed(0)} MB) does not fit in this tab's memory: close other tabs, or export in int8 (export_mobile.py --precision=int8)`
           : `${name}.onnx cannot be loaded: ${e.message ?? e}`);
       }
     }
@@ -109,8 +107,8 @@ class Pipeline {
     const length = this.manifest.text_tokens;
     let ids = this.tokenizer.encode(prompt).ids;
     if (ids.length > length) ids = [...ids.slice(0, length - 1), ids[ids.length - 1]];
-    const mask = map(length, (i) => (i < ids.length ? 1 : 0));
-    return { ids: Array.from({ length }, (_, i) => (i < ids.length ? ids[i] : this.padId)), mask: Array.from(mask) };
+    return { ids: Array.from({ length }, (_, i) => (i < ids.length ? ids[i] : this.padId)),
+             mask: Array.from({ length }, (_, i) => (i < ids.length ? 1 : 0)) };
   }
 
   async encodeText(prompt) {  // -> the text encoder's tokens (1, L, W) and the mask (1, L) as bytes
