@@ -130,7 +130,7 @@ model, run, out_dir = load_generator(out_dir, device)
 test_dir = test_dir or os.path.join(os.path.dirname(run.get('data_dir', '').rstrip('/')), 'test')
 if not os.path.isfile(os.path.join(test_dir, 'metadata.jsonl')):
     raise SystemExit(f"error: no test split at '{test_dir}' for {out_dir}; train on an imagefolder with a sibling "
-                     f"'test' folder (python data/twemoji/prepare.py) or pass --test_dir")
+                     f"'test' folder (python data/emoji/prepare.py) or pass --test_dir")
 size = run['image_size']
 train_images, _, train_groups = load_split(run['data_dir'], size)
 test_images, test_captions, test_groups = load_split(test_dir, size)

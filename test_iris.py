@@ -578,7 +578,7 @@ def _write_folder(folder):
 
 def test_twemoji_prepare_is_deterministic_and_keeps_each_emoji_in_one_split(tmp_path):
     for out in ('a', 'b'):
-        result = _run(['data/twemoji/prepare.py', '--size=32', '--source=png', f'--out={tmp_path / out}'], tmp_path)
+        result = _run(['data/emoji/prepare.py', '--styles=twemoji', '--size=32', '--source=png', f'--out={tmp_path / out}'], tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
     files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*') if p.is_file())
     assert len(files) > 3000
@@ -590,6 +590,33 @@ def test_twemoji_prepare_is_deterministic_and_keeps_each_emoji_in_one_split(tmp_
         splits[split] = {caption.split(', ')[0] for caption in captions}  # the emoji without its skin tone
     assert 'grinning face' in splits['train'] | splits['test'] and not splits['train'] & splits['test']
     assert 'CC BY 4.0' in (tmp_path / 'a' / 'LICENSE.txt').read_text()
+
+
+def test_emoji_styles_share_one_split_and_say_their_style(tmp_path):
+    if not os.path.isdir(os.path.join(HERE, 'data', 'emoji', 'node_modules', '@svgmoji', 'noto')):
+        pytest.skip("the emoji styles' npm packages are not installed (npm ci --prefix data/emoji)")
+    styles = ('noto', 'fluent', 'emojione')
+    for out in ('a', 'b'):
+        result = _run(['data/emoji/prepare.py', f'--styles={",".join(styles)}', '--size=16', f'--out={tmp_path / out}'],
+                      tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*') if p.is_file())
+    assert all((tmp_path / 'a' / f).read_bytes() == (tmp_path / 'b' / f).read_bytes() for f in files)
+    emoji = {}  # split -> the emoji it holds, in any style, without style or skin tone
+    for split in ('train', 'test'):
+        rows = [json.loads(line) for line in (tmp_path / 'a' / split / 'metadata.jsonl').read_text().splitlines()]
+        assert {row['style'] for row in rows} == set(styles)
+        styled = [row for row in rows if row['text'].endswith(f", in the {row['style']} style")]
+        plain = [row for row in rows if row not in styled]
+        assert len(styled) == len({row['file_name'] for row in rows})  # each image once with its style
+        assert [row['file_name'] for row in plain] == ([row['file_name'] for row in styled] if split == 'train' else [])
+        emoji[split] = {row['text'].split(', ')[0] for row in styled}
+        images, _ = load_imagefolder(str(tmp_path / 'a' / split), 16)
+        assert len(images) == len(rows) and (images[:, :, 0, 0] == 255).all(1).float().mean() > 0.5  # on white
+    assert not emoji['train'] & emoji['test'] and 'red apple' in emoji['train'] | emoji['test']
+    assert all(Image.open(tmp_path / 'a' / f).size == (16, 16) for f in files if f.suffix == '.png')  # flags too
+    licence = (tmp_path / 'a' / 'LICENSE.txt').read_text()
+    assert all(name in licence for name in ('Apache License 2.0', 'MIT', 'CC BY 4.0'))
 
 
 def test_imagefolder_loader_converts_odd_images_and_skips_corrupt_ones(tmp_path):

@@ -1,11 +1,11 @@
 # Real pictures on 2 CPU cores: Twemoji (its training emoji, and test emoji it never sees) at
 # 128 px -> 8x8x16 latents, captioned with their Unicode names. dtype='auto' trains in bf16 where
 # the CPU has it natively (AMX, AVX512-BF16) and in fp32 elsewhere, where emulated bf16 is slower.
-#   pip install -r data/twemoji/requirements.txt && python data/twemoji/prepare.py
+#   pip install -r data/emoji/requirements.txt && python data/emoji/prepare.py --styles=twemoji
 #   python train_vae.py config/emoji.py && python train_flow.py config/emoji.py && python sample.py config/emoji.py
 #   python distill.py config/emoji.py && python eval_real.py config/emoji.py
 if script in ('train_vae', 'train_flow'):
-    data_dir = 'data/twemoji/128/train'
+    data_dir = 'data/emoji/128-twemoji/train'
     image_size = 128
     num_holdout = 64
 if script == 'train_vae':

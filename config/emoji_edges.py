@@ -5,7 +5,7 @@
 if script in ('train_flow', 'sample', 'eval_real', 'export_mobile'):
     out_dir = 'out-emoji-edges'
 if script == 'train_flow':
-    data_dir = 'data/twemoji/128/train'
+    data_dir = 'data/emoji/128-twemoji/train'
     image_size = 128
     num_holdout = 64
     vae_dir = 'out-emoji-vae'
