@@ -292,8 +292,8 @@ CHECKPOINT_PARTS = ('model.', 'ema.', 'optim.', 'rng.')
 UNREADABLE = (OSError, SafetensorError, ValueError)  # cut short, empty, or not a checkpoint (ValueError: its JSON)
 
 
-# Parameters renamed since checkpoints were first written (input injection was 'adapter',
-# Griffin's Lambda 'log_lambda'): a checkpoint with the old names loads under the new.
+# Older checkpoints call input injection 'adapter' and Griffin's Lambda 'log_lambda'; they
+# load under today's names.
 RENAMED_PARAMETERS = {'adapter': 'injection', 'log_lambda': 'decay_logit'}
 
 
