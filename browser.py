@@ -57,9 +57,9 @@ def web_page(export_dir, query=''):
     user data folder, by which renderer_peak_mb finds its processes). query: '?threads=1' etc."""
     from playwright.sync_api import sync_playwright
     with served(export_dir) as url, tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(profile, executable_path=shutil.which('chromium'),
+        context = playwright.chromium.launch_persistent_context(profile, executable_path=shutil.which('chromium'),
                                                                 args=CHROMIUM_FLAGS, headless=True)
-        page = browser.pages[0]
+        page = context.pages[0]
         errors = []
         page.on('pageerror', lambda error: errors.append(error))
         page.goto(url + query)
@@ -67,7 +67,7 @@ def web_page(export_dir, query=''):
         try:
             yield page, profile
         finally:
-            browser.close()
+            context.close()
         if errors:
             raise RuntimeError(f"the page threw: {errors[0]}")
 
