@@ -1920,10 +1920,13 @@ def test_the_web_page_says_what_is_wrong_in_one_line(web_exports, tmp_path):
     with browser.web_page(str(folder)) as (page, _):
         for prompt, message in (('  ', 'error: the prompt is empty: write what to draw'),
                                 ('a red circle', 'generator_core.onnx: 404')):
-            with pytest.raises(Exception, match=message.split(': ', 1)[1]):
-                page.evaluate('(p) => window.iris.draw({prompt: p})', prompt)
+            page.fill('#prompt', prompt)  # as a person would: type, then press Draw
+            page.click('#draw')
+            page.wait_for_function("(m) => document.getElementById('error').textContent.includes(m)", arg=message)
             shown = page.evaluate("document.getElementById('error').textContent")
             assert message in shown and '\n' not in shown, shown
+            with pytest.raises(Exception, match=message.split(': ', 1)[1]):  # and draw() rejects with it
+                page.evaluate('(p) => window.iris.draw({prompt: p})', prompt)
     result = subprocess.run([sys.executable, os.path.join(HERE, 'web', 'serve.py'), str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode and result.stderr.strip().startswith('error: ') and 'no mobile.json' in result.stderr
