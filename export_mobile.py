@@ -60,8 +60,8 @@ configure(globals(), positive=('iters',), choices=dict(precision=tuple(PRECISION
 FP32_TOLERANCE = 1e-4  # max |exported - eager| / max |eager|
 formats = (['pte'] if pte else []) + (['onnx'] if onnx and precision != 'fp16' else [])
 if not formats:
-    raise SystemExit(f"error: nothing to export: fp16 has no ONNX files, so keep --pte=True"
-                     if pte or onnx else "error: nothing to export: --pte=False and --onnx=False")
+    raise SystemExit("error: nothing to export: fp16 has no ONNX files, so keep --pte=True"
+                     if onnx else "error: nothing to export: --pte=False and --onnx=False")
 if onnx and precision == 'fp16':
     print("ONNX is exported in fp32 and int8: fp16 writes .pte files")
 
