@@ -1730,6 +1730,18 @@ def test_int8_onnx_export_quantises_every_matmul_and_stays_close(tmp_path):
     assert (exported(z, t, text, mask, 2) - reference).abs().max() < 5e-2 * reference.abs().max()
 
 
+def test_an_export_without_a_format_is_one_line(tmp_path):
+    for args, message in ((['export_mobile.py', '--pte=False', '--onnx=False'], '--pte=False and --onnx=False'),
+                          (['export_mobile.py', '--pte=False', '--precision=fp16'], 'fp16 has no ONNX files, so keep --pte=True')):
+        result = _run(args, tmp_path)
+        assert result.returncode and result.stderr.strip() == f"error: nothing to export: {message}", result.stderr
+    (tmp_path / 'mobile.json').write_text(json.dumps(dict(pte=False, onnx=True, sample_prompt='a red circle',
+                                                          steps=2, iters=2, cfg_scale=4.0)))
+    result = _run(['run_mobile.py', f'--export_dir={tmp_path}'], tmp_path)  # the default format is pte
+    assert result.returncode and 'was exported with --pte=False; run it with --format=onnx' in result.stderr
+    assert result.stderr.count('\n') == 1, result.stderr
+
+
 def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
     import mobile
     from mobile import MobileTextEncoder
