@@ -482,7 +482,8 @@ def bench_browser():
     if browser.missing():
         raise SystemExit(f"error: the browser section cannot run here: {browser.missing()}")
     if not export_dirs:
-        raise SystemExit("error: the browser section needs --export_dirs=FOLDER[,FOLDER] (export_mobile.py writes them)")
+        raise SystemExit("error: the browser section needs --export_dirs=FOLDER[,FOLDER] "
+                         "(export_mobile.py writes them)")
     runtime = [os.path.join(browser.WEB, 'node_modules', f) for f in (
         'onnxruntime-web/dist/ort.wasm.min.mjs', 'onnxruntime-web/dist/ort-wasm-simd-threaded.mjs',
         'onnxruntime-web/dist/ort-wasm-simd-threaded.wasm', '@huggingface/tokenizers/dist/tokenizers.min.mjs')]
@@ -501,11 +502,10 @@ def bench_browser():
             raise SystemExit(f"error: run_mobile.py failed on {folder}: {measured.stderr.strip()[-500:]}")
         python_s, python_mb = (float(re.search(pattern, measured.stdout).group(1))
                                for pattern in (r'([\d.]+) s\n', r'peak RSS (\d+) MB'))
-        # run_mobile.py's noise (seed 0), so that the first image can be compared with its PNG
-        noise, renoise = initial_noise(manifest, 0), torch.Generator().manual_seed(1)
-        renoise = [torch.randn(noise.shape, generator=renoise).flatten().tolist() for _ in range(manifest['steps'])]
         with browser.web_page(folder, f'?threads={threads}') as (page, profile):
-            seconds = [page.evaluate('(o) => window.iris.draw(o)', dict(noise=noise.flatten().tolist(), renoise=renoise))]
+            # run_mobile.py's noise (its seed 0), so that the first image can be compared with its PNG
+            seconds = [browser.draw_with_noise(page, initial_noise(manifest, 0), torch.Generator().manual_seed(1),
+                                               manifest['steps'])]
             differs = np.abs(browser.canvas_pixels(page).astype(int) - np.asarray(Image.open(python_png))).max()
             seconds += [page.evaluate('window.iris.draw()') for _ in range(2)]  # the first loaded every file
             peak_mb = browser.renderer_peak_mb(profile)

@@ -18,11 +18,12 @@ import sys
 import tempfile
 
 import numpy as np
+import torch
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web')
 # a closed network refuses Chromium's own connections (updates, sync), many at a time
-CHROMIUM_FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-                  '--disable-component-update', '--disable-sync']
+CHROMIUM_FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
 
 
 def missing():
@@ -70,6 +71,15 @@ def web_page(export_dir, query=''):
             context.close()
         if errors:
             raise RuntimeError(f"the page threw: {errors[0]}")
+
+
+def draw_with_noise(page, noise, generator, steps, **settings):
+    """window.iris.draw from Python's noise: noise (1, C, h, w) to start from and, for a
+    distilled student, each step's re-noising drawn from generator as flow.consistency_sample
+    draws it. settings: the page's other draw() options. -> the seconds the page took."""
+    renoise = [torch.randn(noise.shape, generator=generator).flatten().tolist() for _ in range(steps)]
+    return page.evaluate('(o) => window.iris.draw(o)',
+                         dict(settings, steps=steps, noise=noise.flatten().tolist(), renoise=renoise))
 
 
 def canvas_pixels(page):

@@ -282,9 +282,9 @@ def quantize_onnx(path):
     channel in every x W of a MatMul or Gemm, activations quantised per call; embeddings,
     convolutions and the constant matrices that multiply from the left (the DFT, the Manhattan
     decay) stay fp32, as do the batched block-diagonal gates, whose per-channel zero points
-    ONNX Runtime's fused kernel rejects. reduce_range keeps the weights to 7 bits: x86 CPUs without VNNI
-    saturate 8-bit products and the browser's WASM kernels do not, so with 8 bits the page
-    and run_mobile.py draw visibly different images from the same file (docs/export.md)."""
+    ONNX Runtime's fused kernel rejects. reduce_range keeps the weights to 7 bits: x86 CPUs
+    without VNNI saturate 8-bit products and the browser's WASM kernels do not, so with 8 bits
+    the page and run_mobile.py draw visibly different images from the same file (docs/export.md)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     graph = onnx.load(path).graph

@@ -578,7 +578,8 @@ def _write_folder(folder):
 
 def test_twemoji_prepare_is_deterministic_and_keeps_each_emoji_in_one_split(tmp_path):
     for out in ('a', 'b'):
-        result = _run(['data/emoji/prepare.py', '--styles=twemoji', '--size=32', '--source=png', f'--out={tmp_path / out}'], tmp_path)
+        result = _run(['data/emoji/prepare.py', '--styles=twemoji', '--size=32', '--source=png',
+                       f'--out={tmp_path / out}'], tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
     files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*') if p.is_file())
     assert len(files) > 3000
@@ -1732,7 +1733,8 @@ def test_int8_onnx_export_quantises_every_matmul_and_stays_close(tmp_path):
 
 def test_an_export_without_a_format_is_one_line(tmp_path):
     for args, message in ((['export_mobile.py', '--pte=False', '--onnx=False'], '--pte=False and --onnx=False'),
-                          (['export_mobile.py', '--pte=False', '--precision=fp16'], 'fp16 has no ONNX files, so keep --pte=True')):
+                          (['export_mobile.py', '--pte=False', '--precision=fp16'],
+                           'fp16 has no ONNX files, so keep --pte=True')):
         result = _run(args, tmp_path)
         assert result.returncode and result.stderr.strip() == f"error: nothing to export: {message}", result.stderr
     (tmp_path / 'mobile.json').write_text(json.dumps(dict(pte=False, onnx=True, sample_prompt='a red circle',
@@ -1869,30 +1871,30 @@ def web_exports(tmp_path_factory):
         pytest.skip(browser.missing())
     import mobile
     from transformers import BertConfig, BertModel
-    folders = {}
-    for sampler, batch, steps in (('euler', 2, 25), ('consistency', 1, 2)):
-        folder = str(tmp_path_factory.mktemp(sampler))
-        torch.manual_seed(0)
-        encoder = load_text_encoder('minilm')
-        mobile.save_tokenizer(encoder, os.path.join(folder, 'tokenizer.json'))
-        bert = BertModel(BertConfig(vocab_size=encoder.tokenizer.vocab_size, hidden_size=24, num_hidden_layers=1,
-                                    num_attention_heads=3, intermediate_size=48), add_pooling_layer=False).eval()
-        ids = torch.ones(1, 77, dtype=torch.long)
-        text_encoder = mobile.Method(bert, lambda m, i, a: m(input_ids=i, attention_mask=a).last_hidden_state)
-        mobile.export_onnx({'forward': (text_encoder, (ids, ids))}, folder, 'text_encoder')
+    teacher, student = (str(tmp_path_factory.mktemp(sampler)) for sampler in ('euler', 'consistency'))
+    torch.manual_seed(0)
+    encoder = load_text_encoder('minilm')
+    mobile.save_tokenizer(encoder, os.path.join(teacher, 'tokenizer.json'))
+    bert = BertModel(BertConfig(vocab_size=encoder.tokenizer.vocab_size, hidden_size=24, num_hidden_layers=1,
+                                num_attention_heads=3, intermediate_size=48), add_pooling_layer=False).eval()
+    ids = torch.ones(1, 77, dtype=torch.long)
+    text_encoder = mobile.Method(bert, lambda m, i, a: m(input_ids=i, attention_mask=a).last_hidden_state)
+    mobile.export_onnx({'forward': (text_encoder, (ids, ids))}, teacher, 'text_encoder')
+    vae = WaveletVAE(channels=(8, 16, 16)).eval()
+    mobile.export_onnx({'forward': (mobile.Method(vae, lambda m, z: m.decode_latent(z)), (torch.randn(1, 16, 4, 4),))},
+                       teacher, 'vae_decoder')
+    for name in ('tokenizer.json', 'text_encoder.onnx', 'vae_decoder.onnx'):  # what the two runs share
+        shutil.copy(os.path.join(teacher, name), student)
+    for folder, sampler, batch, steps in ((teacher, 'euler', 2, 25), (student, 'consistency', 1, 2)):
         z, t, text, mask = _inputs(batch, side=4, text_len=77)
         torch.manual_seed(0)  # weights large enough that the generator, not the noise, decides the picture
         generator = wake_up(Iris(_tiny_config(fft_impl='dft')), std=0.2).eval().requires_grad_(False)
         mobile.export_onnx(mobile.generator_methods(generator, z, t, text, mask), folder, 'generator')
-        vae = WaveletVAE(channels=(8, 16, 16)).eval()
-        mobile.export_onnx({'forward': (mobile.Method(vae, lambda m, z: m.decode_latent(z)), (z[:1],))}, folder,
-                           'vae_decoder')
         mobile.save_manifest(folder, dict(precision='fp32', dtype='float32', onnx=True, image_size=64,
                                           latent_channels=16, generator_batch=batch, control='', text_tokens=77,
                                           sampler=sampler, steps=steps, iters=2, cfg_scale=4.0, shift=1.0,
                                           sample_prompt='a large red circle in the center', untrained=True))
-        folders[sampler] = folder
-    return folders
+    return {'euler': teacher, 'consistency': student}
 
 
 @pytest.mark.parametrize('sampler', ['euler', 'consistency'])
@@ -1902,8 +1904,6 @@ def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_exports, sam
     folder = web_exports[sampler]
     manifest = mobile.read_manifest(folder)
     prompt, noise = 'a small blue square at the top left', mobile.initial_noise(manifest, seed=3)
-    draws = torch.Generator().manual_seed(4)  # a student's re-noising, drawn as consistency_sample draws it
-    renoise = [torch.randn(noise.shape, generator=draws).flatten().tolist() for _ in range(manifest['steps'])]
     settings = {k: manifest[k] for k in ('steps', 'cfg_scale', 'iters', 'shift', 'sampler')}
     image, _ = mobile.generate(mobile.exported_parts(folder, manifest, 'onnx'), [prompt], noise, **settings,
                                generator=torch.Generator().manual_seed(4))
@@ -1912,9 +1912,8 @@ def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_exports, sam
     with browser.web_page(folder) as (page, _):
         backend = page.evaluate('window.iris.ready.then((p) => [p.backend, p.threads, self.crossOriginIsolated])')
         assert backend == ['wasm', 2, True]  # headless Chromium has no GPU adapter; serve.py's headers allow threads
-        page.evaluate('(o) => window.iris.draw(o)', dict(prompt=prompt, steps=manifest['steps'], iters=manifest['iters'],
-                                                         cfgScale=manifest['cfg_scale'], noise=noise.flatten().tolist(),
-                                                         renoise=renoise))
+        browser.draw_with_noise(page, noise, torch.Generator().manual_seed(4), manifest['steps'],  # generate's seed
+                                prompt=prompt, iters=manifest['iters'], cfgScale=manifest['cfg_scale'])
         drawn = browser.canvas_pixels(page)
         assert drawn.shape == expected.shape
         assert np.abs(drawn.astype(int) - expected).max() <= 2, "the page's image differs from the Python pipeline's"

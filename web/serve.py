@@ -54,10 +54,12 @@ def main(argv):
                          f"python export_mobile.py --out_dir=<run> (it writes <run>/mobile-fp32)")
     with open(os.path.join(export_dir, 'mobile.json')) as f:
         if not json.load(f).get('onnx'):
-            raise SystemExit(f"error: {argv[0]} holds no ONNX files, which the page runs; export in fp32 or int8 with onnx=True")
+            raise SystemExit(f"error: {argv[0]} holds no ONNX files, which the page runs; "
+                             f"export in fp32 or int8 with onnx=True")
     missing = [lib for lib in LIBRARIES if not os.path.isfile(os.path.join(WEB, 'node_modules', lib))]
     if missing:
-        raise SystemExit(f"error: web/node_modules lacks {missing[0]}; install the page's libraries: npm ci --prefix web")
+        raise SystemExit(f"error: web/node_modules lacks {missing[0]}; "
+                         f"install the page's libraries: npm ci --prefix web")
     try:
         server = http.server.ThreadingHTTPServer(('127.0.0.1', port),
                                                  functools.partial(Handler, export_dir=export_dir))

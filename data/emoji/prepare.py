@@ -171,7 +171,8 @@ def main():
     parser.add_argument('--styles', default=','.join(STYLES), help=f"comma-separated, of {', '.join(STYLES)}")
     parser.add_argument('--size', type=int, default=128, help='image side in pixels (a multiple of 16)')
     parser.add_argument('--source', choices=('svg', 'png'), default='svg', help="'png': Twemoji's bundled 72 px images")
-    parser.add_argument('--out', default='', help='output folder (default data/emoji/<size>, or <size>-<style> for one)')
+    parser.add_argument('--out', default='',
+                        help='output folder (default data/emoji/<size>, or <size>-<style> for one style)')
     args = parser.parse_args()
     styles = args.styles.split(',')
     if not styles or set(styles) - set(STYLES) or len(set(styles)) != len(styles):
