@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data import COLOURS, CONTROLS, POSITIONS, RADII, SHAPES, control_map, load_data, to_float
+from data import (COLOURS, CONTROLS, POSITIONS, RADII, RELATION_GAP, RELATIONS, SCENE_BACKGROUND, SCENE_RADIUS,
+                  SHAPES, TASKS, control_map, load_data, to_float)
 from text import Prompt, sha256_file
 
 
@@ -49,8 +50,10 @@ def cache_path(cache_dir, data_settings, **more):
     """cache_dir/<key>.safetensors and the identity the key hashes: the data settings, what
     else makes the data (the drawing rules, the metadata's bytes) and `more`."""
     identity = dict(data_settings, **more)
-    if data_settings['dataset'] == 'shapes' and not data_settings['data_dir']:  # data.py's drawing rules are data too
+    if not data_settings['data_dir'] and data_settings['dataset'] in ('shapes', 'scenes'):  # drawing rules are data too
         identity['shapes'] = repr((SHAPES, COLOURS, RADII, POSITIONS))
+        if data_settings['dataset'] == 'scenes':
+            identity['scenes'] = repr((TASKS, SCENE_BACKGROUND, SCENE_RADIUS, RELATIONS, RELATION_GAP))
     if data_settings['data_dir']:  # a folder's contents can change under the same name
         metadata = os.path.join(data_settings['data_dir'], 'metadata.jsonl')
         identity['metadata'] = sha256_file(metadata) if os.path.isfile(metadata) else None

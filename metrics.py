@@ -6,6 +6,8 @@ Measures of images that need no pretrained network, shared by the eval scripts:
   compares the shape's pixels with the four shapes as data.py draws them, each with the same
   area and centroid: the best overlap (IoU) names the type, and that template's centre and
   radius give the position (nearest of the 9) and the size;
+- the scenes analyser (eval_scenes.py): each connected region of one palette colour on the
+  grey is an object, typed as above; a scene is right by GenEval's rules for its task;
 - for real images (eval_real.py): SSIM (Wang et al. 2004), the Fréchet distance of two
   feature sets, a small group classifier trained on the training split, and sharpness;
 - control agreement (both): the F1 of two binary maps within a pixel's tolerance.
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import COLOURS, POSITIONS, RADII, SHAPES, to_float
+from data import COLOURS, POSITIONS, RADII, SCENE_BACKGROUND, SCENE_RADIUS, SHAPES, TASKS, to_float
 from wavelet import dwt
 
 # -----------------------------------------------------------------------------
@@ -42,29 +44,41 @@ def shape_template(shape, cx, cy, r, size):
     return (dy >= -r) & (dy <= 0.8 * r) & (dx <= (dy + r) / 1.8)  # triangle, apex up
 
 
-def analyse(image):
-    """uint8 (3, S, S) -> the attributes it shows, as in data.shape_attributes."""
-    pixels = image.permute(1, 2, 0).numpy().astype(np.float32)
-    S = pixels.shape[0]
-    labels = np.square(pixels[:, :, None] - PALETTE).sum(-1).argmin(-1)   # (S, S) nearest palette colour
-    counts = np.bincount(labels.ravel(), minlength=len(PALETTE))
-    background, colour = np.argsort(-counts)[:2]
-    names = list(COLOURS)
-    found = dict(background=names[background], colour=names[colour], shape=None, position=None, size=None)
-    mask = labels == colour
-    area = mask.sum()
-    if area < 4:
-        return found
+def read_shape(mask):
+    """A boolean (S, S) mask of one shape -> (type, centre (x, y) and radius as fractions of
+    the side): of the four templates with the mask's area and centroid, the one that
+    overlaps it most (IoU)."""
+    S, area = mask.shape[0], mask.sum()
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     best_iou = -1.0
-    for shape in SHAPES:  # the template of the same area and centroid that overlaps the pixels most
+    for shape in SHAPES:
         r = math.sqrt(area / AREA_PER_R2[shape])
         centre_y = cy - (0.2 * r if shape == 'triangle' else 0.0)  # a triangle's centroid sits 0.2 r below its centre
         template = shape_template(shape, cx, centre_y, r, S)
         iou = (template & mask).sum() / (template | mask).sum()
         if iou > best_iou:
-            best_iou, found['shape'], radius, centre = iou, shape, r / S, np.array([cx, centre_y]) / S
+            best_iou, found = iou, (shape, np.array([cx, centre_y]) / S, r / S)
+    return found
+
+
+def nearest_colours(image, palette):
+    """uint8 (3, S, S) -> (S, S) the index of each pixel's nearest palette colour."""
+    pixels = image.permute(1, 2, 0).numpy().astype(np.float32)
+    return np.square(pixels[:, :, None] - palette).sum(-1).argmin(-1)
+
+
+def analyse(image):
+    """uint8 (3, S, S) -> the attributes it shows, as in data.shape_attributes."""
+    labels = nearest_colours(image, PALETTE)
+    counts = np.bincount(labels.ravel(), minlength=len(PALETTE))
+    background, colour = np.argsort(-counts)[:2]
+    names = list(COLOURS)
+    found = dict(background=names[background], colour=names[colour], shape=None, position=None, size=None)
+    mask = labels == colour
+    if mask.sum() < 4:
+        return found
+    found['shape'], centre, radius = read_shape(mask)
     found['position'] = list(POSITIONS)[np.square(CENTRES - centre).sum(-1).argmin()]
     found['size'] = 'small' if radius < (RADII['small'] + RADII['large']) / 2 else 'large'
     return found
@@ -77,6 +91,71 @@ def adherence(images, attributes):
     right['all 4'] = np.mean([all(f[a] == t[a] for a in ATTRIBUTES[:4]) for f, t in zip(found, attributes)])
     right['all 5'] = np.mean([all(f[a] == t[a] for a in ATTRIBUTES) for f, t in zip(found, attributes)])
     return right
+
+
+# -----------------------------------------------------------------------------
+# the scenes analyser, scored with GenEval's rules (Ghosh et al. 2023)
+
+SCENE_PALETTE = np.array([SCENE_BACKGROUND, *COLOURS.values()], dtype=np.float32)  # label 0: the background
+MIN_AREA = 0.4 * AREA_PER_R2['triangle'] * (0.9 * SCENE_RADIUS) ** 2  # of the image: less is an edge's fringe
+POSITION_MARGIN = 0.1  # of the side: how far apart two centres must be on an axis to be left of, above, ...
+
+
+def connected_regions(mask):
+    """4-connected regions of a boolean (S, S) mask -> (S, S) labels, 0 outside: every
+    pixel takes the largest index in its region, spread one pixel a pass."""
+    labels = np.where(mask, np.arange(1, mask.size + 1).reshape(mask.shape), 0)
+    while True:
+        p = np.pad(labels, 1)
+        grown = np.maximum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]) * mask
+        if (grown == labels).all():
+            return labels
+        labels = grown
+
+
+def read_scene(image):
+    """uint8 (3, S, S) -> the objects it shows, [{'shape', 'colour', 'x', 'y'}]: each connected
+    region of one palette colour, larger than MIN_AREA, is one object."""
+    colours, S = nearest_colours(image, SCENE_PALETTE), image.shape[-1]
+    objects = []
+    for index, name in enumerate(COLOURS, 1):
+        regions = connected_regions(colours == index)
+        for label in np.unique(regions[regions > 0]):
+            mask = regions == label
+            if mask.sum() >= MIN_AREA * S * S:
+                shape, (x, y), _ = read_shape(mask)
+                objects.append(dict(shape=shape, colour=name, x=x, y=y))
+    return objects
+
+
+def relation_holds(relation, a, b):
+    """a is `relation` b, by their centres and POSITION_MARGIN (image y grows downwards)."""
+    return {'left of': b['x'] - a['x'], 'right of': a['x'] - b['x'],
+            'above': b['y'] - a['y'], 'below': a['y'] - b['y']}[relation] > POSITION_MARGIN
+
+
+def scene_correct(found, scene):
+    """GenEval's rule for the scene's task: the named objects present (exactly as many, for
+    counting), with the named colours, in the named relation; other objects do not count."""
+    named, task = scene['objects'], scene['task']
+    of = lambda o: [f for f in found if f['shape'] == o['shape']]  # noqa: E731
+    coloured = lambda o: any(f['colour'] == o['colour'] for f in of(o))  # noqa: E731
+    if task == 'counting':
+        return len(of(named[0])) == len(named)
+    if task == 'position':
+        return any(relation_holds(scene['relation'], a, b) for a in of(named[0]) for b in of(named[1]))
+    if task in ('colours', 'colour attribution'):
+        return all(coloured(o) for o in named)
+    return all(of(o) for o in named)  # single object, two objects
+
+
+def geneval(images, scenes):
+    """Fraction right per task present and 'overall', their mean (GenEval's overall score)."""
+    right = [scene_correct(read_scene(image), scene) for image, scene in zip(images, scenes)]
+    scores = {task: np.mean([r for r, s in zip(right, scenes) if s['task'] == task]) for task in TASKS
+              if any(s['task'] == task for s in scenes)}
+    scores['overall'] = np.mean(list(scores.values()))
+    return scores
 
 
 # -----------------------------------------------------------------------------
