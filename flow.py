@@ -52,11 +52,16 @@ def held_out_loss(model, latents, prompt, iters, batch_size, seed=0):
                        for b in batches]).mean().item() for t in (0.125, 0.375, 0.625, 0.875)]
 
 
-def time_grid(steps, shift=1.0, t_start=1.0):
-    """steps + 1 times from t_start down to 0. shift > 1 spends more steps at high noise
-    (SD3's resolution shift t' = s t / (1 + (s - 1) t)), which larger images want."""
-    t = torch.linspace(t_start, 0.0, steps + 1)
+def shift_time(t, shift):
+    """SD3's resolution shift, t' = s t / (1 + (s - 1) t): s > 1 moves times towards noise,
+    because more pixels keep more of the signal at the same t (Esser et al. 2024, arXiv
+    2403.03206); s = sqrt(tokens / base tokens) when a model moves to a larger image."""
     return shift * t / (1 + (shift - 1) * t)
+
+
+def time_grid(steps, shift=1.0, t_start=1.0):
+    """steps + 1 times from t_start down to 0, shifted as training drew them (shift_time)."""
+    return shift_time(torch.linspace(t_start, 0.0, steps + 1), shift)
 
 
 def encode_once(model, prompt, hint=None):

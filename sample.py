@@ -47,7 +47,7 @@ steps = 25
 iters = 8
 exit_tolerance = 0.0  # > 0: adaptive iterations, at most iters
 cfg_scale = 4.0
-shift = 1.0  # > 1 spends more steps at high noise (SD3's resolution shift)
+shift = 0.0  # > 1 spends more steps at high noise (SD3's resolution shift, flow.shift_time); 0 = the run's own
 seed = 0
 size = 0  # image side in pixels; 0 = the training size
 output = ''  # the PNG to write; '' = out_dir/sample.png
@@ -65,7 +65,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # 'float32', 'bfloat16', 'float16' or 'auto': bf16 on sm80+ GPUs and on CPUs with native bf16,
 # fp16 on older GPUs, else fp32
 # -----------------------------------------------------------------------------
-configure(globals(), positive=('num_samples', 'steps', 'iters', 'shift'))
+configure(globals(), positive=('num_samples', 'steps', 'iters'))
 
 
 def load_edit(vae, init_image, mask, size):
@@ -147,7 +147,7 @@ if control:
 prompts = [p for p in prompts for _ in range(num_samples)]
 noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
-sampling = dict(steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift,
+sampling = dict(steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift or run.get('shift', 1.0),
                 sampler=run.get('sampler', 'euler'),  # a distill.py student samples in 1-4 consistency steps
                 generator=torch.Generator().manual_seed(seed + 1))
 model.exit_tolerance = exit_tolerance

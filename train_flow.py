@@ -5,6 +5,7 @@ Train the IRIS generator (model.py) with rectified flow (flow.py): stage 2.
     python train_flow.py config/shapes.py --data_dir=my_images   # a local imagefolder of captioned images
     python train_flow.py config/pokemon.py                       # the seed's Pokemon setup (GPU and the Hub)
     python train_flow.py config/shapes.py --init_from=resume     # continue from out_dir
+    python train_flow.py config/emoji.py --init_from=out-emoji-flow-64 --shift=0   # a 64 px run continued at 128 px
     python train_flow.py config/shapes_edges.py                  # a control adapter on the finished shapes run
     torchrun --standalone --nproc_per_node=2 train_flow.py config/shapes.py          # 2 processes, one machine
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
@@ -30,17 +31,18 @@ from tqdm import tqdm
 from cache import encode_captions, load_control_maps, load_training_set
 from configurator import configure
 from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
-from flow import flow_loss, text_to_image
+from flow import flow_loss, shift_time, text_to_image
 from model import SIZES, count_parameters
 from text import Prompt, load_text_encoder
-from training import (DTYPES, LossLog, all_sum, backward, draw_iters, ema_update, load_checkpoint, load_generator,
-                      lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype,
-                      save_checkpoint, setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
+from training import (DTYPES, LossLog, all_sum, backward, check_init_from, draw_iters, ema_update, load_checkpoint,
+                      load_generator, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision, optimizer_step,
+                      resolve_dtype, save_checkpoint, setup_distributed, start_from_run, stop_if_diverged,
+                      sync_gradients, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-flow'
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.safetensors)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.safetensors) or a finished run's folder
 vae_dir = 'out-vae'  # a finished train_vae.py run
 text_encoder = 'minilm'  # 'minilm' (offline default) or a CLIP name/folder, e.g. 'openai/clip-vit-large-patch14'
 cache_dir = 'data/cache'
@@ -70,6 +72,8 @@ base_dir = ''  # with control: the train_flow.py run to control; its model setti
 caption_conflict = 0.0  # shapes, with control: the share of captions that name another type, size and position
 # rectified flow
 loss_weighting = 'high_noise'  # t / (1 - t + 0.05), the seed's: better adherence on shapes than 'none' (SD3's)
+shift = 1.0  # SD3's timestep shift (flow.shift_time) in training and sampling; 0: from init_from's run, its shift
+# times sqrt(this run's tokens / its tokens)
 cfg_dropout = 0.1
 # the sample grids
 sample_steps = 25
@@ -94,10 +98,11 @@ compile = False
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
                                        'patch_size', 'train_iters', 'sample_steps', 'sample_iters', 'batch_size',
                                        'gradient_accumulation_steps', 'max_steps', 'lr'),
-                   choices=dict(init_from=('scratch', 'resume'), model_size=tuple(SIZES), mixer=('grfm', 'attention'),
+                   choices=dict(model_size=tuple(SIZES), mixer=('grfm', 'attention'),
                                 iteration_embedding=('progress', 'none'), state_init=('prelude', 'noise'),
                                 loss_weighting=('none', 'high_noise'), control=('', *CONTROLS), dtype=DTYPES),
                    ranges=dict(caption_conflict=(0, 1)))
+check_init_from(init_from)
 if control and not base_dir:
     raise SystemExit("error: --control needs --base_dir, the finished train_flow.py run the adapter trains on")
 if caption_conflict and not (control and dataset == 'shapes' and not data_dir):
@@ -148,7 +153,14 @@ if control:
 else:
     model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
                               text_encoder=text_encoder, backprop_iters=backprop_iters,
-                              iteration_embedding=iteration_embedding, state_init=state_init).to(device)
+                              iteration_embedding=iteration_embedding, state_init=state_init)
+    if init_from not in ('scratch', 'resume'):
+        start_run = start_from_run(init_from, model, 'generator')
+        if not shift:  # the square root of the token ratio is the ratio of the token grids' sides
+            shift = start_run.get('shift', 1.0) * (image_size / patch_size) / (start_run['image_size'] /
+                                                                              start_run['patch_size'])
+    model = model.to(device)
+config['shift'] = shift = shift or 1.0  # as sampled from this run
 ema = make_ema(model)
 if master:
     counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
@@ -172,7 +184,7 @@ if master:
 def sample_and_save(step):
     with autocast:
         images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, steps=sample_steps, cfg_scale=cfg_scale,
-                               iters=sample_iters, control=sample_controls if control else None)
+                               iters=sample_iters, shift=shift, control=sample_controls if control else None)
     if control:  # the control maps above the images drawn from them
         images = torch.cat([map_image(sample_controls), images])
     save_grid(images, os.path.join(out_dir, f"samples_{step:06d}.png"))
@@ -197,7 +209,7 @@ for step in bar:
     drop = torch.rand(batch_size, generator=data_generator) < cfg_dropout
     text[drop], mask[drop] = null_prompt.text, null_prompt.mask
     iters = draw_iters(train_iters, train_iters_mean, data_generator)
-    t = torch.sigmoid(torch.randn(batch_size))  # SD3's logit-normal: most steps at mid noise
+    t = shift_time(torch.sigmoid(torch.randn(batch_size)), shift)  # SD3's logit-normal: most steps at mid noise
     eps = torch.randn(batch_size, *latents.shape[1:])
     loss_sum = torch.zeros((), device=device)  # read only when logged: a read waits for the GPU
     for micro, share in enumerate(shares):

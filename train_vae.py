@@ -5,6 +5,8 @@ Train the WaveletVAE (vae.py): stage 1 of IRIS.
     python train_vae.py config/shapes.py --data_dir=my_images  # a local imagefolder instead
     python train_vae.py config/pokemon.py                      # the seed's Pokemon setup (GPU)
     python train_vae.py config/shapes.py --init_from=resume    # continue from out_dir
+    python train_vae.py config/emoji.py --crop_size=64         # on random 64 px crops of the 128 px images
+    python train_vae.py config/emoji.py --init_from=out-emoji-vae-crops --out_dir=out-emoji-vae   # from a run
     torchrun --standalone --nproc_per_node=2 train_vae.py config/shapes.py
 
 Loss: L1 + MSE in pixels + a wavelet L1 that weights the detail subbands (LH, HL, HH) more,
@@ -22,20 +24,21 @@ from tqdm import tqdm
 
 from configurator import configure
 from data import load_data, save_grid, to_float
-from training import (DTYPES, LossLog, all_sum, backward, ema_update, load_checkpoint, lock_out_dir, lr_at,
-                      make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint,
-                      setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
+from training import (DTYPES, LossLog, all_sum, backward, check_init_from, ema_update, load_checkpoint, lock_out_dir,
+                      lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint,
+                      setup_distributed, start_from_run, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import WaveletVAE, check_image_size, psnr, reconstruct, vae_loss
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-vae'
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.safetensors)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.safetensors) or a finished run's folder
 eval_interval = 500  # held-out PSNR, a reconstruction grid and a checkpoint
 log_interval = 10
 # data
-dataset = 'shapes'  # 'shapes' (procedural, offline) or a Hub data set name
+dataset = 'shapes'  # 'shapes' or 'scenes' (procedural, offline) or a Hub data set name
 data_dir = ''  # a local imagefolder (images + metadata.jsonl); when set it wins over dataset
 image_size = 64
+crop_size = 0  # > 0: train on random crops of this side (a multiple of 16), evaluate and use at image_size
 num_images = 20000  # shapes only; a folder or Hub set uses all its images
 num_holdout = 256
 # model
@@ -66,11 +69,15 @@ compile = False
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
                                        'channels', 'latent_channels', 'blocks_per_stage', 'batch_size',
                                        'gradient_accumulation_steps', 'max_steps', 'lr'),
-                   choices=dict(init_from=('scratch', 'resume'), dtype=DTYPES))
+                   choices=dict(dtype=DTYPES))
+check_init_from(init_from)
 try:
     check_image_size(image_size, image_size)
+    check_image_size(crop_size or image_size, crop_size or image_size)
 except ValueError as e:
-    raise SystemExit(f"error: --image_size: {e}") from None
+    raise SystemExit(f"error: --image_size or --crop_size: {e}") from None
+if crop_size > image_size:
+    raise SystemExit(f"error: --crop_size={crop_size} is larger than --image_size={image_size}; crop to less")
 rank, world_size, device = setup_distributed(device)
 master = rank == 0  # logs, grids and checkpoints
 shares = micro_batches(batch_size, rank, world_size, gradient_accumulation_steps)
@@ -97,7 +104,10 @@ if batch_size > len(train_images):
                      f"lower --batch_size")
 
 # channels_last: faster convolutions on a CPU
-model = WaveletVAE(channels, latent_channels, blocks_per_stage).to(device, memory_format=torch.channels_last)
+model = WaveletVAE(channels, latent_channels, blocks_per_stage)
+if init_from not in ('scratch', 'resume'):
+    start_from_run(init_from, model, 'VAE')
+model = model.to(device, memory_format=torch.channels_last)
 ema = make_ema(model)
 print(f"WaveletVAE: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M, "
       f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M parameters; {dtype} on {device}")
@@ -110,6 +120,16 @@ train_model = torch.compile(train_model) if compile else train_model
 if master:
     log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'pixel', 'wavelet', 'kl', 'lr', 'holdout_psnr'],
                   resume_step=start_step if init_from == 'resume' else None)
+
+
+def random_crops(images):
+    """A crop_size crop of each image at its own random place (all of it without crop_size):
+    the VAE is fully convolutional, so what it learns on crops serves the whole image, at
+    (crop_size / image_size)^2 of the cost (Stable Diffusion's VAE trains on 256 px crops)."""
+    if not crop_size:
+        return images
+    corners = torch.randint(image_size - crop_size + 1, (len(images), 2), generator=data_generator).tolist()
+    return torch.stack([image[:, y:y + crop_size, x:x + crop_size] for image, (y, x) in zip(images, corners)])
 
 
 def evaluate_and_save(step):
@@ -125,7 +145,8 @@ start_time, score = time.time(), float('nan')
 for step in bar:
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
-    x = to_float(train_images[torch.randint(len(train_images), (batch_size,), generator=data_generator)]).to(device)
+    x = to_float(random_crops(train_images[torch.randint(len(train_images), (batch_size,), generator=data_generator)]))
+    x = x.to(device)
     loss_sum = torch.zeros(())
     for micro, share in enumerate(shares):  # this process's micro-batches (all of x when alone)
         with sync_gradients(train_model, last=micro == len(shares) - 1):

@@ -359,13 +359,16 @@ def read_ema_checkpoint(folder, kind, setting):
     return submodule_state(tensors, 'ema.'), meta
 
 
+def _differences(theirs, ours):
+    return ', '.join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
+                     if theirs.get(k) != ours.get(k))
+
+
 def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     """Restore everything save_checkpoint wrote; return the step to continue from."""
     tensors, meta = _newest_intact(path)
     if meta.get('model_config') != model_config(model):
-        theirs, ours = meta.get('model_config') or {}, model_config(model)
-        differ = ', '.join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
-                           if theirs.get(k) != ours.get(k))
+        differ = _differences(meta.get('model_config') or {}, model_config(model))
         raise SystemExit(f"error: {path} holds another model ({differ}); use its settings or another --out_dir")
     model.load_state_dict(submodule_state(tensors, 'model.'))
     ema.load_state_dict(submodule_state(tensors, 'ema.'))
@@ -382,6 +385,28 @@ def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     if cuda_states:
         torch.cuda.set_rng_state_all(cuda_states)
     return meta['step']
+
+
+def check_init_from(init_from):
+    """init_from is 'scratch', 'resume' or a finished run's folder."""
+    if init_from not in ('scratch', 'resume') and not os.path.isdir(init_from):
+        raise SystemExit(f"error: --init_from={init_from!r} is neither 'scratch', 'resume' nor a run folder; "
+                         f"point it at a finished run's out_dir")
+
+
+def start_from_run(folder, model, kind):
+    """nanoGPT's init_from with a run folder: `model` takes that run's EMA weights, and the
+    rest (data, image size, schedule, a fresh optimizer) is this run's: a new resolution, or a
+    fine-tune on other pictures. The network must have the same shape; settings that change no
+    weight (backprop_iters, state_init, ...) may differ. -> the run's settings."""
+    state, meta = read_ema_checkpoint(folder, kind, '--init_from')
+    ours = model.state_dict()
+    if state.keys() != ours.keys() or any(state[k].shape != v.shape for k, v in ours.items()):
+        differ = _differences(meta['model_config'], model_config(model))
+        raise SystemExit(f"error: --init_from={folder} holds a {kind} of another shape ({differ}); use its settings")
+    model.load_state_dict(state)
+    print(f"{kind} initialised from {folder} (its step {meta['step']})")
+    return meta['config']
 
 
 def newest_generator_run():
