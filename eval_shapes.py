@@ -35,7 +35,7 @@ loss_iters = (1, 2, 4, 8, 16, 32)  # r for the held-out flow loss
 exit_tolerance = 0.0  # > 0: also adaptive iterations (model.iterate_core), at most max(loss_iters)
 steps_list = (4, 10, 25)  # Euler steps to compare, each at the run's sample_iters
 cfg_scale = 4.0
-shift = 1.0  # > 1 spends more Euler steps at high noise, where the layout is decided
+shift = 0.0  # > 1 spends more Euler steps at high noise, where the layout is decided; 0 = the run's own (train_flow.py)
 seed = 0
 validate_only = False
 inpaint = True  # also measure inpainting: repaint each held-out shape as another colour and type
@@ -43,7 +43,7 @@ batch_size = 128
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast for sampling, as in training: 'auto', 'float32', 'bfloat16' or 'float16'
 # -----------------------------------------------------------------------------
-configure(globals(), positive=('num_prompts', 'iters_list', 'loss_iters', 'steps_list', 'shift', 'batch_size'))
+configure(globals(), positive=('num_prompts', 'iters_list', 'loss_iters', 'steps_list', 'batch_size'))
 
 
 def row(name, scores, seconds=None):
@@ -150,6 +150,7 @@ if validate_only:
         print(row(f"real, {size} px", adherence(real, [shape_attributes(2, i) for i in range(1024)])))
     raise SystemExit
 model, run, out_dir = load_generator(out_dir, device)
+shift = shift or run.get('shift', 1.0)
 if run.get('dataset') != 'shapes' or run.get('data_dir'):
     raise SystemExit(f"error: {out_dir} was not trained on the shapes data; eval_shapes.py can only read shapes back")
 attributes = [shape_attributes(1, i) for i in range(num_prompts)]  # train_flow.py's held-out seed

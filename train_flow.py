@@ -5,7 +5,7 @@ Train the IRIS generator (model.py) with rectified flow (flow.py): stage 2.
     python train_flow.py config/shapes.py --data_dir=my_images   # a local imagefolder of captioned images
     python train_flow.py config/pokemon.py                       # the seed's Pokemon setup (GPU and the Hub)
     python train_flow.py config/shapes.py --init_from=resume     # continue from out_dir
-    python train_flow.py config/emoji.py --init_from=out-emoji-flow-64 --shift=0   # a 64 px run continued at 128 px
+    python train_flow.py config/emoji.py --image_size=128 --init_from=out-emoji-flow-64   # continued at 128 px
     python train_flow.py config/shapes_edges.py                  # a control adapter on the finished shapes run
     torchrun --standalone --nproc_per_node=2 train_flow.py config/shapes.py          # 2 processes, one machine
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
@@ -22,6 +22,7 @@ With control='edges' or 'silhouette' it trains a ControlAdapter (model.py) inste
 generator of base_dir is loaded and frozen, only the adapter learns, and each step's
 images bring their own control maps (data.control_map, cached like the latents).
 """
+import json
 import os
 import time
 
@@ -72,8 +73,8 @@ base_dir = ''  # with control: the train_flow.py run to control; its model setti
 caption_conflict = 0.0  # shapes, with control: the share of captions that name another type, size and position
 # rectified flow
 loss_weighting = 'high_noise'  # t / (1 - t + 0.05), the seed's: better adherence on shapes than 'none' (SD3's)
-shift = 1.0  # SD3's timestep shift (flow.shift_time) in training and sampling; 0: from init_from's run, its shift
-# times sqrt(this run's tokens / its tokens)
+shift = 0.0  # SD3's timestep shift (flow.shift_time), in training and sampling; 0: that of the run this one starts
+# from (init_from, resume, base_dir) times sqrt(tokens now / tokens then), 1 from scratch
 cfg_dropout = 0.1
 # the sample grids
 sample_steps = 25
@@ -143,10 +144,10 @@ sample_noise = sample_noise.to(device)
 
 sizes = {k: v for k, v in dict(dim=dim, heads=heads, core_layers=core_layers).items() if v}
 if control:
-    model, base_run, _ = load_generator(base_dir, device, control=control)
-    if (base_run['vae_dir'], base_run['text_encoder']) != (vae_dir, text_encoder):
-        raise SystemExit(f"error: {base_dir} was trained with vae_dir='{base_run['vae_dir']}' and text_encoder="
-                         f"'{base_run['text_encoder']}'; pass the same")
+    model, start_run, _ = load_generator(base_dir, device, control=control)
+    if (start_run['vae_dir'], start_run['text_encoder']) != (vae_dir, text_encoder):
+        raise SystemExit(f"error: {base_dir} was trained with vae_dir='{start_run['vae_dir']}' and text_encoder="
+                         f"'{start_run['text_encoder']}'; pass the same")
     model.train().control_adapter.requires_grad_(True)  # the base generator stays frozen
     controls, sample_controls = load_control_maps(data_settings, control, cache_dir)
     sample_controls = sample_controls[:len(sample_prompts)].float().to(device)
@@ -154,13 +155,17 @@ else:
     model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
                               text_encoder=text_encoder, backprop_iters=backprop_iters,
                               iteration_embedding=iteration_embedding, state_init=state_init)
-    if init_from not in ('scratch', 'resume'):
+    start_run = None
+    if init_from == 'resume' and os.path.isfile(os.path.join(out_dir, 'config.json')):
+        with open(os.path.join(out_dir, 'config.json')) as f:
+            start_run = json.load(f)['config']
+    elif init_from != 'scratch':
         start_run = start_from_run(init_from, model, 'generator')
-        if not shift:  # the square root of the token ratio is the ratio of the token grids' sides
-            shift = start_run.get('shift', 1.0) * (image_size / patch_size) / (start_run['image_size'] /
-                                                                              start_run['patch_size'])
     model = model.to(device)
-config['shift'] = shift = shift or 1.0  # as sampled from this run
+if not shift:  # the square root of the token ratio is the ratio of the token grids' sides
+    shift = 1.0 if start_run is None else start_run.get('shift', 1.0) * (image_size / patch_size) / (
+        start_run['image_size'] / start_run['patch_size'])
+config['shift'] = shift  # as sampled from this run
 ema = make_ema(model)
 if master:
     counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())

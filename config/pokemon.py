@@ -7,8 +7,8 @@
 #   python export_mobile.py config/pokemon.py --precision=fp16
 # A better model within one free Colab runtime: add config/pokemon_long.py after this file.
 # The seed's Stage 3, 256 -> 512 px: the same VAE (fully convolutional) and the 256 px generator
-# continued at 512 px with the timestep shift its token count asks for (2.0, from --shift=0):
-#   python train_flow.py config/pokemon.py --image_size=512 --init_from=out-pokemon-flow --shift=0 \
+# continued at 512 px with the timestep shift its token count asks for (2.0, train_flow.py's shift):
+#   python train_flow.py config/pokemon.py --image_size=512 --init_from=out-pokemon-flow \
 #       --out_dir=out-pokemon-flow-512 --batch_size=8 --max_steps=1000 --warmup_steps=100
 #   python sample.py config/pokemon.py --out_dir=out-pokemon-flow-512
 # Offline, put the images in a folder with a metadata.jsonl and add --data_dir=PATH.
