@@ -96,7 +96,7 @@ data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = 0
 if init_from == 'resume':
-    start_step = load_checkpoint(ckpt_path, student, target, optimizer, data_generator, scaler)
+    start_step = load_checkpoint(ckpt_path, student, target, optimizer, data_generator, scaler)['step']
 train_model = wrap_distributed(student, world_size)
 if master:
     log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss', 'lr'],

@@ -10,8 +10,10 @@ import concurrent.futures
 import copy
 import errno
 import glob
+import itertools
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -33,14 +35,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import browser
 import cache
+import internals
 from cache import load_training_set
 from configurator import configure, read_config_file
-from data import (POSITIONS, conflicting_shape_captions, control_map, image_tensor, load_data, load_hub,
-                  load_imagefolder, make_shapes, open_image, shape_attributes, to_float, to_uint8)
+from data import (POSITIONS, TASKS, conflicting_shape_captions, control_map, drawn_clearly, held_out, image_tensor,
+                  load_data, load_hub, load_imagefolder, make_scenes, make_shapes, open_image, scene_attributes,
+                  scene_caption, shape_attributes, to_float, to_uint8)
 import metrics
-from metrics import adherence, analyse, control_f1, frechet_distance, ssim
+from metrics import adherence, analyse, control_f1, frechet_distance, geneval, read_scene, scene_correct, ssim
 from flow import (consistency_fn, consistency_loss, consistency_sample, encode_once, euler_sample, flow_loss, guided,
-                  time_grid, upscale)
+                  shift_time, time_grid, upscale)
 from model import (CHUNK, SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SelfAttentionMixer,
                    SpatialMixer, count_parameters, irfft2_dft, iterate_core, linear_scan, rfft2_dft,
                    sequential_scan, wake_up, window_attention)
@@ -56,6 +60,9 @@ SHAPES_CONFIG = os.path.join(HERE, 'config', 'shapes.py')
 # Every precision a GPU trains in, run here through CPU autocast (and the GradScaler for fp16):
 # the same lines of training.py a T4 (fp16) or an A100 (bf16) runs
 DTYPES = ['float32', 'bfloat16', 'float16']
+FULL = pytest.mark.full  # beyond the smoke tier (pytest.ini)
+# fp32 in the smoke tier, the reduced precisions (emulated, slow on a CPU without them) in the full tier
+TIERED_DTYPES = ['float32'] + [pytest.param(dtype, marks=FULL) for dtype in DTYPES[1:]]
 
 
 def _train_step(model, optimizer, precision, compute_loss):
@@ -132,7 +139,7 @@ def test_vae_rejects_a_size_that_is_not_a_multiple_of_16():
         WaveletVAE(channels=(8, 16, 32)).encode(torch.zeros(1, 3, 40, 48))
 
 
-@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('dtype', TIERED_DTYPES)
 def test_vae_training_steps_lower_the_loss_on_a_real_batch(dtype):
     torch.manual_seed(0)
     images, _ = make_shapes(16, 32, seed=3)
@@ -508,6 +515,7 @@ def test_velocity_equals_iterations_that_compute_everything_themselves(mixer):
     torch.testing.assert_close(model.velocity(z, t, prompt, 3), expected, rtol=0, atol=1e-5)
 
 
+@FULL
 @pytest.mark.parametrize('name,target', [('tiny', 19e6), ('small', 47e6), ('base', 135e6)])
 def test_model_sizes_match_the_seed_within_ten_percent(name, target):
     counts = count_parameters(SIZES[name]())
@@ -537,6 +545,26 @@ def test_conflicting_shape_captions_keep_the_colours_and_name_another_type_and_p
         assert conflict.endswith(f" on a {a['background']} background")
         assert a['shape'] not in conflict and POSITIONS[a['position']][1] not in conflict
     assert len(set(conflicts)) > 100  # not a few fixed layouts
+
+
+def test_scenes_are_deterministic_and_every_test_caption_is_a_new_combination():
+    images, captions = make_scenes(12, 64, seed=5)
+    again, captions_again = make_scenes(6, 64, seed=5)
+    assert images.shape == (12, 3, 64, 64) and torch.equal(images[:6], again) and captions[:6] == captions_again
+    train = [scene_attributes(0, i) for i in range(600)]
+    test = [scene_attributes(1, i, test=True) for i in range(600)]
+    assert {s['task'] for s in test} == set(TASKS) and all(not held_out(s) for s in train)
+    assert all(held_out(s) for s in test if s['task'] != 'single object')
+    seen = {scene_caption(s) for s in train}
+    assert {scene_caption(s) for s in test} & seen == {'a circle', 'a square', 'a triangle', 'a diamond'}
+    for s in train + test:  # drawn as captioned: the relation by its gap, no two shapes touching
+        spots = [(o['x'], o['y'], o['r']) for o in s['objects']]
+        assert len(spots) == {'counting': len(spots), 'single object': 1, 'colours': 1}.get(s['task'], 2)
+        assert s['relation'] is None or drawn_clearly(s['relation'], spots[0], spots[1])
+        assert all(math.dist(a[:2], b[:2]) > 1.2 * (a[2] + b[2]) for a, b in itertools.combinations(spots, 2))
+    assert scene_caption(dict(task='colour attribution', relation=None, objects=[
+        dict(shape='circle', colour='orange'), dict(shape='square', colour='blue')])) == \
+        'an orange circle and a blue square'
 
 
 def test_control_maps_of_a_drawn_square_against_hand_made_ones():
@@ -576,6 +604,7 @@ def _write_folder(folder):
     return captions
 
 
+@FULL
 def test_twemoji_prepare_is_deterministic_and_keeps_each_emoji_in_one_split(tmp_path):
     for out in ('a', 'b'):
         result = _run(['data/emoji/prepare.py', '--styles=twemoji', '--size=32', '--source=png',
@@ -593,6 +622,7 @@ def test_twemoji_prepare_is_deterministic_and_keeps_each_emoji_in_one_split(tmp_
     assert 'CC BY 4.0' in (tmp_path / 'a' / 'LICENSE.txt').read_text()
 
 
+@FULL
 def test_emoji_styles_share_one_split_and_say_their_style(tmp_path):
     if not os.path.isdir(os.path.join(HERE, 'data', 'emoji', 'node_modules', '@svgmoji', 'noto')):
         pytest.skip("the emoji styles' npm packages are not installed (npm ci --prefix data/emoji)")
@@ -793,7 +823,8 @@ def test_guidance_combines_the_two_branches():
     torch.testing.assert_close(guided_velocity(x, t, 1), v_uncond + 3 * (v_cond - v_uncond))
 
 
-@pytest.mark.parametrize('dtype,mixer', [(dtype, 'grfm') for dtype in DTYPES] + [('float32', 'attention')])
+@pytest.mark.parametrize('dtype,mixer', [('float32', 'grfm'), ('float32', 'attention')] + [
+    pytest.param(dtype, 'grfm', marks=FULL) for dtype in DTYPES[1:]])
 def test_flow_training_steps_lower_the_loss_on_a_real_batch(dtype, mixer):
     # 64 px -> a 4x4 latent, which 3x3 Coda windows must pad; r = 3 with backprop through 2
     torch.manual_seed(0)
@@ -824,7 +855,7 @@ def test_consistency_boundary_condition_is_exact():
     assert not torch.equal(consistency_fn(velocity, z, torch.full((2,), 0.5), 2), z)
 
 
-@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('dtype', TIERED_DTYPES)
 def test_distillation_steps_lower_the_consistency_loss(dtype):
     torch.manual_seed(0)
     images, captions = make_shapes(32, 32)
@@ -932,7 +963,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     restored_optimizer = torch.optim.AdamW(restored.parameters())
     restored_generator = torch.Generator()
     restored_scaler = torch.amp.GradScaler('cpu')
-    assert load_checkpoint(path, restored, restored_ema, restored_optimizer, restored_generator, restored_scaler) == 7
+    resumed = load_checkpoint(path, restored, restored_ema, restored_optimizer, restored_generator, restored_scaler)
+    assert resumed['step'] == 7
     assert restored_scaler.state_dict() == scaler.state_dict() and restored_scaler.get_scale() == 256.0
     for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
         assert torch.equal(a, b)
@@ -1034,10 +1066,10 @@ def test_unreadable_checkpoints_are_one_line_and_resume_takes_the_newest_intact_
         with pytest.raises(SystemExit, match='is not a readable IRIS checkpoint .*copy it again') as e:
             read_checkpoint(str(path))
         assert '\n' not in str(e.value)
-        assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator()) == 3
+        assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator())['step'] == 3
         assert 'resuming from' in capsys.readouterr().out
     (tmp_path / 'ckpt_000003.safetensors').write_bytes(good[:100])  # the newest numbered copy is cut short too
-    assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator()) == 2
+    assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator())['step'] == 2
     assert 'ckpt_000002.safetensors (step 2)' in capsys.readouterr().out
 
 
@@ -1055,7 +1087,8 @@ def test_a_checkpoint_with_the_old_parameter_names_loads_unchanged(tmp_path):
     loaded, _, _ = training.load_generator(str(tmp_path))
     for (name, expected), (loaded_name, weights) in zip(ema.state_dict().items(), loaded.state_dict().items()):
         assert name == loaded_name and torch.equal(expected, weights)
-    assert load_checkpoint(path, model, make_ema(model), torch.optim.AdamW(model.parameters()), torch.Generator()) == 5
+    resumed = load_checkpoint(path, model, make_ema(model), torch.optim.AdamW(model.parameters()), torch.Generator())
+    assert resumed['step'] == 5
 
 
 def test_one_run_per_out_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
@@ -1094,6 +1127,7 @@ def _run(args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@FULL
 def test_train_vae_script_end_to_end_then_resume(tmp_path):
     tiny = ['--image_size=32', '--num_images=64', '--num_holdout=8', '--channels=(8, 16, 16)',
             '--batch_size=8', '--eval_interval=10', '--out_dir=run']
@@ -1118,12 +1152,17 @@ def test_train_vae_script_end_to_end_then_resume(tmp_path):
     steps = [int(line.split(',')[0]) for line in (out / 'log.csv').read_text().splitlines()[1:]]
     assert steps == sorted(steps) and steps[-1] == 29  # the log continues where it stopped
 
-    for bad, message in [('--typo_key=1', "has no setting 'typo_key'"), ('--image_size=40', 'not a multiple of 16')]:
+    result = _run(['train_vae.py', SHAPES_CONFIG, *tiny, '--max_steps=2', '--crop_size=16', '--out_dir=crops'],
+                  tmp_path)  # trained on 16 px crops, evaluated on the whole 32 px images
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(tmp_path / 'crops' / 'recon_000002.png').size == (8 * 32, 2 * 32)
+    for bad, message in [('--typo_key=1', "has no setting 'typo_key'"), ('--image_size=40', 'not a multiple of 16'),
+                         ('--crop_size=24', 'not a multiple of 16'), ('--crop_size=128', 'larger than --image_size')]:
         result = _run(['train_vae.py', bad], tmp_path)
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def tiny_runs(tmp_path_factory):
     """A tiny VAE and a tiny generator trained by the real scripts, shared by the tests below."""
     root = tmp_path_factory.mktemp('runs')
@@ -1157,6 +1196,44 @@ def test_train_flow_on_shapes_writes_everything_and_resumes(tiny_runs):
     assert result.returncode != 0 and 'dim=32 there, 48 here' in result.stderr and 'Traceback' not in result.stderr
 
 
+@FULL
+def test_init_from_a_run_carries_its_weights_to_another_size_and_refuses_another_shape(tiny_runs):
+    for folder, kind, same, other in [
+            ('vae', 'VAE', lambda: WaveletVAE((8, 16, 16)), lambda: WaveletVAE((8, 16, 32))),
+            ('out-flow', 'generator', lambda: Iris(IrisConfig(**read_checkpoint(
+                str(tiny_runs / 'out-flow' / 'ckpt.safetensors'), prefixes=())[1]['model_config'])),
+             lambda: Iris(IrisConfig(dim=48, heads=2, core_layers=1, patch_size=1)))]:
+        expected, _ = training.read_ema_checkpoint(str(tiny_runs / folder), kind, '--init_from')
+        model = same()
+        training.start_from_run(str(tiny_runs / folder), model, kind)
+        assert model.state_dict().keys() == expected.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+        with pytest.raises(SystemExit, match=f"holds a {kind} of another shape .*(channels|dim)="):
+            training.start_from_run(str(tiny_runs / folder), other(), kind)
+    # the 32 px run continued at 64 px by the script: the timestep shift from the two runs' token counts
+    result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--image_size=64', '--init_from=out-flow', '--shift=0',
+                   '--max_steps=1', '--out_dir=out-64'], tiny_runs)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'generator initialised from out-flow (its step ' in result.stdout
+    _, meta = read_checkpoint(str(tiny_runs / 'out-64' / 'ckpt.safetensors'), prefixes=())
+    assert meta['config']['shift'] == 2.0 and meta['step'] == 1
+    for bad, message in [(['--init_from=nowhere'], "is neither 'scratch', 'resume' nor a run folder"),
+                         (['--init_from=out-flow', '--dim=48'], 'holds a generator of another shape (dim=32 there, '
+                                                                '48 here')]:
+        result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--out_dir=out-bad', *bad], tiny_runs)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, \
+            result.stderr[-1500:]
+
+
+def test_shift_moves_training_and_sampling_times_towards_noise():
+    t = torch.linspace(0, 1, 11)
+    assert torch.equal(shift_time(t, 1.0), t)
+    shifted = shift_time(t, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:-1] > t[1:-1]).all()
+    torch.testing.assert_close(shifted[5], torch.tensor(0.75))  # 3 * 0.5 / (1 + 2 * 0.5)
+    torch.testing.assert_close(time_grid(4, 3.0), shift_time(torch.linspace(1, 0, 5), 3.0))
+
+
 def _train_tiny_pokemon(data, max_steps, tiny_runs, tmp_path):
     """train_flow.py on config/pokemon.py with data ('--data_dir=...' or '--dataset=...'), every size tiny."""
     return _run(['train_flow.py', os.path.join(HERE, 'config', 'pokemon.py'), data, '--num_holdout=1',
@@ -1165,6 +1242,7 @@ def _train_tiny_pokemon(data, max_steps, tiny_runs, tmp_path):
                  f'--cache_dir={tmp_path / "cache"}', f'--out_dir={tmp_path / "flow"}'], tmp_path)
 
 
+@FULL
 def test_train_flow_on_the_pokemon_config_with_a_local_folder(tiny_runs, tmp_path):
     folder = tmp_path / 'images'
     folder.mkdir()
@@ -1174,6 +1252,7 @@ def test_train_flow_on_the_pokemon_config_with_a_local_folder(tiny_runs, tmp_pat
     assert (tmp_path / 'flow' / 'ckpt.safetensors').exists()
 
 
+@FULL
 def test_train_flow_on_a_hub_data_set_in_a_local_parquet_folder(tiny_runs, tmp_path, monkeypatch):
     # reach-vb/pokemon-blip-captions as the Hub serves it (data/train-*.parquet: an image column
     # and a 'text' column), read by data.load_hub through datasets.load_dataset: every line
@@ -1194,12 +1273,21 @@ def test_train_flow_on_a_hub_data_set_in_a_local_parquet_folder(tiny_runs, tmp_p
     assert (tmp_path / 'flow' / 'samples_000002.png').exists()
 
 
-def test_eval_shapes_measures_each_r_and_adaptive_iterations(tmp_path):
-    # 64 px: the analyser reads real shapes reliably only from there, and eval_shapes.py checks
+@pytest.fixture(scope='session')
+def vae_64(tmp_path_factory):
+    """A tiny VAE at 64 px, the size from which the shapes and scenes analysers read real images
+    reliably (the evals check), shared by the eval tests."""
+    root = tmp_path_factory.mktemp('vae64')
     result = _run(['train_vae.py', SHAPES_CONFIG, '--num_images=64', '--num_holdout=8', '--channels=(8, 16, 16)',
-                   '--batch_size=8', '--max_steps=2', '--out_dir=vae'], tmp_path)
+                   '--batch_size=8', '--max_steps=2', '--out_dir=vae'], root)
     assert result.returncode == 0, result.stderr[-2000:]
+    return root / 'vae'
+
+
+@FULL
+def test_eval_shapes_measures_each_r_and_adaptive_iterations(vae_64, tmp_path):
     result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--image_size=64', '--max_steps=2',
+                   f'--vae_dir={vae_64}',
                    '--iteration_embedding=none', '--train_iters=(4,)', '--train_iters_mean=2.0'], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     result = _run(['eval_shapes.py', '--out_dir=out-flow', '--num_prompts=8', '--iters_list=(1, 2)',
@@ -1214,6 +1302,30 @@ def test_eval_shapes_measures_each_r_and_adaptive_iterations(tmp_path):
     assert Image.open(tmp_path / 'out-flow' / 'eval_iters.png').size == (8 * 64, 2 * 64)
 
 
+@FULL
+def test_eval_scenes_scores_each_task_at_each_r_and_adaptive_iterations(tiny_runs, vae_64, tmp_path):
+    result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--dataset=scenes', '--image_size=64', '--max_steps=2',
+                   f'--vae_dir={vae_64}', '--iteration_embedding=none', '--train_iters=(4,)', '--train_iters_mean=2.0'],
+                  tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run(['eval_scenes.py', '--out_dir=out-flow', '--num_prompts=12', '--iters_list=(1, 2)', '--steps=2',
+                   '--exit_tolerance=1e30', '--batch_size=8'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split(' | ')[0].lstrip('| '): line.rstrip(' |').split(' | ')[1:] for line in result.stdout.splitlines()
+            if line.startswith('| ')}
+    assert rows['real held-out scenes'][:7] == ['100.0'] * 7, result.stdout
+    names = [name for name in rows if name.startswith(('r = ', 'auto'))]
+    assert names == ['r = 1, 2 steps, cfg 4.0', 'r = 2, 2 steps, cfg 4.0',
+                     'auto (tolerance 1e+30, at most 2), 2 steps, cfg 4.0'], result.stdout
+    # a tolerance nothing can miss stops every sample after one iteration: r = 1's images exactly
+    assert rows[names[2]][:8] == rows[names[0]][:7] + ['1.0']
+    assert Image.open(tmp_path / 'out-flow' / 'eval_iters.png').size == (8 * 64, 2 * 64)
+    result = _run(['eval_scenes.py', f'--out_dir={tiny_runs / "out-flow"}'], tmp_path)  # a shapes run
+    assert result.returncode != 0 and 'was not trained on the scenes data' in result.stderr, result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
+
+
+@FULL
 def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     for split, seed in (('train', 0), ('test', 1)):  # prepare.py's layout: train/ and test/ with a group per image
         (tmp_path / split).mkdir()
@@ -1247,11 +1359,15 @@ def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     assert Image.open(tmp_path / 'edges' / 'eval_control.png').size == (6 * 32, 3 * 32)
 
 
-def test_sample_script_end_to_end_and_its_errors(tiny_runs):
+def test_sample_script_end_to_end(tiny_runs):
     result = _run(['sample.py', '--prompt=a red circle|a blue square', '--num_samples=2', '--steps=2', '--iters=3',
                    '--output=two.png'], tiny_runs)  # no --out_dir: the newest generator run
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(tiny_runs / 'two.png').size == (2 * 32, 2 * 32)
+
+
+@FULL
+def test_sample_script_stops_bad_input_with_one_line(tiny_runs):
     for bad, message in [('--prompt=a red circle|  ', 'prompt 2 of 2 is empty'),
                          ('--text_encoder=openai/clip-vit-large-patch14', "trained with text encoder 'minilm'"),
                          ('--size=40', 'not a multiple of 16'), ('--out_dir=nowhere', 'no generator checkpoint'),
@@ -1312,6 +1428,7 @@ def test_distill_script_then_one_step_sampling(tiny_runs):
     assert result.returncode != 0 and 'already a distilled student' in result.stderr
 
 
+@FULL
 def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
     images, _ = make_shapes(1, 32, seed=3)
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tiny_runs / 'before.png')
@@ -1346,6 +1463,7 @@ def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
     assert result.returncode != 0 and 'needs the --init_image' in result.stderr
 
 
+@FULL
 def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_runs):
     args = ['train_flow.py', os.path.join(HERE, 'config', 'shapes_edges.py'), '--vae_dir=vae', '--base_dir=out-flow',
             '--image_size=32', '--num_images=64', '--num_holdout=8', '--batch_size=8', '--max_steps=3',
@@ -1393,7 +1511,7 @@ def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_
     assert 'Traceback' not in result.stderr
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'float16'])  # fp16 also carries the GradScaler's state
+@pytest.mark.parametrize('dtype', ['float32', pytest.param('float16', marks=FULL)])  # fp16: the GradScaler's state
 def test_resume_from_a_checkpoint_is_bit_exact(tiny_runs, dtype):
     # straight to step 4 (checkpoints at 2 and 4), against: the step-2 checkpoint resumed to 4
     args = ['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--max_steps=4', '--eval_interval=2',
@@ -1416,6 +1534,7 @@ def test_resume_from_a_checkpoint_is_bit_exact(tiny_runs, dtype):
     assert not differ, differ
 
 
+@FULL
 def test_torchrun_two_processes_train_like_one(tiny_runs):
     # the same global batch of 8: one process, against 2 gloo processes x 2 accumulation steps of 2
     args = [os.path.join(HERE, 'train_flow.py'), SHAPES_CONFIG, *TINY_FLOW,
@@ -1449,6 +1568,7 @@ def test_torchrun_two_processes_train_like_one(tiny_runs):
         assert len((tiny_runs / out / 'log.csv').read_text().splitlines()) == 3  # header, steps 0 and 1
 
 
+@FULL
 def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
     flow = ['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--out_dir=out-bad', '--max_steps=20']
     for bad, message in [(['--lr=1e30', '--warmup_steps=1', '--grad_clip=1e30'], 'loss is inf at step 1; lower --lr'),
@@ -1540,10 +1660,11 @@ def _script_settings(script):
             if isinstance(target, ast.Name)}
 
 
-@pytest.mark.parametrize('config', ['shapes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py', 'shapes_edges.py',
-                                    'emoji_edges.py'])
+@pytest.mark.parametrize('config', ['shapes.py', 'scenes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py',
+                                    'shapes_edges.py', 'emoji_edges.py'])
 def test_every_config_file_sets_only_settings_each_stage_has(config):
-    for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes', 'eval_real'):
+    for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes', 'eval_scenes',
+                   'eval_real'):
         unknown = set(read_config_file(os.path.join(HERE, 'config', config), script)) - _script_settings(script)
         assert not unknown, (config, script, unknown)
     # every text-to-image setup distils too; a control adapter is an add-on to one, and distil.py leaves it alone
@@ -1561,6 +1682,42 @@ def test_shapes_analyser_reads_real_images():
         assert scores['all 5'] >= 0.98, (size, scores)
     blank = torch.full((3, 64, 64), 128, dtype=torch.uint8)
     assert analyse(blank)['shape'] is None  # nothing drawn: nothing read, no crash
+
+
+@FULL
+def test_scene_analyser_reads_true_renders_in_every_task():
+    for size in (64, 96):
+        for test in (False, True):
+            images, _ = make_scenes(240, size, seed=7, test=test)
+            scores = geneval(images, [scene_attributes(7, i, test=test) for i in range(240)])
+            assert min(scores.values()) >= 0.99, (size, test, scores)
+    assert read_scene(torch.full((3, 64, 64), 128, dtype=torch.uint8)) == []
+
+
+def test_geneval_rules_on_hand_made_detections():
+    red_circle, blue_square = dict(shape='circle', colour='red', x=0.2, y=0.5), dict(
+        shape='square', colour='blue', x=0.5, y=0.55)
+    scene = lambda task, *objects, relation=None: dict(task=task, relation=relation, objects=[  # noqa: E731
+        dict(shape=o[0], colour=o[1]) for o in objects])
+    assert scene_correct([red_circle, blue_square], scene('two objects', ('circle', 'red'), ('square', 'red')))
+    assert not scene_correct([red_circle], scene('two objects', ('circle', 'red'), ('square', 'red')))
+    assert scene_correct([red_circle, blue_square], scene('counting', ('circle', 'red')))  # one circle: count 1
+    assert not scene_correct([red_circle, red_circle, blue_square], scene('counting', *[('circle', 'red')] * 3))
+    assert scene_correct([red_circle] * 3 + [blue_square], scene('counting', *[('circle', 'red')] * 3))
+    assert scene_correct([red_circle, blue_square], scene('colours', ('square', 'blue')))
+    assert not scene_correct([red_circle, blue_square], scene('colours', ('square', 'red')))
+    swapped = scene('colour attribution', ('circle', 'blue'), ('square', 'red'))
+    assert not scene_correct([red_circle, blue_square], swapped)  # both colours present, on the wrong objects
+    assert scene_correct([red_circle, blue_square], scene('colour attribution', ('circle', 'red'), ('square', 'blue')))
+    pair = (('circle', 'red'), ('square', 'blue'))
+    assert scene_correct([red_circle, blue_square], scene('position', *pair, relation='left of'))
+    assert not scene_correct([red_circle, blue_square], scene('position', *pair, relation='right of'))
+    assert not scene_correct([red_circle, blue_square], scene('position', *pair, relation='above'))  # 0.05 < margin
+    below = dict(blue_square, y=0.5 + metrics.POSITION_MARGIN + 0.01)
+    assert scene_correct([red_circle, below], scene('position', *pair, relation='above'))
+    scores = geneval(torch.full((2, 3, 64, 64), 128, dtype=torch.uint8), [scene('colours', ('square', 'blue')),
+                                                                          scene('counting', *pair)])
+    assert scores == {'counting': 0, 'colours': 0, 'overall': 0}
 
 
 def test_ssim_is_one_on_itself_and_the_closed_form_on_flat_images():
@@ -1586,6 +1743,7 @@ def test_frechet_distance_matches_the_two_by_two_closed_form():
     assert abs(frechet_distance(a, a)) < 1e-9
 
 
+@FULL
 def test_group_classifier_learns_a_rare_group_and_balanced_accuracy_weighs_groups_equally():
     labels = torch.tensor([0, 0, 0, 0, 1, 1, -1])  # -1: a group the classifier never learned, left out
     predicted = torch.tensor([0, 0, 0, 0, 1, 0, 0])
@@ -1641,6 +1799,7 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
             assert error / reference.abs().max() < 1e-4, (fmt, error)
 
 
+@FULL
 def test_generator_exports_to_executorch_and_onnx_and_matches_pytorch(tmp_path, caplog):
     pytest.importorskip('executorch', reason='pip install -r requirements-export.txt')
     with caplog.at_level(logging.WARNING):
@@ -1654,6 +1813,7 @@ def test_generator_exports_with_the_xnnpack_delegate_and_matches_pytorch(tmp_pat
     _check_generator_export(tmp_path, 'xnnpack', ['pte'])
 
 
+@FULL
 def test_vae_decoder_export_matches_pytorch(tmp_path):
     pytest.importorskip('executorch', reason='pip install -r requirements-export.txt')
     import mobile
@@ -1670,6 +1830,7 @@ def test_vae_decoder_export_matches_pytorch(tmp_path):
     assert (image - reference).abs().max() < 1e-4 * reference.abs().max()
 
 
+@FULL
 def test_executorch_export_of_a_torch_fft_model_says_to_use_dft(tmp_path):
     import mobile
     model = _wake_up(Iris(_tiny_config(fft_impl='torch'))).eval()
@@ -1708,6 +1869,7 @@ def test_reduced_precision_copy_for_export_stays_close(precision, tolerance):
     assert (output.float() - reference).abs().max() < tolerance * reference.abs().max()
 
 
+@FULL
 def test_int8_onnx_export_quantises_every_matmul_and_stays_close(tmp_path):
     pytest.importorskip('onnxruntime', reason='pip install -r requirements-export.txt')
     import mobile
@@ -1731,6 +1893,7 @@ def test_int8_onnx_export_quantises_every_matmul_and_stays_close(tmp_path):
     assert (exported(z, t, text, mask, 2) - reference).abs().max() < 5e-2 * reference.abs().max()
 
 
+@FULL
 def test_an_export_without_a_format_is_one_line(tmp_path):
     for args, message in ((['export_mobile.py', '--pte=False', '--onnx=False'], '--pte=False and --onnx=False'),
                           (['export_mobile.py', '--pte=False', '--precision=fp16'],
@@ -1763,8 +1926,8 @@ def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
 # fuzz: every entry script, bad input, one error line
 
 
-ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'distill.py', 'sample.py', 'eval_shapes.py', 'eval_real.py',
-                 'export_mobile.py', 'run_mobile.py', 'bench.py', 'check_gpu.py')
+ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'distill.py', 'sample.py', 'eval_shapes.py', 'eval_scenes.py',
+                 'eval_real.py', 'export_mobile.py', 'run_mobile.py', 'bench.py', 'check_gpu.py')
 
 
 CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype', 'precision', 'backend', 'sections',
@@ -1772,7 +1935,8 @@ CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype'
 
 
 READ_PATHS = {'train_vae.py': ('data_dir',), 'train_flow.py': ('vae_dir', 'data_dir'), 'distill.py': ('teacher_dir',),
-              'sample.py': ('out_dir', 'init_image'), 'eval_shapes.py': ('out_dir',), 'eval_real.py': ('out_dir',),
+              'sample.py': ('out_dir', 'init_image'), 'eval_shapes.py': ('out_dir',), 'eval_scenes.py': ('out_dir',),
+              'eval_real.py': ('out_dir',),
               'export_mobile.py': ('out_dir',), 'run_mobile.py': ('export_dir',), 'check_gpu.py': ('data_dir',)}
 
 
@@ -1846,6 +2010,7 @@ def _one_error_line(case, cwd):
     return case, result.returncode != 0 and len(errors) == 1 and 'Traceback' not in output, output[-600:]
 
 
+@FULL
 def test_fuzz_every_entry_script_stops_bad_input_with_one_error_line(tmp_path):
     cases = _fuzz_cases(tmp_path)
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -1860,48 +2025,111 @@ def test_fuzz_every_entry_script_stops_bad_input_with_one_error_line(tmp_path):
 # web/: the page in headless Chromium, against the Python ONNX pipeline (browser.py)
 
 
-@pytest.fixture(scope='module')
-def web_exports(tmp_path_factory):
-    """A small run's ONNX files, as export_mobile.py writes them, for a teacher (Euler with
-    guidance: the generator at batch 2) and a distilled student (consistency, batch 1). Its
-    text encoder is a one-layer BERT behind MiniLM's real tokenizer, so the page tokenises as
-    the app would."""
+# -----------------------------------------------------------------------------
+# iris.ipynb and internals.py
+
+
+def test_the_notebook_is_committed_without_outputs():
+    import nbformat
+    notebook = nbformat.read(os.path.join(HERE, 'iris.ipynb'), as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == 'code']
+    assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
+    assert any('TINY = False' in cell.source for cell in code)  # the setting the test below turns on
+
+
+@FULL
+def test_the_notebook_runs_every_cell_on_the_cpu_and_draws_its_figures(tmp_path):
+    nbformat = pytest.importorskip('nbformat', reason='pip install -r requirements-notebook.txt')
+    nbclient = pytest.importorskip('nbclient', reason='pip install -r requirements-notebook.txt')
+    pytest.importorskip('onnxruntime', reason='pip install -r requirements-export.txt')
+    notebook = nbformat.read(os.path.join(HERE, 'iris.ipynb'), as_version=4)
+    for cell in notebook.cells:
+        cell.source = cell.source.replace('TINY = False', 'TINY = True').replace(
+            "else 'out-notebook'", f"else {str(tmp_path / 'out')!r}")
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3',
+                            resources={'metadata': {'path': HERE}}).execute()  # raises on any cell's error
+    images = [output for cell in notebook.cells if cell.cell_type == 'code' for output in cell.get('outputs', [])
+              if 'image/png' in output.get('data', {})]
+    assert len(images) == 4  # loss curves, wavelet view, the r sweep, inside (no distilled student here)
+    assert (tmp_path / 'out' / 'internals.png').exists()
+    printed = ''.join(output.get('text', '') for cell in notebook.cells for output in cell.get('outputs', []))
+    assert 'state change per iteration:' in printed and 'in all' in printed and 'no distilled student' in printed
+
+
+def test_internals_record_what_the_core_does_at_each_iteration():
+    torch.manual_seed(0)
+    model = _wake_up(Iris(_tiny_config(core_layers=2)).eval())
+    text, mask = torch.randn(1, 5, 24), torch.ones(1, 5, dtype=torch.bool)
+    z = torch.randn(1, 16, 6, 8)
+    record = internals.record_step(model, z, 0.5, Prompt(text, mask), iters=3)
+    assert len(record.states) == 6 and len(record.gates) == 6 and len(record.fourier) == 6  # 3 iterations x 2 layers
+    # the state change, against the states written out by running the Core by hand
+    encoded = model.encode_prompt(text, mask)
+    e, c = model.prelude_forward(z, torch.full((1,), 0.5), encoded[1])
+    states = [e]  # s_0 = e, then each iteration conditioned on its progress i / r
+    for i in range(3):
+        modulations = [m[0] for m in model.core_condition(c, torch.full((1, 1), i / 3))]
+        states.append(model.core_iteration(states[-1], e, modulations, encoded[0].unbind(0), mask, (6, 8),
+                                           [layer.mixer.prepare((6, 8)) for layer in model.core]))
+    expected = torch.stack([(b - a).norm() / a.norm() for a, b in zip(states, states[1:])])
+    torch.testing.assert_close(internals.state_changes(record), expected, rtol=1e-4, atol=1e-6)
+    gates = internals.gate_maps(record, 2, (6, 8))
+    assert gates.shape == (3, 2, 6, 8) and ((gates > 0) & (gates < 1)).all()
+    energy = internals.fourier_energy(record)
+    assert energy.shape == (6, 5) and torch.allclose(energy.sum(1), torch.ones(6))  # max(|ky|, |kx|) <= 4 on 6x8
+    decay = internals.decay_by_distance(model, distances=5)
+    assert decay.shape == (2, model.config.heads, 5) and (decay[..., 0] == 1).all() and (decay.diff(dim=-1) < 0).all()
+    view = internals.wavelet_view(make_shapes(1, 32, seed=0)[0][0])
+    assert view['LL'].shape == (16, 16, 3) and 0 <= view['LL'].min() and view['HH'].max() <= 1
+
+
+@pytest.fixture(scope='session')
+def web_export(tmp_path_factory):
+    """-> export(sampler): a small run's ONNX files, as export_mobile.py writes them, for a
+    teacher ('euler', with guidance: the generator at batch 2) or a distilled student
+    ('consistency', batch 1), each exported on first use. Its text encoder is a one-layer BERT
+    behind MiniLM's real tokenizer, so the page tokenises as the app would."""
     pytest.importorskip('onnxruntime', reason='pip install -r requirements-export.txt')
     if browser.missing():
         pytest.skip(browser.missing())
     import mobile
     from transformers import BertConfig, BertModel
-    teacher, student = (str(tmp_path_factory.mktemp(sampler)) for sampler in ('euler', 'consistency'))
+    shared = str(tmp_path_factory.mktemp('shared'))
     torch.manual_seed(0)
     encoder = load_text_encoder('minilm')
-    mobile.save_tokenizer(encoder, os.path.join(teacher, 'tokenizer.json'))
+    mobile.save_tokenizer(encoder, os.path.join(shared, 'tokenizer.json'))
     bert = BertModel(BertConfig(vocab_size=encoder.tokenizer.vocab_size, hidden_size=24, num_hidden_layers=1,
                                 num_attention_heads=3, intermediate_size=48), add_pooling_layer=False).eval()
     ids = torch.ones(1, 77, dtype=torch.long)
     text_encoder = mobile.Method(bert, lambda m, i, a: m(input_ids=i, attention_mask=a).last_hidden_state)
-    mobile.export_onnx({'forward': (text_encoder, (ids, ids))}, teacher, 'text_encoder')
+    mobile.export_onnx({'forward': (text_encoder, (ids, ids))}, shared, 'text_encoder')
     vae = WaveletVAE(channels=(8, 16, 16)).eval()
     mobile.export_onnx({'forward': (mobile.Method(vae, lambda m, z: m.decode_latent(z)), (torch.randn(1, 16, 4, 4),))},
-                       teacher, 'vae_decoder')
-    for name in ('tokenizer.json', 'text_encoder.onnx', 'vae_decoder.onnx'):  # what the two runs share
-        shutil.copy(os.path.join(teacher, name), student)
-    for folder, sampler, batch, steps in ((teacher, 'euler', 2, 25), (student, 'consistency', 1, 2)):
-        z, t, text, mask = _inputs(batch, side=4, text_len=77)
-        torch.manual_seed(0)  # weights large enough that the generator, not the noise, decides the picture
-        generator = wake_up(Iris(_tiny_config(fft_impl='dft')), std=0.2).eval().requires_grad_(False)
-        mobile.export_onnx(mobile.generator_methods(generator, z, t, text, mask), folder, 'generator')
-        mobile.save_manifest(folder, dict(precision='fp32', dtype='float32', onnx=True, image_size=64,
-                                          latent_channels=16, generator_batch=batch, control='', text_tokens=77,
-                                          sampler=sampler, steps=steps, iters=2, cfg_scale=4.0, shift=1.0,
-                                          sample_prompt='a large red circle in the center', untrained=True))
-    return {'euler': teacher, 'consistency': student}
+                       shared, 'vae_decoder')
+    exported = {}
+
+    def export(sampler):
+        if sampler not in exported:
+            folder = str(shutil.copytree(shared, tmp_path_factory.mktemp(sampler) / 'export'))
+            batch, steps = {'euler': (2, 25), 'consistency': (1, 2)}[sampler]
+            z, t, text, mask = _inputs(batch, side=4, text_len=77)
+            torch.manual_seed(0)  # weights large enough that the generator, not the noise, decides the picture
+            generator = wake_up(Iris(_tiny_config(fft_impl='dft')), std=0.2).eval().requires_grad_(False)
+            mobile.export_onnx(mobile.generator_methods(generator, z, t, text, mask), folder, 'generator')
+            mobile.save_manifest(folder, dict(precision='fp32', dtype='float32', onnx=True, image_size=64,
+                                              latent_channels=16, generator_batch=batch, control='', text_tokens=77,
+                                              sampler=sampler, steps=steps, iters=2, cfg_scale=4.0, shift=1.0,
+                                              sample_prompt='a large red circle in the center', untrained=True))
+            exported[sampler] = folder
+        return exported[sampler]
+    return export
 
 
-@pytest.mark.parametrize('sampler', ['euler', 'consistency'])
-def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_exports, sampler):
+@pytest.mark.parametrize('sampler', ['euler', pytest.param('consistency', marks=FULL)])
+def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_export, sampler):
     import mobile
     from tokenizers import Tokenizer
-    folder = web_exports[sampler]
+    folder = web_export(sampler)
     manifest = mobile.read_manifest(folder)
     prompt, noise = 'a small blue square at the top left', mobile.initial_noise(manifest, seed=3)
     settings = {k: manifest[k] for k in ('steps', 'cfg_scale', 'iters', 'shift', 'sampler')}
@@ -1925,8 +2153,9 @@ def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_exports, sam
                     ids=encoding.ids, mask=encoding.attention_mask), text
 
 
-def test_the_web_page_says_what_is_wrong_in_one_line(web_exports, tmp_path):
-    folder = shutil.copytree(web_exports['consistency'], tmp_path / 'export')
+@FULL
+def test_the_web_page_says_what_is_wrong_in_one_line(web_export, tmp_path):
+    folder = shutil.copytree(web_export('consistency'), tmp_path / 'export')
     (folder / 'generator_core.onnx').unlink()
     with browser.web_page(str(folder)) as (page, _):
         for prompt, message in (('  ', 'error: the prompt is empty: write what to draw'),

@@ -22,7 +22,6 @@ With control='edges' or 'silhouette' it trains a ControlAdapter (model.py) inste
 generator of base_dir is loaded and frozen, only the adapter learns, and each step's
 images bring their own control maps (data.control_map, cached like the latents).
 """
-import json
 import os
 import time
 
@@ -155,17 +154,8 @@ else:
     model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
                               text_encoder=text_encoder, backprop_iters=backprop_iters,
                               iteration_embedding=iteration_embedding, state_init=state_init)
-    start_run = None
-    if init_from == 'resume' and os.path.isfile(os.path.join(out_dir, 'config.json')):
-        with open(os.path.join(out_dir, 'config.json')) as f:
-            start_run = json.load(f)['config']
-    elif init_from != 'scratch':
-        start_run = start_from_run(init_from, model, 'generator')
+    start_run = start_from_run(init_from, model, 'generator') if init_from not in ('scratch', 'resume') else None
     model = model.to(device)
-if not shift:  # the square root of the token ratio is the ratio of the token grids' sides
-    shift = 1.0 if start_run is None else start_run.get('shift', 1.0) * (image_size / patch_size) / (
-        start_run['image_size'] / start_run['patch_size'])
-config['shift'] = shift  # as sampled from this run
 ema = make_ema(model)
 if master:
     counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
@@ -175,7 +165,14 @@ optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]
                               betas=(0.9, 0.99), fused=True)  # one kernel for all parameters, not ~10 per tensor
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
-start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator, scaler) if init_from == 'resume' else 0
+start_step = 0
+if init_from == 'resume':
+    resumed = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator, scaler)
+    start_step, start_run = resumed['step'], resumed['config']
+if not shift:  # the square root of the token ratio is the ratio of the token grids' sides
+    shift = 1.0 if start_run is None else start_run.get('shift', 1.0) * (image_size / patch_size) / (
+        start_run['image_size'] / start_run['patch_size'])
+config['shift'] = shift  # as sampled from this run
 if compile:
     model.compile_core()
 train_model = wrap_distributed(model, world_size)

@@ -114,7 +114,9 @@ print(f"WaveletVAE: encoder {sum(p.numel() for p in model.encoder.parameters()) 
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), fused=True)
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
-start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator, scaler) if init_from == 'resume' else 0
+start_step = 0
+if init_from == 'resume':
+    start_step = load_checkpoint(ckpt_path, model, ema, optimizer, data_generator, scaler)['step']
 train_model = wrap_distributed(model, world_size)
 train_model = torch.compile(train_model) if compile else train_model
 if master:

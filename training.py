@@ -365,7 +365,8 @@ def _differences(theirs, ours):
 
 
 def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
-    """Restore everything save_checkpoint wrote; return the step to continue from."""
+    """Restore everything save_checkpoint wrote; return its metadata: the step to continue from
+    ('step') and the run's settings ('config')."""
     tensors, meta = _newest_intact(path)
     if meta.get('model_config') != model_config(model):
         differ = _differences(meta.get('model_config') or {}, model_config(model))
@@ -384,7 +385,7 @@ def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
     if cuda_states:
         torch.cuda.set_rng_state_all(cuda_states)
-    return meta['step']
+    return meta
 
 
 def check_init_from(init_from):
