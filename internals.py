@@ -133,9 +133,10 @@ def plot_inside(model, record, hw, path):
     import matplotlib.pyplot as plt
     layers, changes = len(model.core), state_changes(record)
     iters = len(changes)
-    grfm = bool(record.gates)
-    figure = plt.figure(figsize=(3 + 1.6 * iters, 2.4 * layers + 3.2), constrained_layout=True)
-    grid = figure.add_gridspec(layers + 1, max(iters, 3))
+    grfm = bool(record.gates)  # an attention Core has only the state to show
+    rows, columns = (layers + 1, max(iters, 3)) if grfm else (1, 1)
+    figure = plt.figure(figsize=(3 + 1.6 * iters, 2.4 * layers + 3.2) if grfm else (4, 3), constrained_layout=True)
+    grid = figure.add_gridspec(rows, columns)
     if grfm:
         maps = gate_maps(record, layers, hw)
         for layer in range(layers):
@@ -145,7 +146,7 @@ def plot_inside(model, record, hw, path):
                 axis.set_xticks([]), axis.set_yticks([])
                 axis.set_title(f"layer {layer}, iteration {i + 1}", fontsize=8)
         figure.colorbar(image, ax=figure.axes, shrink=0.6, label='gate g: 1 Fourier, 0 recurrence')
-    axis = figure.add_subplot(grid[layers, 0])
+    axis = figure.add_subplot(grid[rows - 1, 0])
     axis.plot(range(1, iters + 1), changes, 'o-')
     axis.set(xlabel='iteration i', ylabel='||s_i+1 - s_i|| / ||s_i||', yscale='log', title='state change')
     if grfm:
@@ -175,6 +176,7 @@ if __name__ == '__main__':
     t = 0.5  # the noise level of the recorded step
     seed = 0
     configure(globals(), positive=('iters', 't'), ranges=dict(t=(0, 1)))
+    torch.manual_seed(seed)  # a Core started from noise (state_init='noise') draws it from the global generator
     model, run, out_dir = load_generator(out_dir)
     encoder = load_text_encoder(model.config.text_encoder)
     side = run['image_size'] // 16
