@@ -122,7 +122,7 @@ SCENE_BACKGROUND = (128, 128, 128)  # grey: far from every palette colour
 SCENE_RADIUS = 0.14  # of the image side: four shapes fit without touching
 NUMBERS = {2: 'two', 3: 'three', 4: 'four'}
 RELATIONS = ('left of', 'right of', 'above', 'below')
-RELATION_GAP = 0.3  # a drawn relation's centres are this far apart on its axis (metrics.POSITION_MARGIN reads it)
+RELATION_GAP = 0.3  # a drawn relation's centres are this far apart on its axis, well over metrics.POSITION_MARGIN
 
 
 def held_out(scene):

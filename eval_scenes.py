@@ -17,8 +17,9 @@ import time
 import numpy as np
 import torch
 
+from cache import encode_images
 from configurator import configure
-from data import TASKS, make_scenes, save_grid, scene_attributes, to_float
+from data import TASKS, make_scenes, save_grid, scene_attributes
 from flow import held_out_loss, text_to_image
 from metrics import geneval
 from text import load_text_encoder
@@ -86,14 +87,14 @@ for iters, tolerance in settings:
     if not tolerance and iters <= 16:
         rows_by_iters.append(images[:8])
 model.exit_tolerance = 0.0
-save_grid(torch.cat(rows_by_iters), os.path.join(out_dir, 'eval_iters.png'))
-with open(os.path.join(out_dir, 'eval_iters.txt'), 'w') as f:
-    f.write('\n'.join(captions[:8]) + '\n')
-print(f"grid: {out_dir}/eval_iters.png, one row per r in {[r for r in iters_list if r <= 16]}, the same captions "
-      f"({out_dir}/eval_iters.txt) and noise")
+if rows_by_iters:
+    save_grid(torch.cat(rows_by_iters), os.path.join(out_dir, 'eval_iters.png'))
+    with open(os.path.join(out_dir, 'eval_iters.txt'), 'w') as f:
+        f.write('\n'.join(captions[:8]) + '\n')
+    print(f"grid: {out_dir}/eval_iters.png, one row per r in {[r for r in iters_list if r <= 16]}, the same captions "
+          f"({out_dir}/eval_iters.txt) and noise")
+latents = encode_images(vae, real, batch_size).to(device)  # as cache.py encodes the training set
 with torch.no_grad(), autocast:
-    latents = torch.cat([vae.encode_latent(to_float(real[i:i + batch_size]).to(device))
-                         for i in range(0, num_prompts, batch_size)])
     prompt = encoder(captions).to(device)
     print("\n| held-out flow loss | " + " | ".join(f"r = {r}" for r in iters_list) + " |\n"
           + "|---" * (len(iters_list) + 1) + "|")

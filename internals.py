@@ -26,6 +26,7 @@ from model import GRFM
 from vae import psnr, reconstruct
 from wavelet import dwt
 
+
 def wavelet_view(image, vae=None):
     """uint8 (3, S, S) -> {'LL', 'LH', 'HL', 'HH': (S/2, S/2, 3) subbands in [0, 1] to show
     (LL as the half-size image it is, the details as |coefficient| over the band's largest),

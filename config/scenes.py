@@ -23,7 +23,7 @@ if script == 'train_flow':
     patch_size = 1  # 96 px -> a 6x6 latent -> 36 tokens
     mixer = 'attention'
     # Huginn's recipe: no iteration signal, r heavy-tailed around its mean, gradients through
-    # the last iterations only, the state started from noise (docs/results.md, 'Scenes')
+    # the last iterations only, the state started from noise (docs/results.md, 'Composition')
     iteration_embedding = 'none'
     state_init = 'noise'
     train_iters = (16,)
