@@ -609,15 +609,16 @@ class Iris(nn.Module):
         s = modulate(self.final_norm(s), shift, scale)
         return self.unpatchify(s.transpose(1, 2).reshape(len(s), -1, *hw))
 
-    def forward(self, z, t, text, text_mask, iters, control=None):
+    def forward(self, z, t, text, text_mask, iters, control=None, every_iteration=False):
         """z: (B, 16, H/16, W/16) noisy latent; t: (B,) in [0, 1]; text: (B, L, text_dim)
         token embeddings with text_mask: (B, L) bool, True for real tokens; iters: core
         iterations r; control: an optional control image (B, 1, H, W) for the adapter.
-        Returns the velocity, shaped like z."""
+        Returns the velocity, shaped like z; with every_iteration, the velocities read after
+        each iteration that keeps gradients (k, B, 16, H/16, W/16), the last being r's."""
         hint = None if control is None else self.encode_control(control)
-        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, hint)
+        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, hint, every_iteration)
 
-    def velocity(self, z, t, encoded_prompt, iters, hint=None):
+    def velocity(self, z, t, encoded_prompt, iters, hint=None, every_iteration=False):
         """forward() with the prompt encoded ahead by encode_prompt() and the control image by
         encode_control() (its hint). export_mobile.py exports the stages separately, so that a
         phone encodes a prompt once and picks r at run time. With self.exit_tolerance > 0 iters
@@ -647,6 +648,13 @@ class Iris(nn.Module):
                     s = s + self.control_adapter.inject(hint, s, c_base)  # hint (B, N, D)
                 return self.core_iteration(s, e, modulations[i], text_kv, text_mask, hw, prepared)
         s = e if self.config.state_init == "prelude" else torch.randn_like(e)  # s_0 (B, N, D)
+        if every_iteration:  # the Coda reads every state that learns (flow.flow_loss's loop_distill)
+            readouts = []
+            for i in range(iters):
+                s = iteration(i, s)
+                if i >= first_with_grad:
+                    readouts.append(self.coda_forward(s, c_base, hw))
+            return torch.stack(readouts)
         s, used = iterate_core(iteration, s, iters, self.exit_tolerance)      # s_r (B, N, D); used (B,) or None
         if used is not None:
             self.iterations_used.append(used)

@@ -342,6 +342,22 @@ def test_truncated_backprop_runs_under_module_hooks():
     assert flops.get_total_flops() > 0 and all(p.grad is not None for p in model.core.parameters())
 
 
+def test_loop_distill_pulls_each_learning_iteration_towards_the_last():
+    model = _wake_up(Iris(_tiny_config(backprop_iters=2)))
+    z, t, text, mask = _inputs()
+    readouts = model(z, t, text, mask, iters=4, every_iteration=True)
+    assert readouts.shape == (2, *z.shape)  # iterations 3 and 4 keep gradients
+    torch.testing.assert_close(readouts[-1], model(z, t, text, mask, iters=4), rtol=0, atol=0)
+    x0, prompt = torch.randn_like(z), Prompt(text, mask)
+    eps = (z - (1 - t.view(-1, 1, 1, 1)) * x0) / t.view(-1, 1, 1, 1)  # so that x_t is z
+    plain = flow_loss(model, x0, prompt, 4, t, eps)
+    distilled = flow_loss(model, x0, prompt, 4, t, eps, loop_distill=0.5)
+    gap = (readouts[0] - readouts[1]).square().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(distilled, plain + 0.5 * gap)
+    distilled.sum().backward()  # the held-fixed last readout passes no gradient through the gap
+    assert all(p.grad is not None for p in model.core.parameters())
+
+
 @pytest.mark.parametrize('dtype,tolerance', [('bfloat16', 3e-2), ('float16', 5e-3)])  # measured: 1.0e-2, 1.3e-3
 @pytest.mark.parametrize('fft_impl', ['torch', 'dft'])
 def test_autocast_output_stays_close_to_fp32_on_the_same_weights(dtype, tolerance, fft_impl):

@@ -66,6 +66,7 @@ train_iters_mean = 0.0  # > 0: r drawn from Huginn's heavy tail with this mean i
 iteration_embedding = 'progress'  # what the Core is told of its iteration: 'progress' (i / r) or 'none'
 state_init = 'prelude'  # the Core's start: 'prelude' (its output e) or 'noise' (Huginn's)
 backprop_iters = 0  # backpropagate through the last k core iterations only (0 = all)
+loop_distill = 0.0  # > 0: ELT's intra-loop self-distillation with this weight (flow.flow_loss)
 # spatial control: train only a ControlAdapter on a finished run, which stays frozen
 control = ''  # '' (train a generator), 'edges' or 'silhouette' (data.control_map)
 base_dir = ''  # with control: the train_flow.py run to control; its model settings win over those above
@@ -101,7 +102,7 @@ config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_
                    choices=dict(model_size=tuple(SIZES), mixer=('grfm', 'attention'),
                                 iteration_embedding=('progress', 'none'), state_init=('prelude', 'noise'),
                                 loss_weighting=('none', 'high_noise'), control=('', *CONTROLS), dtype=DTYPES),
-                   ranges=dict(caption_conflict=(0, 1)))
+                   ranges=dict(caption_conflict=(0, 1), loop_distill=(0, 10)))
 check_init_from(init_from)
 if control and not base_dir:
     raise SystemExit("error: --control needs --base_dir, the finished train_flow.py run the adapter trains on")
@@ -223,7 +224,7 @@ for step in bar:
             with autocast:  # the forward only: backward runs each op in the dtype its forward chose
                 per_sample = flow_loss(step_model, latents[index[share]].to(device),
                                        Prompt(text[share], mask[share]).to(device), iters, t[share].to(device),
-                                       eps[share].to(device), loss_weighting)
+                                       eps[share].to(device), loss_weighting, loop_distill)
             backward(per_sample.sum(), scaler, world_size, batch_size)
         loss_sum += per_sample.detach().float().sum()
         band = (t[share] * 4).long().clamp(max=3).to(device)
