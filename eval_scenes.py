@@ -75,18 +75,18 @@ settings = [(r, 0.0) for r in iters_list] + ([(max(iters_list), exit_tolerance)]
 rows_by_iters = []
 for iters, tolerance in settings:
     start = time.time()
-    model.exit_tolerance, model.iterations_used = tolerance, []
+    used = []
     with torch.no_grad(), autocast:
         images = torch.cat([text_to_image(model, vae, encoder, captions[i:i + batch_size], noise[i:i + batch_size],
-                                          steps=steps, cfg_scale=cfg_scale, iters=iters, shift=run.get('shift', 1.0))
+                                          steps=steps, cfg_scale=cfg_scale, iters=iters, shift=run.get('shift', 1.0),
+                                          exit_tolerance=tolerance, progress=used.append)
                             for i in range(0, num_prompts, batch_size)])
-    used = torch.cat(model.iterations_used).mean().item() if tolerance else iters
+    used = torch.cat(used).mean().item()
     name = f"auto (tolerance {tolerance:g}, at most {iters})" if tolerance else f"r = {iters}"
     print(row(f"{name}, {steps} steps, cfg {cfg_scale}", geneval(images, scenes), f"{used:.1f}",
               f"{(time.time() - start) / num_prompts:.3f}"), flush=True)
     if not tolerance and iters <= 16:
         rows_by_iters.append(images[:8])
-model.exit_tolerance = 0.0
 if rows_by_iters:
     save_grid(torch.cat(rows_by_iters), os.path.join(out_dir, 'eval_iters.png'))
     with open(os.path.join(out_dir, 'eval_iters.txt'), 'w') as f:

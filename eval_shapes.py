@@ -171,12 +171,11 @@ with mixed_precision(resolve_dtype(dtype, device), device)[0]:
     print("\n| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean | mean r |\n" + "|---" * 7 + "|")
     adaptive = [(max(loss_iters), exit_tolerance)] if exit_tolerance else []
     for r, tolerance in [(r, 0.0) for r in loss_iters] + adaptive:
-        model.exit_tolerance, model.iterations_used = tolerance, []
-        bands = held_out_loss(model, latents, prompt, r, batch_size, seed)
-        used = torch.cat(model.iterations_used).mean().item() if tolerance else r
+        used = []
+        bands = held_out_loss(model, latents, prompt, r, batch_size, seed, tolerance, used.append)
+        used = torch.cat(used).mean().item()
         name = f"auto (tolerance {tolerance:g}, at most {r})" if tolerance else f"r = {r}"
         print(f"| {name} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} | {used:.1f} |")
-    model.exit_tolerance = 0.0
 print()
 noise = torch.randn(num_prompts, model.config.latent_channels, run['image_size'] // 16, run['image_size'] // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)

@@ -100,7 +100,6 @@ class MobileGenerator:
 
     def __init__(self, run, batch):
         self.run, self.batch = run, batch
-        self.exit_tolerance, self.iterations_used = 0.0, []  # adaptive iterations, as model.Iris has
 
     def encode_prompt(self, text, mask):
         return (*self.run('prompt', text, mask), mask)
@@ -108,7 +107,7 @@ class MobileGenerator:
     def encode_control(self, control, strength=1.0):
         return strength * self.run('control', control)[0]
 
-    def velocity(self, z, t, encoded_prompt, iters, hint=None):
+    def velocity(self, z, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0):
         if len(z) != self.batch:
             raise SystemExit(f"error: this generator was exported for batch {self.batch}, not {len(z)}; "
                              f"re-export it or use its sampler and guidance settings")
@@ -119,13 +118,11 @@ class MobileGenerator:
             if hint is not None:
                 s = s + self.run('inject', hint, s, c_base)[0]
             return self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
-        s, used = iterate_core(iteration, e, iters, self.exit_tolerance)
-        if used is not None:
-            self.iterations_used.append(used)
-        return self.run('coda', s, c_base)[0]
+        s, used = iterate_core(iteration, e, iters, exit_tolerance)
+        return self.run('coda', s, c_base)[0], used
 
     def __call__(self, z, t, text, mask, iters):
-        return self.velocity(z, t, self.encode_prompt(text, mask), iters)
+        return self.velocity(z, t, self.encode_prompt(text, mask), iters)[0]
 
 
 def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, generator, control=None,
@@ -139,14 +136,15 @@ def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, 
     prompt, null_prompt = encoder(prompts), encoder([''])
     del encoder
     model = get_part('generator')
-    model.exit_tolerance, model.iterations_used = exit_tolerance, []
     hint = None if control is None else model.encode_control(control)
+    used = []
+    iterating = dict(hint=hint, exit_tolerance=exit_tolerance, progress=used.append)
     if sampler == 'consistency':
-        z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, hint=hint)
+        z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, **iterating)
     else:
         z = euler_sample(model, noise, prompt, null_prompt, steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift,
-                         hint=hint)
-    iterations = torch.cat(model.iterations_used).mean().item() if exit_tolerance else iters
+                         **iterating)
+    iterations = torch.cat(used).mean().item()
     del model
     return get_part('vae_decoder')(z), iterations
 

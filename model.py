@@ -513,8 +513,6 @@ class Iris(nn.Module):
         if cfg.control not in ("", "edges", "silhouette"):
             raise ValueError(f"control must be '', 'edges' or 'silhouette', not {cfg.control!r}")
         self.control_adapter = ControlAdapter(D, cfg.patch_size, cfg.mlp_ratio) if cfg.control else None
-        self.exit_tolerance = 0.0  # > 0: adaptive iterations (iterate_core); velocity appends what each sample used
-        self.iterations_used = []
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -616,13 +614,14 @@ class Iris(nn.Module):
         Returns the velocity, shaped like z; with every_iteration, the velocities read after
         each iteration that keeps gradients (k, B, 16, H/16, W/16), the last being r's."""
         hint = None if control is None else self.encode_control(control)
-        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, hint, every_iteration)
+        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, hint, every_iteration=every_iteration)[0]
 
-    def velocity(self, z, t, encoded_prompt, iters, hint=None, every_iteration=False):
+    def velocity(self, z, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0, every_iteration=False):
         """forward() with the prompt encoded ahead by encode_prompt() and the control image by
-        encode_control() (its hint). export_mobile.py exports the stages separately, so that a
-        phone encodes a prompt once and picks r at run time. With self.exit_tolerance > 0 iters
-        is the most each sample may use (iterate_core)."""
+        encode_control() (its hint) -> (v, the iterations each sample ran (B,)).
+        export_mobile.py exports the stages separately, so that a phone encodes a prompt once
+        and picks r at run time. exit_tolerance > 0: adaptive iterations, iters the most each
+        sample may use (iterate_core)."""
         self.check_latent_size(*z.shape[-2:])
         hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)  # token grid h, w; N = h w
         text_kv, text_cond, text_mask = encoded_prompt   # (layers, 2, B, heads, L, D/heads), (B, D), (B, L)
@@ -654,16 +653,14 @@ class Iris(nn.Module):
                 s = iteration(i, s)
                 if i >= first_with_grad:
                     readouts.append(self.coda_forward(s, c_base, hw))
-            return torch.stack(readouts)
-        s, used = iterate_core(iteration, s, iters, self.exit_tolerance)      # s_r (B, N, D); used (B,) or None
-        if used is not None:
-            self.iterations_used.append(used)
-        return self.coda_forward(s, c_base, hw)          # v (B, 16, H/16, W/16)
+            return torch.stack(readouts), torch.full((len(z),), float(iters), device=z.device)
+        s, used = iterate_core(iteration, s, iters, exit_tolerance)  # s_r (B, N, D), used (B,)
+        return self.coda_forward(s, c_base, hw), used   # v (B, 16, H/16, W/16)
 
 
 def iterate_core(iteration, s, iters, exit_tolerance=0.0):
     """s_{i+1} = iteration(i, s_i) for i = 0 .. iters-1 -> (s, the iterations each sample ran
-    (B,), or None without exit_tolerance).
+    (B,): all iters without exit_tolerance).
 
     exit_tolerance > 0: adaptive iterations (inference), iters the most. A sample stops once
     an iteration changes its state by at most that, relative to its norm,
@@ -671,7 +668,7 @@ def iterate_core(iteration, s, iters, exit_tolerance=0.0):
     if not exit_tolerance:
         for i in range(iters):
             s = iteration(i, s)
-        return s, None
+        return s, torch.full((len(s),), float(iters), device=s.device)
     running = torch.ones(len(s), dtype=torch.bool, device=s.device)
     used = torch.zeros(len(s), device=s.device)
     for i in range(iters):

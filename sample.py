@@ -150,16 +150,17 @@ noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size
 sampling = dict(steps=steps, cfg_scale=cfg_scale, iters=iters, shift=shift or run.get('shift', 1.0),
                 sampler=run.get('sampler', 'euler'),  # a distill.py student samples in 1-4 consistency steps
                 generator=torch.Generator().manual_seed(seed + 1))
-model.exit_tolerance = exit_tolerance
 # A bar over Core iterations, not sampling steps: one step can hold thousands (--iters)
 bar = tqdm(total=steps * iters, desc='sampling', unit='iter', dynamic_ncols=True)
+used = []  # the iterations each sample ran, per network evaluation
 
 
-def count_iteration(module, inputs, output):  # the input injection runs once per Core iteration
-    bar.update()
+def count_iterations(iterations):  # (B,); the batch runs until its last sample stops
+    used.append(iterations)
+    bar.update(int(iterations.max()))
 
 
-model.injection.register_forward_hook(count_iteration)
+sampling.update(exit_tolerance=exit_tolerance, progress=count_iterations)
 with autocast:
     if upscale:
         images = super_resolve(model, vae, encoder, small=small.expand(len(prompts), -1, -1, -1), prompts=prompts,
@@ -180,8 +181,7 @@ edited = init_image or upscale or control
 save_grid(images, output, columns=num_samples if num_samples > 1 and not edited else min(8, len(images)))
 sampler = sampling['sampler']
 if exit_tolerance:
-    used = torch.cat(model.iterations_used).mean().item()
-    settings = f"{size}x{size}, {steps} {sampler} steps, r={used:.1f} on average (at most {iters})"
+    settings = f"{size}x{size}, {steps} {sampler} steps, r={torch.cat(used).mean().item():.1f} on average (at most {iters})"
 else:
     settings = f"{size}x{size}, {steps} {sampler} steps, r={iters}"
 settings += '' if sampler == 'consistency' else f", cfg {cfg_scale}"

@@ -409,7 +409,7 @@ def test_a_new_control_adapter_leaves_the_output_bit_identical_and_is_what_train
     with torch.no_grad():
         controlled.control_adapter.out.weight.normal_()
     prompt = controlled.encode_prompt(text, mask)
-    assert torch.equal(controlled.velocity(z, t, prompt, 3, controlled.encode_control(control, strength=0.0)),
+    assert torch.equal(controlled.velocity(z, t, prompt, 3, controlled.encode_control(control, strength=0.0))[0],
                        base(z, t, text, mask, 3))
     assert not torch.equal(controlled(z, t, text, mask, 3, control=control), base(z, t, text, mask, 3))
     with pytest.raises(ValueError, match='no control adapter'):
@@ -478,19 +478,20 @@ def test_adaptive_iterations_stop_each_sample_where_its_state_settles():
                 break
         assert used[k] == steps and torch.equal(s[k], state)
     assert used[0] < used[1] < used[2] < 100
-    assert iterate_core(iteration, torch.zeros(3, 4, 2), 5)[1] is None  # without a tolerance: exactly iters
+    assert iterate_core(iteration, torch.zeros(3, 4, 2), 5)[1].tolist() == [5, 5, 5]  # without a tolerance: iters
 
 
 def test_adaptive_iterations_are_the_fixed_ones_at_the_extremes():
     model = _wake_up(Iris(_tiny_config(iteration_embedding='none'))).eval()
     z, t, text, mask = _inputs()
     with torch.no_grad():
+        prompt = model.encode_prompt(text, mask)
         fixed = {r: model(z, t, text, mask, r) for r in (1, 6)}
-        model.exit_tolerance = 1e-30  # never settles: every sample runs the cap
-        torch.testing.assert_close(model(z, t, text, mask, 6), fixed[6], rtol=0, atol=0)
-        model.exit_tolerance = 1e30  # settles at once: one iteration
-        torch.testing.assert_close(model(z, t, text, mask, 6), fixed[1], rtol=0, atol=0)
-    assert model.iterations_used[0].tolist() == [6, 6] and model.iterations_used[1].tolist() == [1, 1]
+        never, never_used = model.velocity(z, t, prompt, 6, exit_tolerance=1e-30)  # never settles: runs the cap
+        torch.testing.assert_close(never, fixed[6], rtol=0, atol=0)
+        at_once, at_once_used = model.velocity(z, t, prompt, 6, exit_tolerance=1e30)  # settles at once: one iteration
+        torch.testing.assert_close(at_once, fixed[1], rtol=0, atol=0)
+    assert never_used.tolist() == [6, 6] and at_once_used.tolist() == [1, 1]
 
 
 def test_a_core_told_nothing_of_its_iteration_repeats_one_map():
@@ -507,7 +508,7 @@ def test_a_core_told_nothing_of_its_iteration_repeats_one_map():
     for _ in range(3):
         s = model.core_iteration(s, e, modulations, text_kv, mask, (8, 8), prepared)
     expected = model.coda_forward(s, c_base, (8, 8))
-    torch.testing.assert_close(model.velocity(z, t, (text_kv, text_cond, mask), 3), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.velocity(z, t, (text_kv, text_cond, mask), 3)[0], expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize('mixer', ['grfm', 'attention'])
@@ -528,7 +529,7 @@ def test_velocity_equals_iterations_that_compute_everything_themselves(mixer):
             s = s + gate2 * layer.cross_attention(layer.norm2(s), layer_kv, mask[:, None, None, :])
             s = s + gate3 * layer.ffn(layer.norm3(s) * (1 + scale3) + shift3)
     expected = model.coda_forward(s, c_base, (8, 8))
-    torch.testing.assert_close(model.velocity(z, t, prompt, 3), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.velocity(z, t, prompt, 3)[0], expected, rtol=0, atol=1e-5)
 
 
 @FULL
@@ -805,8 +806,8 @@ class _Field(nn.Module):
     def encode_prompt(self, text, mask):
         return text, mask
 
-    def velocity(self, x, t, encoded_prompt, iters, hint=None):
-        return self.v(x, t, *encoded_prompt, iters)
+    def velocity(self, x, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0):
+        return self.v(x, t, *encoded_prompt, iters), torch.full((len(x),), float(iters))
 
     def forward(self, x, t, text, mask, iters):
         return self.v(x, t, text, mask, iters)
@@ -1798,20 +1799,18 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
                 reference = model(z, t, text, mask, iters)
             error = (exported(z, t, text, mask, iters) - reference).abs().max() / reference.abs().max()
             assert error < 1e-4, (fmt, iters, error)
-        model.exit_tolerance = exported.exit_tolerance = 0.5  # adaptive iterations, as the app runs them
-        model.iterations_used, exported.iterations_used = [], []
-        with torch.no_grad():
-            reference = model(z, t, text, mask, 8)
-        error = (exported(z, t, text, mask, 8) - reference).abs().max() / reference.abs().max()
-        model.exit_tolerance = 0.0
-        assert error < 1e-4 and torch.equal(exported.iterations_used[0], model.iterations_used[0]), (fmt, error)
-        assert model.iterations_used[0].max() < 8, "the tolerance should stop some sample early"
+        with torch.no_grad():  # adaptive iterations, as the app runs them
+            reference, reference_used = model.velocity(z, t, model.encode_prompt(text, mask), 8, exit_tolerance=0.5)
+        adaptive, used = exported.velocity(z, t, exported.encode_prompt(text, mask), 8, exit_tolerance=0.5)
+        error = (adaptive - reference).abs().max() / reference.abs().max()
+        assert error < 1e-4 and torch.equal(used, reference_used), (fmt, error)
+        assert reference_used.max() < 8, "the tolerance should stop some sample early"
         if control:  # the adapter's methods: the hint of one map (as the app has), injected in both branches
             maps = control_map(make_shapes(1, 16 * z.shape[-1], seed=1)[0], control)
             with torch.no_grad():
                 reference = model(z, t, text, mask, 2, control=maps.expand(len(z), -1, -1, -1))
             hint = exported.encode_control(maps).expand(len(z), -1, -1)
-            error = (exported.velocity(z, t, exported.encode_prompt(text, mask), 2, hint) - reference).abs().max()
+            error = (exported.velocity(z, t, exported.encode_prompt(text, mask), 2, hint)[0] - reference).abs().max()
             assert error / reference.abs().max() < 1e-4, (fmt, error)
 
 
