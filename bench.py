@@ -50,17 +50,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import browser
 from configurator import configure, read_config_file
-from flow import flow_loss
 from model import (SIZES, CoreLayer, FourierMixer, IrisConfig, SelfAttentionMixer, count_parameters, iris_tiny,
                    linear_scan, sequential_scan, wake_up)
 from mobile import initial_noise, peak_rss_mb, read_manifest, xnnpack_partitioner
 from text import Prompt, load_text_encoder
-from training import mixed_precision, optimizer_step
+from training import count_kernels, generator_step, mixed_precision
 from vae import WaveletVAE, vae_loss
 
 # -----------------------------------------------------------------------------
@@ -113,36 +111,14 @@ def bench_params():
     table(["model"] + list(counts), rows)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops a region dispatches, and of them the kernels: every op but views
-    (view, permute, slice...), which only relabel memory. On a GPU each kernel is one launch."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = self.kernels = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        self.kernels += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
-def count_ops(fn):
-    """-> "ops / kernels" of one call of fn() without autograd."""
-    counter = OpCounter()
-    with torch.no_grad(), counter:
-        fn()
-    return f"{counter.count} / {counter.kernels}"
-
-
 def bench_mixer():
     print(f"## GRFM vs full self-attention, width {dim}, batch 1, forward+backward, ms\n")
-    cfg = IrisConfig(dim=dim, heads=dim // 64)
-    grfm_layer = CoreLayer(cfg)
+    layer_config = IrisConfig(dim=dim, heads=dim // 64)
+    grfm_layer = CoreLayer(layer_config)
     for p in grfm_layer.modulation.parameters():  # non-zero gates so every branch does real work
         nn.init.normal_(p, std=0.02)
     attention_layer = copy.deepcopy(grfm_layer)
-    attention_layer.mixer = SelfAttentionMixer(dim, cfg.heads)
+    attention_layer.mixer = SelfAttentionMixer(dim, layer_config.heads)
     modulation = grfm_layer.modulation(torch.randn(1, dim)).detach()  # Iris.velocity computes it ahead
     text_kv = grfm_layer.cross_attention.key_values(torch.randn(1, 77, dim)).detach()
     mask = torch.ones(1, 1, 1, 77, dtype=torch.bool)
@@ -154,17 +130,19 @@ def bench_mixer():
                     for layer in (grfm_layer, attention_layer)]
         mixer_ms = [1e3 * median_time(lambda: layer.mixer(x, hw).sum().backward())
                     for layer in (grfm_layer, attention_layer)]
-        ops = [count_ops(lambda: layer(x, modulation, hw, text_kv, mask)) for layer in (grfm_layer, attention_layer)]
+        with torch.no_grad():
+            kernels = [count_kernels(lambda: layer(x, modulation, hw, text_kv, mask))
+                       for layer in (grfm_layer, attention_layer)]
         rows.append([n, f"{layer_ms[0]:.1f}", f"{layer_ms[1]:.1f}", f"{layer_ms[1] / layer_ms[0]:.2f}x",
-                     f"{mixer_ms[0]:.1f}", f"{mixer_ms[1]:.1f}", f"{mixer_ms[1] / mixer_ms[0]:.2f}x", *ops])
+                     f"{mixer_ms[0]:.1f}", f"{mixer_ms[1]:.1f}", f"{mixer_ms[1] / mixer_ms[0]:.2f}x", *kernels])
     table(["tokens", "GRFM layer", "attn layer", "speed-up", "GRFM alone", "attn alone", "speed-up",
-           "GRFM layer ops / kernels", "attn layer ops / kernels"], rows)
+           "GRFM layer kernels", "attn layer kernels"], rows)
     growth = float(rows[-1][1]) / float(rows[-2][1])
     print(f"GRFM layer time growth 1024 -> 4096 tokens: {growth:.2f}x (attention: "
-          f"{float(rows[-1][2]) / float(rows[-2][2]):.2f}x); ops and kernels of one layer forward\n")
+          f"{float(rows[-1][2]) / float(rows[-2][2]):.2f}x); kernels of one layer forward (training.count_kernels)\n")
     print("GRFM's Fourier pathway alone, forward+backward, ms: torch.fft against the DFT as two real matmuls\n")
-    by_fft = FourierMixer(dim, cfg.fourier_blocks, cfg.softshrink, "torch")
-    by_dft = FourierMixer(dim, cfg.fourier_blocks, cfg.softshrink, "dft")
+    by_fft = FourierMixer(dim, layer_config.fourier_blocks, layer_config.softshrink, "torch")
+    by_dft = FourierMixer(dim, layer_config.fourier_blocks, layer_config.softshrink, "dft")
     by_dft.load_state_dict(by_fft.state_dict())
     rows = []
     for side in (8, 16, 32, 64):
@@ -244,8 +222,9 @@ def bench_flops():
 
 
 def measure_training_step(model, step):
-    """One training step's memory and work: step() runs a forward under autocast and returns
-    the loss. -> dict of bytes (weights, gradients, AdamW, EMA, saved activations), FLOPs, kernels."""
+    """One training step's memory and work: step() runs it whole (the forward under autocast,
+    the backward, the optimizer's step where it has one). -> dict of bytes (weights,
+    gradients, AdamW, EMA, saved activations), FLOPs, kernels."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -254,14 +233,15 @@ def measure_training_step(model, step):
         if storage.data_ptr() not in params:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
-    flops, ops = FlopCounterMode(display=False), OpCounter()
-    with flops, ops:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = step()
-        loss.backward()
+    flops = FlopCounterMode(display=False)
+
+    def counted_step():
+        with flops, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            step()
+    kernels = count_kernels(counted_step)
     n = sum(p.numel() for p in model.parameters())
     return dict(weights=4 * n, gradients=4 * n, adamw=8 * n, ema=4 * n, activations=sum(saved.values()),
-                flops=flops.get_total_flops(), kernels=ops.kernels)
+                flops=flops.get_total_flops(), kernels=kernels)
 
 
 # T4 assumptions for the estimate: what a well-fed T4 sustains, not its data-sheet peak (65 TFLOP/s
@@ -302,7 +282,7 @@ def bench_memory():
     def vae_step():
         with autocast:
             wavelet_hat, mean, logvar = vae(x)
-        return vae_loss(wavelet_hat.float(), x, mean.float(), logvar.float())[0]
+        vae_loss(wavelet_hat.float(), x, mean.float(), logvar.float())[0].backward()
     measured = [("train_vae", vae, measure_training_step(vae, vae_step),
                  config_setting(vae_settings, "max_steps", "train_vae"), f"{batch} x {size}px")]
 
@@ -312,14 +292,9 @@ def bench_memory():
     encoder = load_text_encoder(flow_settings.get("text_encoder", "minilm"))
     model = SIZES[config_setting(flow_settings, "model_size", "train_flow")](patch_size=patch, text_dim=encoder.width,
                                                                             backprop_iters=backprop_iters)
-    z, t = torch.randn(batch, 16, size // 16, size // 16), torch.rand(batch)
-    prompt = Prompt(torch.randn(batch, 77, encoder.width), torch.ones(batch, 77, dtype=torch.bool))  # the longest
-
-    def flow_step(r):
-        with autocast:
-            return flow_loss(model, z, prompt, r, t, torch.randn_like(z)).mean()
-    # memory at the largest r (flat in r with backprop_iters); FLOPs and ops grow linearly in r,
-    # so the step at the mean r drawn is the line through the smallest and the largest
+    flow_step = flow_training_step(model, batch, size, patch, dtype, encoder.width, 77)  # the longest captions
+    # memory at the largest r (flat in r with backprop_iters); FLOPs and kernels grow linearly
+    # in r, so the step at the mean r drawn is the line through the smallest and the largest
     low, high = (measure_training_step(model, lambda: flow_step(r)) for r in (min(train_iters), max(train_iters)))
     share = (sum(train_iters) / len(train_iters) - min(train_iters)) / max(1, max(train_iters) - min(train_iters))
     flow = dict(high, **{k: low[k] + share * (high[k] - low[k]) for k in ("flops", "kernels")})
@@ -341,20 +316,15 @@ def bench_memory():
           f"CUDA's own\n~0.4 GiB, the allocator's slack, sample grids and checkpoints. A T4 has 15 GiB.\n")
 
 
-def flow_training_step(model, batch, size, patch, r, dtype, text_width=384):
-    """-> step(): one train_flow.py step of `model` (forward under autocast in dtype, backward,
-    fused AdamW) on random latents and captions of a shapes caption's length."""
+def flow_training_step(model, batch, size, patch, dtype, text_width=384, text_length=12):
+    """-> step(iters): train_flow.py's step (training.generator_step) of `model`, autocast in
+    dtype and fused AdamW, on random latents and captions (a shapes caption's length)."""
     z, t = torch.randn(batch, 16, size // 16, size // 16), torch.rand(batch)
-    prompt = Prompt(torch.randn(batch, 12, text_width), torch.ones(batch, 12, dtype=torch.bool))
+    prompt = Prompt(torch.randn(batch, text_length, text_width), torch.ones(batch, text_length, dtype=torch.bool))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast, scaler = mixed_precision(dtype, "cpu")
-
-    def step(iters=r):
-        with autocast:
-            loss = flow_loss(model, z, prompt, iters, t, torch.randn_like(z)).mean()
-        scaler.scale(loss).backward()
-        optimizer_step(model, optimizer, scaler, 1.0)
-    return step
+    return lambda iters: generator_step(model, optimizer, scaler, autocast, z, prompt, t, torch.randn_like(z), iters,
+                                        [torch.arange(batch)])
 
 
 def flow_settings_of(path):
@@ -375,34 +345,12 @@ def bench_kernels():
     for mixer in ("grfm", "attention"):
         torch.manual_seed(seed)
         model = SIZES[model_size](patch_size=patch, mixer=mixer, backprop_iters=backprop_iters)
-        step = flow_training_step(model, 2, size, patch, r, dtype)  # the count does not depend on the batch
-        step()  # the first step creates AdamW's state
-        counter = OpCounter()
-        with counter:
-            step()
-        rows.append([mixer, counter.kernels, counter.count])
-    table(["mixer", "kernels (ops that are not views)", "all ops"], rows)
-    print("Counted at the dispatcher (TorchDispatchMode) on the CPU: on a GPU each kernel is one launch,\n"
+        step = flow_training_step(model, 2, size, patch, dtype)  # the count does not depend on the batch
+        step(r)  # the first step creates AdamW's state
+        rows.append([mixer, count_kernels(lambda: step(r))])
+    table(["mixer", "kernels (ops that are not views)"], rows)
+    print("Counted on the CPU (training.count_kernels): on a GPU each kernel is one launch,\n"
           f"and eager PyTorch spends ~{T4_SECONDS_PER_KERNEL * 1e6:.0f} us of host time on each at these sizes.\n")
-
-
-def kernels_profiled(fn):
-    """The kernels one call of fn() runs, counted by the profiler: inductor's fused kernels and
-    the innermost aten ops that are neither views nor allocations. OpCounter cannot count a
-    compiled step: the code inductor generates does not pass through the dispatcher."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
-
-    def is_kernel(name):
-        if "cpp_fused" in name:
-            return True
-        op = getattr(torch.ops.aten, name.removeprefix("aten::"), None) if name.startswith("aten::") else None
-        return (op is not None and name not in ("aten::empty", "aten::empty_strided", "aten::empty_like")
-                and not any(getattr(op, overload).is_view for overload in op.overloads()))
-
-    def runs_a_kernel_inside(event):
-        return any(is_kernel(child.name) or runs_a_kernel_inside(child) for child in event.cpu_children)
-    return sum(is_kernel(e.name) and not runs_a_kernel_inside(e) for e in profile.events())
 
 
 def bench_compile():
@@ -410,14 +358,14 @@ def bench_compile():
     batch = 4  # not the config's: compiling does not depend on it, and a CPU runs the config's slowly
     print(f"## train_flow.py's step on {config} with compile=True (each Core layer, inductor), fp32, batch "
           f"{batch}, r in {train_iters}\n")
-    torch._inductor.config.cpp.enable_kernel_profile = True  # fused kernels show in the profiler
+    torch._inductor.config.cpp.enable_kernel_profile = True  # fused kernels show in the profiler (count_kernels)
     rows = []
     for compiled, fft_impl in ((False, "torch"), (True, "torch"), (False, "dft"), (True, "dft")):
         torch.manual_seed(seed)
         model = SIZES[model_size](patch_size=patch, backprop_iters=backprop_iters, fft_impl=fft_impl)
         if compiled:
             model.compile_core()
-        step = flow_training_step(model, batch, size, patch, train_iters[0], "float32")
+        step = flow_training_step(model, batch, size, patch, "float32")
         torch._dynamo.reset()
         graphs_before, start = torch._dynamo.utils.counters["stats"]["unique_graphs"], time.perf_counter()
         for r in train_iters:  # the first step of each r compiles what it needs
@@ -426,7 +374,7 @@ def bench_compile():
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
         r = train_iters[len(train_iters) // 2]
         rows.append(["compiled" if compiled else "eager", fft_impl, f"{first:.0f}",
-                     f"{1e3 * median_time(lambda: step(r), repeats=3):.0f}", kernels_profiled(lambda: step(r)),
+                     f"{1e3 * median_time(lambda: step(r), repeats=3):.0f}", count_kernels(lambda: step(r)),
                      graphs if compiled else "-"])
     layer, side = SIZES[model_size](patch_size=patch).core[0], size // 16 // patch
     width = layer.norm1.normalized_shape[0]

@@ -21,23 +21,22 @@ import time
 import torch
 
 from configurator import configure
-from flow import flow_loss
 from model import SIZES
 from text import Prompt
-from training import mixed_precision, optimizer_step
+from training import count_kernels, generator_step, mixed_precision
 
 # -----------------------------------------------------------------------------
 data_dir = ''  # a local imagefolder: images and a metadata.jsonl of {"file_name", "text"}
 out_dir = 'out-gpu-check'
 dtypes = ('float16', 'bfloat16')
-vae_steps = 40
-flow_steps = 30
-distill_steps = 10
+vae_max_steps = 40
+flow_max_steps = 30
+distill_max_steps = 10
 overrides = ''  # more --key=value for train_vae.py and train_flow.py, separated by spaces (a small CPU smoke test)
-step_batch = 32  # the timed generator step's batch (config/pokemon.py's)
+timed_batch_size = 32  # the timed generator step's batch (config/pokemon.py's)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
-configure(globals(), positive=('vae_steps', 'flow_steps', 'distill_steps', 'step_batch'))
+configure(globals(), positive=('vae_max_steps', 'flow_max_steps', 'distill_max_steps', 'timed_batch_size'))
 if not dtypes or not set(dtypes) <= {'float32', 'bfloat16', 'float16'}:
     raise SystemExit(f"error: dtypes must name some of 'float16', 'bfloat16', 'float32', got {dtypes}")
 if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
@@ -60,21 +59,18 @@ def run(script, *args):
 
 
 def measure_generator_step(mixer, dtype, batch, r=6):
-    """One train_flow.py step of config/pokemon.py's generator (Small, 64 tokens, backprop 4):
-    -> (ms per step, kernels per step, peak GiB): the profiler's device kernels and the
-    allocator's peak on a GPU; on a CPU the top-level aten ops, and no peak."""
+    """One train_flow.py step (training.generator_step) of config/pokemon.py's generator (Small,
+    64 tokens, backprop 4) -> (ms per step, kernels per step (training.count_kernels), peak
+    GiB): the allocator's peak on a GPU, none on a CPU."""
     torch.manual_seed(0)
     model = SIZES['small'](patch_size=2, mixer=mixer, backprop_iters=4).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast, scaler = mixed_precision(dtype, device)
-    z, t = torch.randn(batch, 16, 16, 16, device=device), torch.rand(batch, device=device)
-    prompt = Prompt(torch.randn(batch, 20, 384, device=device), torch.ones(batch, 20, dtype=torch.bool, device=device))
+    z, t = torch.randn(batch, 16, 16, 16), torch.rand(batch)  # on the CPU: the step moves its batch
+    prompt = Prompt(torch.randn(batch, 20, 384), torch.ones(batch, 20, dtype=torch.bool))
 
     def step():
-        with autocast:
-            loss = flow_loss(model, z, prompt, r, t, torch.randn_like(z)).mean()
-        scaler.scale(loss).backward()
-        optimizer_step(model, optimizer, scaler, 1.0)
+        generator_step(model, optimizer, scaler, autocast, z, prompt, t, torch.randn_like(z), r, [torch.arange(batch)])
 
     def synchronize():
         if GPU:
@@ -82,15 +78,7 @@ def measure_generator_step(mixer, dtype, batch, r=6):
     for _ in range(3):  # warm-up: AdamW's state, the allocator, cuBLAS's choices
         step()
     synchronize()
-    activity = torch.profiler.ProfilerActivity.CUDA if GPU else torch.profiler.ProfilerActivity.CPU
-    with torch.profiler.profile(activities=[activity]) as profile:
-        step()
-        synchronize()
-    events = profile.events()
-    if GPU:
-        kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
-    else:
-        kernels = sum(e.name.startswith('aten::') and e.cpu_parent is None for e in events)
+    kernels = count_kernels(step, device)
     if GPU:
         torch.cuda.reset_peak_memory_stats()
     repeats = 10 if GPU else 1
@@ -105,24 +93,25 @@ def measure_generator_step(mixer, dtype, batch, r=6):
 
 name = torch.cuda.get_device_name() if GPU else 'CPU'
 print(f"GPU check on {name}, torch {torch.__version__}, data {data_dir}")
-half = max(1, flow_steps // 2)  # the first run stops here, the resume goes on to flow_steps
+half = max(1, flow_max_steps // 2)  # the first run stops here, the resume goes on to flow_max_steps
 for dtype in dtypes:
     runs = os.path.join(out_dir, dtype)
     shutil.rmtree(runs, ignore_errors=True)  # a fresh start, the cache too
     common = [f'--data_dir={data_dir}', f'--dtype={dtype}']
     print(f"{dtype}:")
-    run('train_vae.py', *common, f'--out_dir={runs}/vae', f'--max_steps={vae_steps}', f'--eval_interval={vae_steps}',
+    run('train_vae.py', *common, f'--out_dir={runs}/vae', f'--max_steps={vae_max_steps}',
+        f'--eval_interval={vae_max_steps}',
         *overrides.split())
     flow = [*common, *overrides.split(), f'--vae_dir={runs}/vae', f'--cache_dir={runs}/cache', f'--out_dir={runs}/flow',
             f'--eval_interval={half}', '--sample_steps=4']
     run('train_flow.py', *flow, f'--max_steps={half}')  # an empty cache: every user's first run
-    run('train_flow.py', *flow, f'--max_steps={flow_steps}', '--init_from=resume')
+    run('train_flow.py', *flow, f'--max_steps={flow_max_steps}', '--init_from=resume')
     run('sample.py', f'--out_dir={runs}/flow', '--steps=4', f'--output={runs}/flow.png', f'--dtype={dtype}')
     run('distill.py', f'--teacher_dir={runs}/flow', f'--cache_dir={runs}/cache', f'--out_dir={runs}/cd',
-        f'--max_steps={distill_steps}', f'--eval_interval={distill_steps}', f'--dtype={dtype}')
+        f'--max_steps={distill_max_steps}', f'--eval_interval={distill_max_steps}', f'--dtype={dtype}')
     run('sample.py', f'--out_dir={runs}/cd', '--steps=2', f'--output={runs}/cd.png', f'--dtype={dtype}')
     for mixer in ('grfm', 'attention'):
-        ms, kernels, peak = measure_generator_step(mixer, dtype, step_batch)
+        ms, kernels, peak = measure_generator_step(mixer, dtype, timed_batch_size)
         print(f"  generator step, {mixer:9s}: {ms:7.1f} ms, {kernels} kernels, {peak} peak "
-              f"(Small, 64 tokens, batch {step_batch}, r = 6, backprop 4)", flush=True)
+              f"(Small, 64 tokens, batch {timed_batch_size}, r = 6, backprop 4)", flush=True)
 print("GPU check passed")

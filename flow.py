@@ -27,7 +27,7 @@ def noised(x0, noise, t):
     return (1 - t) * x0 + t * noise
 
 
-def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0.0):
+def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0.0, control=None):
     """Per-sample loss (B,) of the velocity model(x_t, t) against its target eps - x_0, at
     times t (B,) and noise eps (shaped like x0), which the caller draws (train_flow.py: SD3's
     logit-normal t).
@@ -38,14 +38,16 @@ def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0
     loop_distill > 0 adds intra-loop self-distillation (ELT, Goyal et al. 2026, arXiv
     2604.09168): the velocity read after each earlier iteration that keeps gradients is pulled
     towards the last one's, held fixed, with this weight, so that fewer iterations at sampling
-    time land near what r draw."""
+    time land near what r draw. control: control images (B, 1, H, W) for a generator with an
+    adapter (model.ControlAdapter)."""
     x_t = noised(x0, eps, t.view(-1, 1, 1, 1))
+    extra = {} if control is None else dict(control=control)  # a model without an adapter takes no control
     if loop_distill:
-        readouts = model(x_t, t, prompt.text, prompt.mask, iters, every_iteration=True).float()  # (k, B, ...)
+        readouts = model(x_t, t, prompt.text, prompt.mask, iters, every_iteration=True, **extra).float()  # (k, B, ...)
         v = readouts[-1]
         early = (readouts[:-1] - v.detach()).square().mean(dim=(2, 3, 4)).sum(0) / max(len(readouts) - 1, 1)
     else:
-        v, early = model(x_t, t, prompt.text, prompt.mask, iters).float(), 0.0
+        v, early = model(x_t, t, prompt.text, prompt.mask, iters, **extra).float(), 0.0
     error = (v - (eps - x0)).square().mean(dim=(1, 2, 3)) + loop_distill * early
     if weighting == 'high_noise':
         error = error * t / (1 - t + 0.05)

@@ -1422,8 +1422,9 @@ def test_gpu_check_runs_every_script_on_the_cpu(tmp_path):
     (folder / 'metadata.jsonl').write_text(''.join(json.dumps({'file_name': f'{i}.png', 'text': c}) + '\n'
                                                    for i, c in enumerate(captions)))
     result = subprocess.run([sys.executable, os.path.join(HERE, 'check_gpu.py'), f'--data_dir={folder}', '--device=cpu',
-                             "--dtypes=('float32',)", '--vae_steps=2', '--flow_steps=2', '--distill_steps=1',
-                             '--step_batch=2', '--overrides=--image_size=64 --batch_size=4 --num_holdout=2'],
+                             "--dtypes=('float32',)", '--vae_max_steps=2', '--flow_max_steps=2',
+                             '--distill_max_steps=1', '--timed_batch_size=2',
+                             '--overrides=--image_size=64 --batch_size=4 --num_holdout=2'],
                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stdout.count('  ok ') == 6 and 'GPU check passed' in result.stdout

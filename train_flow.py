@@ -31,13 +31,13 @@ from tqdm import tqdm
 from cache import encode_captions, load_control_maps, load_training_set
 from configurator import configure
 from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
-from flow import flow_loss, shift_time, text_to_image
+from flow import shift_time, text_to_image
 from model import SIZES, count_parameters
 from text import Prompt, load_text_encoder
-from training import (DTYPES, LossLog, all_sum, backward, check_init_from, draw_iters, ema_update, load_checkpoint,
-                      load_generator, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision, optimizer_step,
+from training import (DTYPES, LossLog, all_sum, check_init_from, draw_iters, ema_update, generator_step,
+                      load_checkpoint, load_generator, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
                       resolve_dtype, save_checkpoint, setup_distributed, start_from_run, stop_if_diverged,
-                      sync_gradients, wrap_distributed)
+                      wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -214,27 +214,16 @@ for step in bar:
     iters = draw_iters(train_iters, train_iters_mean, data_generator)
     t = shift_time(torch.sigmoid(torch.randn(batch_size)), shift)  # SD3's logit-normal: most steps at mid noise
     eps = torch.randn(batch_size, *latents.shape[1:])
-    loss_sum = torch.zeros((), device=device)  # read only when logged: a read waits for the GPU
-    for micro, share in enumerate(shares):
-        step_model = train_model
-        if control:
-            step_control = controls[index[share]].float().to(device)
-            step_model = lambda *inputs: train_model(*inputs, control=step_control)
-        with sync_gradients(train_model, last=micro == len(shares) - 1):
-            with autocast:  # the forward only: backward runs each op in the dtype its forward chose
-                per_sample = flow_loss(step_model, latents[index[share]].to(device),
-                                       Prompt(text[share], mask[share]).to(device), iters, t[share].to(device),
-                                       eps[share].to(device), loss_weighting, loop_distill)
-            backward(per_sample.sum(), scaler, world_size, batch_size)
-        loss_sum += per_sample.detach().float().sum()
-        band = (t[share] * 4).long().clamp(max=3).to(device)
-        band_sum.index_add_(0, band, per_sample.detach().float())
-        band_count.index_add_(0, band, torch.ones_like(band, dtype=torch.float))
-    optimizer_step(model, optimizer, scaler, grad_clip)
+    per_sample = generator_step(model, optimizer, scaler, autocast, latents[index], Prompt(text, mask), t, eps, iters,
+                                shares, controls[index].float() if control else None, world_size, grad_clip,
+                                loss_weighting, loop_distill, train_model)  # on the device, read only when logged
+    band = (t[torch.cat(shares)] * 4).long().clamp(max=3).to(device)
+    band_sum.index_add_(0, band, per_sample)
+    band_count.index_add_(0, band, torch.ones_like(per_sample))
     ema_update(ema, model, step, ema_decay)
     save = (step + 1) % eval_interval == 0 or step + 1 == max_steps
     if save or step % log_interval == 0:
-        loss = all_sum(loss_sum) / batch_size
+        loss = all_sum(per_sample.sum()) / batch_size
         stop_if_diverged(loss, step)  # before a save: a checkpoint never holds a diverged model
         means = (all_sum(band_sum) / all_sum(band_count).clamp_min(1)).tolist()
         if master:

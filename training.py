@@ -25,7 +25,9 @@ import shutil
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from flow import flow_loss
 from model import Iris, IrisConfig
 
 
@@ -122,6 +124,57 @@ def backward(share_loss, scaler, world_size, batch_size):
     divides again, makes the gradients those of the mean over the whole batch, however it is
     split. Under fp16 the GradScaler scales the loss first."""
     scaler.scale(share_loss * world_size / batch_size).backward()
+
+
+def generator_step(model, optimizer, scaler, autocast, x0, prompt, t, eps, iters, shares, control=None, world_size=1,
+                   grad_clip=1.0, weighting='none', loop_distill=0.0, network=None):
+    """One optimizer step of the generator: what train_flow.py and train_control.py run and
+    bench.py and check_gpu.py time. x0 (B, 16, h, w) latents, prompt (text.Prompt), t (B,),
+    eps, and control (B, 1, H, W) for an adapter: the whole step's batch, on the CPU.
+    shares: this process's rows in micro-batches (micro_batches), each moved to the model's
+    device for its forward (under autocast) and backward. network: the model as DDP wraps it
+    (wrap_distributed), if it is. -> the shares' per-sample losses (detached, in share order)."""
+    network = network or model
+    device = next(model.parameters()).device
+    losses = []
+    for micro, share in enumerate(shares):
+        def part(x):
+            return None if x is None else x[share].to(device)
+        with sync_gradients(network, last=micro == len(shares) - 1):
+            with autocast:  # the forward only: backward runs each op in the dtype its forward chose
+                per_sample = flow_loss(network, part(x0), prompt.rows(share).to(device), iters, part(t), part(eps),
+                                       weighting, loop_distill, part(control))
+            backward(per_sample.sum(), scaler, world_size, len(t))
+        losses.append(per_sample.detach().float())
+    optimizer_step(model, optimizer, scaler, grad_clip)
+    return torch.cat(losses)
+
+
+class _KernelCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.kernels += not func.is_view  # a view (view, permute, slice...) only relabels memory
+        return func(*args, **(kwargs or {}))
+
+
+def count_kernels(fn, device='cpu'):
+    """The kernels one call of fn() launches. On a GPU, the device kernels torch.profiler sees.
+    On a CPU, what would each be one launch on a GPU: every op the dispatcher runs that is not
+    a view, plus the kernels inductor fused (compiled code calls them without the dispatcher;
+    the profiler names them when torch._inductor.config.cpp.enable_kernel_profile is on)."""
+    if device.startswith('cuda'):
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as profile:
+            fn()
+            torch.cuda.synchronize()
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in profile.events())
+    counter = _KernelCounter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, counter:
+        fn()
+    return counter.kernels + sum("cpp_fused" in e.name for e in profile.events())
 
 
 def stop_if_diverged(loss, step):
