@@ -21,7 +21,7 @@ What an IRIS run learned of real images, measured on the test split it never saw
    HH relative to the real image's: 1 is as sharp as the real one), for bicubic, the VAE
    round trip of bicubic, the VAE round trip of the real image with the input's LL put back
    (IRIS's ceiling), and IRIS from the bicubic latent at each of upscale_strengths.
-6. A control run only (train_flow.py --control): each test caption with its own image's
+6. A control run only (train_control.py): each test caption with its own image's
    control map, at control strength 0 (the base generator) and 1: the F1 of the output's
    map against the control (metrics.control_f1), the VAE round trip of the real images as
    the ceiling.
@@ -109,7 +109,7 @@ def eval_control(model, vae, encoder, real, recon, captions, noise, steps):
     maps = control_map(real, kind)
     print(f"\n| {kind} of the test image, its caption, {steps} steps, r = {iters} | {kind} F1 |\n|---|---|")
     for strength in (0.0, 1.0):
-        images = generate(model, vae, encoder, captions, noise, steps, control=maps.to(device),
+        images = generate(model, vae, encoder, captions, noise, steps, control_map=maps.to(device),
                           control_strength=strength)
         print(f"| control strength {strength:g}{' (the base generator)' if strength == 0 else ''} | "
               f"{control_f1(control_map(images, kind), maps).mean():.3f} |")

@@ -53,7 +53,7 @@ def row(name, scores, seconds=None):
 
 @torch.no_grad()
 def generate(model, vae, encoder, captions, noise, steps, iters, sampler, control_strength=1.0, **per_caption):
-    """per_caption: text_to_image's init, keep or control, one row per caption."""
+    """per_caption: text_to_image's init, keep or control_map, one row per caption."""
     generator = torch.Generator().manual_seed(seed + 1)
     batches = range(0, len(captions), batch_size)
     with mixed_precision(resolve_dtype(dtype, device), device)[0]:
@@ -122,7 +122,7 @@ def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, 
           + "|---" * 7 + "|")
     for strength in (0.0, 1.0):
         images = generate(model, vae, encoder, captions, noise, steps, iters, sampler, control_strength=strength,
-                          control=maps.to(device))
+                          control_map=maps.to(device))
         found = [analyse(image) for image in images]
         layout = lambda f, a: f['shape'] == a['shape'] and f['position'] == a['position']  # noqa: E731
         follows = np.mean([layout(f, attributes[j]) for f, j in zip(found, partners)])

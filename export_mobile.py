@@ -94,19 +94,19 @@ def check_pipeline(target, manifest, formats, encoder, model, vae):
     eager = {'text_encoder': encoder, 'generator': model, 'vae_decoder': vae.decode_latent}
     noise = initial_noise(manifest, seed)
     settings = {k: manifest[k] for k in ('steps', 'cfg_scale', 'iters', 'shift', 'sampler')}
-    control, control_args = None, []
+    example_map, control_args = None, []
     if manifest['control']:  # a control run draws the prompt in the shape of a drawn shape's control map
         example = make_shapes(1, manifest['image_size'], seed=seed)[0]
-        control = control_map(example, manifest['control'])
+        example_map = control_map(example, manifest['control'])
         save_grid(example, os.path.join(target, 'control_example.png'))
-        control_args = [f"--control={os.path.join(target, 'control_example.png')}"]
+        control_args = [f"--control_image={os.path.join(target, 'control_example.png')}"]
     with torch.no_grad():
         reference, _ = generate(eager.get, [manifest['sample_prompt']], noise, **settings,
-                                generator=torch.Generator().manual_seed(seed + 1), control=control)
+                                generator=torch.Generator().manual_seed(seed + 1), control_map=example_map)
     results = {}
     for fmt in formats:
         image, _ = generate(exported_parts(target, manifest, fmt), [manifest['sample_prompt']], noise, **settings,
-                            generator=torch.Generator().manual_seed(seed + 1), control=control)
+                            generator=torch.Generator().manual_seed(seed + 1), control_map=example_map)
         diff = (image - reference).abs().max().item() / reference.abs().max().item()
         image_psnr = psnr(to_uint8(image), to_uint8(reference))
         print(f"pipeline {fmt} ({settings['steps']} {settings['sampler']} steps, r={settings['iters']}): "

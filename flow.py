@@ -27,7 +27,7 @@ def noised(x0, noise, t):
     return (1 - t) * x0 + t * noise
 
 
-def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0.0, control=None):
+def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0.0, control_map=None):
     """Per-sample loss (B,) of the velocity model(x_t, t) against its target eps - x_0, at
     times t (B,) and noise eps (shaped like x0), which the caller draws (train_flow.py: SD3's
     logit-normal t).
@@ -38,10 +38,10 @@ def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0
     loop_distill > 0 adds intra-loop self-distillation (ELT, Goyal et al. 2026, arXiv
     2604.09168): the velocity read after each earlier iteration that keeps gradients is pulled
     towards the last one's, held fixed, with this weight, so that fewer iterations at sampling
-    time land near what r draw. control: control images (B, 1, H, W) for a generator with an
+    time land near what r draw. control_map: control maps (B, 1, H, W) for a generator with an
     adapter (model.ControlAdapter)."""
     x_t = noised(x0, eps, t.view(-1, 1, 1, 1))
-    extra = {} if control is None else dict(control=control)  # a model without an adapter takes no control
+    extra = {} if control_map is None else dict(control_map=control_map)  # a model without an adapter takes none
     if loop_distill:
         readouts = model(x_t, t, prompt.text, prompt.mask, iters, every_iteration=True, **extra).float()  # (k, B, ...)
         v = readouts[-1]
@@ -84,7 +84,7 @@ def encode_once(model, prompt, hint=None, exit_tolerance=0.0, progress=None):
     """model(x, t, text, mask, iters) for a prompt that stays the same through sampling, as
     v(x, t, iters): the prompt is encoded once per sampling call (Iris.encode_prompt: every
     cross-attention's keys and values of the text), not at every step.
-    hint: a control image's, from Iris.encode_control, or None. exit_tolerance > 0: adaptive
+    hint: a control map's, from Iris.encode_control, or None. exit_tolerance > 0: adaptive
     iterations, iters the most (model.iterate_core). progress(used), when given, is called
     after every evaluation with the iterations each sample ran (B,)."""
     encoded = model.encode_prompt(prompt.text, prompt.mask)
@@ -127,7 +127,7 @@ def euler_sample(model, noise, prompt, null_prompt, steps=25, cfg_scale=4.0, ite
     starts from the latent `init` noised to t = strength. Inpainting also passes keep
     (1 or B, 1, h, w) in [0, 1], 1 where init must stay: after every step that region is
     re-imposed from init noised to the current t, with the same noise, blended where
-    0 < keep < 1 (the border), and is exactly init at t = 0. hint: a control image's, from
+    0 < keep < 1 (the border), and is exactly init at t = 0. hint: a control map's, from
     Iris.encode_control, or None. exit_tolerance, progress: as in encode_once."""
     times = time_grid(steps, shift, strength).to(noise.device)
     if init is not None and strength == 0:
@@ -186,16 +186,16 @@ def consistency_sample(model, noise, prompt, steps=2, iters=8, generator=None, i
 
 @torch.no_grad()
 def text_to_image(model, vae, encoder, prompts, noise, steps=25, cfg_scale=4.0, iters=8, shift=1.0, sampler='euler',
-                  generator=None, init=None, strength=1.0, keep=None, control=None, control_strength=1.0,
+                  generator=None, init=None, strength=1.0, keep=None, control_map=None, control_strength=1.0,
                   exit_tolerance=0.0, progress=None):
     """Prompts -> uint8 images (B, 3, H, W): encode the text, sample the latent, decode.
     sampler: 'euler' for a train_flow.py model, 'consistency' for a distill.py one (whose
     re-noising draws from generator). init, strength, keep: editing, see euler_sample.
-    control: control images (B, 1, H, W) for a model with a ControlAdapter, whose hint is
+    control_map: control maps (B, 1, H, W) for a model with a ControlAdapter, whose hint is
     scaled by control_strength (0: the base model, 1: as trained). exit_tolerance, progress:
     as in encode_once."""
     prompt = Prompt(*encoder(prompts))
-    hint = None if control is None else model.encode_control(control.to(noise.device), control_strength)
+    hint = None if control_map is None else model.encode_control(control_map.to(noise.device), control_strength)
     edit = dict(init=init, strength=strength, keep=keep, hint=hint, exit_tolerance=exit_tolerance, progress=progress)
     if sampler == 'consistency':
         z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, **edit)

@@ -104,8 +104,8 @@ class MobileGenerator:
     def encode_prompt(self, text, mask):
         return (*self.run('prompt', text, mask), mask)
 
-    def encode_control(self, control, strength=1.0):
-        return strength * self.run('control', control)[0]
+    def encode_control(self, control_map, strength=1.0):
+        return strength * self.run('control', control_map)[0]
 
     def velocity(self, z, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0):
         if len(z) != self.batch:
@@ -125,18 +125,18 @@ class MobileGenerator:
         return self.velocity(z, t, self.encode_prompt(text, mask), iters)[0]
 
 
-def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, generator, control=None,
+def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, generator, control_map=None,
              exit_tolerance=0.0):
     """Prompts -> (float images (B, 3, H, W) in about [-1, 1], the mean Core iterations a
     sample used). get_part(name) returns the 'text_encoder', 'generator' or 'vae_decoder';
     each is dropped once used, so only one part is in memory at a time. export_mobile.py runs
-    this with the PyTorch models too. control: a control map (B, 1, H, W) for a control run's
+    this with the PyTorch models too. control_map: a control map (B, 1, H, W) for a control run's
     generator. exit_tolerance > 0: adaptive iterations, at most iters (model.iterate_core)."""
     encoder = get_part('text_encoder')
     prompt, null_prompt = encoder(prompts), encoder([''])
     del encoder
     model = get_part('generator')
-    hint = None if control is None else model.encode_control(control)
+    hint = None if control_map is None else model.encode_control(control_map)
     used = []
     iterating = dict(hint=hint, exit_tolerance=exit_tolerance, progress=used.append)
     if sampler == 'consistency':
@@ -317,11 +317,11 @@ def generator_methods(model, z, t, text, mask):
                'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text_cond)),
                'core': (Method(model, core), (s, e, c_base, progress, text_kv, mask)),
                'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
-    if model.control_adapter is not None:  # control image -> hint, once per image; the app repeats it per branch
-        control = control_map(make_shapes(1, 16 * z.shape[-1], seed=0)[0], model.config.control)
+    if model.control_adapter is not None:  # control map -> hint, once per map; the app repeats it per branch
+        example_map = control_map(make_shapes(1, 16 * z.shape[-1], seed=0)[0], model.config.control)
         with torch.no_grad():
-            hint = model.encode_control(control).expand(len(z), -1, -1).contiguous()
-        methods['control'] = (Method(model, lambda m, x: m.encode_control(x)), (control,))
+            hint = model.encode_control(example_map).expand(len(z), -1, -1).contiguous()
+        methods['control'] = (Method(model, lambda m, x: m.encode_control(x)), (example_map,))
         methods['inject'] = (Method(model, lambda m, *x: m.control_adapter.inject(*x)), (hint, e, c_base))
     return methods
 

@@ -295,15 +295,15 @@ class GRFM(nn.Module):
     ordered recurrent one; the Manhattan decay adds local 2D context at a learned weight
     alpha (per channel, from 0.1)."""
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.fourier = FourierMixer(cfg.dim, cfg.fourier_blocks, cfg.softshrink, cfg.fft_impl)
-        self.recurrent = RecurrentMixer(cfg.dim, cfg.heads)
-        self.spatial = SpatialMixer(cfg.dim, cfg.heads)
-        self.gate = nn.Linear(cfg.dim, cfg.dim)
-        self.alpha = nn.Parameter(torch.full((cfg.dim,), 0.1))
-        self.norm = nn.LayerNorm(cfg.dim)
-        self.out = nn.Linear(cfg.dim, cfg.dim)
+        self.fourier = FourierMixer(config.dim, config.fourier_blocks, config.softshrink, config.fft_impl)
+        self.recurrent = RecurrentMixer(config.dim, config.heads)
+        self.spatial = SpatialMixer(config.dim, config.heads)
+        self.gate = nn.Linear(config.dim, config.dim)
+        self.alpha = nn.Parameter(torch.full((config.dim,), 0.1))
+        self.norm = nn.LayerNorm(config.dim)
+        self.out = nn.Linear(config.dim, config.dim)
 
     def prepare(self, hw):
         """What the three pathways derive from their weights alone: the same at every Core
@@ -412,15 +412,15 @@ class PreludeBlock(nn.Module):
 class CoreLayer(nn.Module):
     """adaLN-Zero(c) -> GRFM -> gate; norm -> cross-attention -> gate; adaLN -> FFN -> gate."""
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False)
-        self.mixer = GRFM(cfg) if cfg.mixer == "grfm" else SelfAttentionMixer(cfg.dim, cfg.heads)
-        self.norm2 = nn.LayerNorm(cfg.dim)
-        self.cross_attention = Attention(cfg.dim, cfg.heads)
-        self.norm3 = nn.LayerNorm(cfg.dim, elementwise_affine=False)
-        self.ffn = FeedForward(cfg.dim, cfg.mlp_ratio)
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 7 * cfg.dim))
+        self.norm1 = nn.LayerNorm(config.dim, elementwise_affine=False)
+        self.mixer = GRFM(config) if config.mixer == "grfm" else SelfAttentionMixer(config.dim, config.heads)
+        self.norm2 = nn.LayerNorm(config.dim)
+        self.cross_attention = Attention(config.dim, config.heads)
+        self.norm3 = nn.LayerNorm(config.dim, elementwise_affine=False)
+        self.ffn = FeedForward(config.dim, config.mlp_ratio)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 7 * config.dim))
 
     def forward(self, x, modulation, hw, text_kv, text_mask, prepared=None):
         # modulation: self.modulation(c), (B, 7D); prepared: self.mixer.prepare(hw). Iris.velocity
@@ -432,13 +432,13 @@ class CoreLayer(nn.Module):
 
 
 class CodaBlock(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.window = cfg.window
-        self.norm1 = nn.LayerNorm(cfg.dim)
-        self.attention = Attention(cfg.dim, cfg.heads)
-        self.norm2 = nn.LayerNorm(cfg.dim)
-        self.ffn = FeedForward(cfg.dim, cfg.mlp_ratio)
+        self.window = config.window
+        self.norm1 = nn.LayerNorm(config.dim)
+        self.attention = Attention(config.dim, config.heads)
+        self.norm2 = nn.LayerNorm(config.dim)
+        self.ffn = FeedForward(config.dim, config.mlp_ratio)
 
     def forward(self, x, hw):
         x = x + window_attention(self.attention, self.norm1(x), hw, self.window)
@@ -447,7 +447,7 @@ class CodaBlock(nn.Module):
 
 class ControlAdapter(nn.Module):
     """Spatial control, ControlNet-like (Zhang et al. 2023, arXiv 2302.05543) but as light as
-    T2I-Adapter (Mou et al. 2023, arXiv 2302.08453). Once per control image (B, 1, H, W) in
+    T2I-Adapter (Mou et al. 2023, arXiv 2302.08453). Once per control map (B, 1, H, W) in
     [0, 1] at pixel resolution, forward() gives a hint h (B, N, D) on the generator's grid.
     Before every Core iteration, inject() turns it into tokens added to the state s_i. It
     reads s_i (what the iterations have drawn so far, the caption's words included) and the
@@ -471,8 +471,8 @@ class ControlAdapter(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.out = nn.Linear(dim, dim, bias=False)  # no bias: no hint, no change
 
-    def forward(self, control):
-        return self.features(control).flatten(2).transpose(1, 2)
+    def forward(self, control_map):
+        return self.features(control_map).flatten(2).transpose(1, 2)
 
     def inject(self, hint, s, c):
         shift, scale = self.modulation(c).unsqueeze(1).chunk(2, dim=-1)
@@ -485,34 +485,34 @@ class ControlAdapter(nn.Module):
 
 
 class Iris(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.config = cfg
-        D = cfg.dim
-        if D % cfg.heads or (D // cfg.heads) % 2 or D % 4:
-            raise ValueError(f"dim {D} must split into {cfg.heads} heads of even width and be a multiple of 4")
-        if cfg.mixer not in ("grfm", "attention"):
-            raise ValueError(f"mixer must be 'grfm' or 'attention', not {cfg.mixer!r}")
-        self.patch_embed = nn.Conv2d(cfg.latent_channels, D, cfg.patch_size, stride=cfg.patch_size)
-        self.text_proj = nn.Linear(cfg.text_dim, D)
+        self.config = config
+        D = config.dim
+        if D % config.heads or (D // config.heads) % 2 or D % 4:
+            raise ValueError(f"dim {D} must split into {config.heads} heads of even width and be a multiple of 4")
+        if config.mixer not in ("grfm", "attention"):
+            raise ValueError(f"mixer must be 'grfm' or 'attention', not {config.mixer!r}")
+        self.patch_embed = nn.Conv2d(config.latent_channels, D, config.patch_size, stride=config.patch_size)
+        self.text_proj = nn.Linear(config.text_dim, D)
         self.time_embed = ScalarEmbedder(D, scale=1000.0)      # t in [0, 1] spread like DDPM's 1000 steps
-        if cfg.iteration_embedding not in ("progress", "none"):
-            raise ValueError(f"iteration_embedding must be 'progress' or 'none', not {cfg.iteration_embedding!r}")
-        if cfg.state_init not in ("prelude", "noise"):
-            raise ValueError(f"state_init must be 'prelude' or 'noise', not {cfg.state_init!r}")
+        if config.iteration_embedding not in ("progress", "none"):
+            raise ValueError(f"iteration_embedding must be 'progress' or 'none', not {config.iteration_embedding!r}")
+        if config.state_init not in ("prelude", "noise"):
+            raise ValueError(f"state_init must be 'prelude' or 'noise', not {config.state_init!r}")
         # i / r in [0, 1)
-        self.progress_embed = ScalarEmbedder(D, scale=1000.0) if cfg.iteration_embedding == "progress" else None
+        self.progress_embed = ScalarEmbedder(D, scale=1000.0) if config.iteration_embedding == "progress" else None
         self.text_pool = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
-        self.prelude = nn.ModuleList([PreludeBlock(D, cfg.mlp_ratio) for _ in range(cfg.prelude_blocks)])
+        self.prelude = nn.ModuleList([PreludeBlock(D, config.mlp_ratio) for _ in range(config.prelude_blocks)])
         self.injection = nn.Linear(2 * D, D)  # Huginn's adapter: [s_i, e] -> D
-        self.core = nn.ModuleList([CoreLayer(cfg) for _ in range(cfg.core_layers)])
-        self.coda = nn.ModuleList([CodaBlock(cfg) for _ in range(cfg.coda_blocks)])
+        self.core = nn.ModuleList([CoreLayer(config) for _ in range(config.core_layers)])
+        self.coda = nn.ModuleList([CodaBlock(config) for _ in range(config.coda_blocks)])
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.unpatchify = nn.ConvTranspose2d(D, cfg.latent_channels, cfg.patch_size, stride=cfg.patch_size)
-        if cfg.control not in ("", "edges", "silhouette"):
-            raise ValueError(f"control must be '', 'edges' or 'silhouette', not {cfg.control!r}")
-        self.control_adapter = ControlAdapter(D, cfg.patch_size, cfg.mlp_ratio) if cfg.control else None
+        self.unpatchify = nn.ConvTranspose2d(D, config.latent_channels, config.patch_size, stride=config.patch_size)
+        if config.control not in ("", "edges", "silhouette"):
+            raise ValueError(f"control must be '', 'edges' or 'silhouette', not {config.control!r}")
+        self.control_adapter = ControlAdapter(D, config.patch_size, config.mlp_ratio) if config.control else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -555,13 +555,13 @@ class Iris(nn.Module):
         text_kv = torch.stack([layer.cross_attention.key_values(context) for layer in self.core])
         return text_kv, text_cond, text_mask
 
-    def encode_control(self, control, strength=1.0):
-        """A control image (B, 1, H, W) in [0, 1] (data.control_map) -> its hint (B, N, D),
+    def encode_control(self, control_map, strength=1.0):
+        """A control map (B, 1, H, W) in [0, 1] (data.control_map) -> its hint (B, N, D),
         scaled by strength, that velocity() injects before every Core iteration; once per
         sampling call."""
         if self.control_adapter is None:
-            raise ValueError("this generator has no control adapter; train one with train_flow.py --control=edges")
-        return strength * self.control_adapter(control)
+            raise ValueError("this generator has no control adapter; train one with train_control.py")
+        return strength * self.control_adapter(control_map)
 
     def prelude_forward(self, z, t, text_cond):
         """Everything before the Core: -> e (B, N, D) the prelude's tokens and c_base (B, D)
@@ -607,17 +607,17 @@ class Iris(nn.Module):
         s = modulate(self.final_norm(s), shift, scale)
         return self.unpatchify(s.transpose(1, 2).reshape(len(s), -1, *hw))
 
-    def forward(self, z, t, text, text_mask, iters, control=None, every_iteration=False):
+    def forward(self, z, t, text, text_mask, iters, control_map=None, every_iteration=False):
         """z: (B, 16, H/16, W/16) noisy latent; t: (B,) in [0, 1]; text: (B, L, text_dim)
         token embeddings with text_mask: (B, L) bool, True for real tokens; iters: core
-        iterations r; control: an optional control image (B, 1, H, W) for the adapter.
+        iterations r; control_map: an optional control map (B, 1, H, W) for the adapter.
         Returns the velocity, shaped like z; with every_iteration, the velocities read after
         each iteration that keeps gradients (k, B, 16, H/16, W/16), the last being r's."""
-        hint = None if control is None else self.encode_control(control)
+        hint = None if control_map is None else self.encode_control(control_map)
         return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, hint, every_iteration=every_iteration)[0]
 
     def velocity(self, z, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0, every_iteration=False):
-        """forward() with the prompt encoded ahead by encode_prompt() and the control image by
+        """forward() with the prompt encoded ahead by encode_prompt() and the control map by
         encode_control() (its hint) -> (v, the iterations each sample ran (B,)).
         export_mobile.py exports the stages separately, so that a phone encodes a prompt once
         and picks r at run time. exit_tolerance > 0: adaptive iterations, iters the most each

@@ -7,7 +7,7 @@ checkpoint. This is what the phone app does, run on this machine with the same r
     python run_mobile.py --export_dir=out-mobile-small-512-fp16 --iters 8 --steps 10 --output small.png
     python run_mobile.py --export_dir=out-mobile-small-512-fp32 --format onnx
     python run_mobile.py --export_dir=out-shapes-flow/mobile-fp32 --exit_tolerance 0.1 --iters 32   # adaptive r
-    python run_mobile.py --export_dir=out-shapes-edges/mobile-fp32 --control photo.png   # follows photo.png's edges
+    python run_mobile.py --export_dir=out-shapes-edges/mobile-fp32 --control_image photo.png   # its edges
 
 The parts are loaded one at a time and freed after use (text encoder, then generator,
 then VAE decoder), so peak memory is the largest part plus activations, not their sum
@@ -32,7 +32,7 @@ iters = 0  # core iterations r; 0 = the export's default
 exit_tolerance = 0.0  # > 0: adaptive iterations, at most iters (model.iterate_core)
 cfg_scale = 0.0  # 0 = the export's default
 seed = 0
-control = ''  # a control run: an image whose edges (or silhouette) to follow
+control_image = ''  # a control run: an image whose edges (or silhouette) to follow
 output = ''  # '' = EXPORT_DIR/sample-<format>.png
 # -----------------------------------------------------------------------------
 configure(globals(), choices=dict(format=('pte', 'onnx')))
@@ -51,11 +51,11 @@ if format == 'pte' and not manifest.get('pte', True):  # exports older than the 
     raise SystemExit(f"error: {export_dir} was exported with --pte=False; run it with --format=onnx")
 if format == 'onnx' and not manifest['onnx']:
     raise SystemExit(f"error: {export_dir} has no ONNX files ({manifest['precision']} exports are .pte only)")
-control_image = None
-if control:
+maps = None
+if control_image:
     if not manifest.get('control'):
-        raise SystemExit(f"error: {export_dir} is not a control run's export; drop --control")
-    control_image = control_map(image_tensor(open_image(control, 'control'), manifest['image_size']),
+        raise SystemExit(f"error: {export_dir} is not a control run's export; drop --control_image")
+    maps = control_map(image_tensor(open_image(control_image, 'control_image'), manifest['image_size']),
                                 manifest['control'])
 importlib.import_module('executorch.runtime' if format == 'pte' else 'onnxruntime')
 imports_mb = peak_rss_mb()  # Python, torch and the runtime, before any model
@@ -63,7 +63,7 @@ start = time.time()
 image, used = generate(exported_parts(export_dir, manifest, format), [prompt], initial_noise(manifest, seed),
                        steps=steps, cfg_scale=cfg_scale, iters=iters, shift=manifest['shift'],
                        sampler=manifest['sampler'], generator=torch.Generator().manual_seed(seed + 1),
-                       control=control_image, exit_tolerance=exit_tolerance)
+                       control_map=maps, exit_tolerance=exit_tolerance)
 seconds = time.time() - start
 output = output or os.path.join(export_dir, f'sample-{format}.png')
 save_grid(to_uint8(image), output, columns=1)

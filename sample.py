@@ -9,7 +9,7 @@ Generate images with a trained IRIS generator and write them as one PNG grid.
     python sample.py --out_dir out-shapes-cd --steps 2     # a distill.py student: 1-4 steps, no cfg
     python sample.py --init_image photo.png --strength 0.6 --prompt "..."      # img2img (SDEdit)
     python sample.py --init_image photo.png --mask hole.png --prompt "..."     # inpainting
-    python sample.py config/shapes_edges.py --control photo.png --prompt "..."  # the shape of photo.png's edges
+    python sample.py config/shapes_edges.py --control_image photo.png --prompt "..."  # photo.png's edges
     python sample.py config/emoji.py --upscale small.png --prompt "..."        # 2x super-resolution
 
 --iters is the number of Core iterations r (more compute, usually better images; any
@@ -19,7 +19,7 @@ fraction (model.iterate_core), and the mean it used is printed. --steps is the n
 Euler steps, or of consistency steps for a distilled student (whose guidance is baked in:
 --cfg_scale is ignored).
 
---control takes an ordinary image and extracts from it the signal the run's adapter was
+--control_image takes an ordinary image and extracts from it the signal the run's adapter was
 trained on (its edges or its silhouette, data.control_map), so a photo, a drawing or a
 generated image all work; the grid shows that map first. --upscale draws an image twice
 the side of the given one whose 2x2 block means are that image (flow.upscale).
@@ -57,7 +57,7 @@ strength = -1.0  # how far init_image (or upscale) is noised: 0 keeps it, 1 igno
 # 0.3 to upscale (eval_real.py: better than 0.5 on every measure)
 mask = ''  # inpainting: an image the size of init_image, white where to repaint, black where to keep
 # spatial control and super-resolution
-control = ''  # an image whose edges (or silhouette) a control run's adapter follows (train_flow.py --control)
+control_image = ''  # an image whose edges (or silhouette) a control run's adapter follows (train_control.py)
 control_strength = 1.0  # 0 = the base generator, 1 = as trained, more = follow the control harder
 upscale = ''  # an image of half the output side: draw it at twice the size (needs --prompt)
 text_encoder = ''  # '' = the checkpoint's; a different one is refused
@@ -104,9 +104,9 @@ if mask and not init_image:
     raise SystemExit("error: --mask needs the --init_image it applies to")
 if upscale and (init_image or not prompt):
     raise SystemExit("error: --upscale needs a --prompt that describes the image, and no --init_image")
-if control and not model.config.control:
+if control_image and not model.config.control:
     raise SystemExit(f"error: {out_dir} has no control adapter; train one "
-                     f"(python train_flow.py config/shapes_edges.py) and pass its --out_dir")
+                     f"(python train_control.py config/shapes_edges.py) and pass its --out_dir")
 if strength == -1:
     strength = 0.3 if upscale else 1.0 if mask or not init_image else 0.75
 elif not 0 <= strength <= 1:
@@ -141,9 +141,9 @@ vae = load_vae(run['vae_dir'], device)
 init, keep = None, None
 if init_image:
     picture, init, keep = load_edit(vae, init_image, mask, size)
-control_image = None
-if control:
-    control_image = control_map(image_tensor(open_image(control, 'control'), size), model.config.control)
+maps = None
+if control_image:
+    maps = control_map(image_tensor(open_image(control_image, 'control_image'), size), model.config.control)
 prompts = [p for p in prompts for _ in range(num_samples)]
 noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
@@ -167,26 +167,27 @@ with autocast:
                                noise=noise, strength=strength, **sampling)
     else:
         images = text_to_image(model, vae, encoder, prompts, noise, init=init, strength=strength, keep=keep,
-                               control=control_image.expand(len(prompts), -1, -1, -1) if control else None,
+                               control_map=maps.expand(len(prompts), -1, -1, -1) if control_image else None,
                                control_strength=control_strength, **sampling)
 if init_image:
     images = torch.cat([picture, images])  # before, then after
 if upscale:  # the input, enlarged without interpolation, then the result
     images = torch.cat([small.repeat_interleave(2, -1).repeat_interleave(2, -2), images])
-if control:
-    images = torch.cat([map_image(control_image), images])
+if control_image:
+    images = torch.cat([map_image(maps), images])
 bar.close()
 output = output or os.path.join(out_dir, 'sample.png')
-edited = init_image or upscale or control
+edited = init_image or upscale or control_image
 save_grid(images, output, columns=num_samples if num_samples > 1 and not edited else min(8, len(images)))
 sampler = sampling['sampler']
 if exit_tolerance:
-    settings = f"{size}x{size}, {steps} {sampler} steps, r={torch.cat(used).mean().item():.1f} on average (at most {iters})"
+    mean = torch.cat(used).mean().item()
+    settings = f"{size}x{size}, {steps} {sampler} steps, r={mean:.1f} on average (at most {iters})"
 else:
     settings = f"{size}x{size}, {steps} {sampler} steps, r={iters}"
 settings += '' if sampler == 'consistency' else f", cfg {cfg_scale}"
 if init_image or upscale:
     settings += f", from {init_image or upscale} at strength {strength}" + (f" inside {mask}" if mask else '')
-if control:
-    settings += f", following the {model.config.control} of {control} at strength {control_strength}"
+if control_image:
+    settings += f", following the {model.config.control} of {control_image} at strength {control_strength}"
 print(f"wrote {len(images)} images ({settings}) to {output}")

@@ -401,9 +401,9 @@ def test_a_new_control_adapter_leaves_the_output_bit_identical_and_is_what_train
                                                     for k, v in controlled.control_adapter.state_dict().items()})
     z, t, text, mask = _inputs(side=4)
     control = control_map(make_shapes(2, 64, seed=4)[0], 'edges')
-    assert torch.equal(controlled(z, t, text, mask, 3, control=control), base(z, t, text, mask, 3))
+    assert torch.equal(controlled(z, t, text, mask, 3, control_map=control), base(z, t, text, mask, 3))
     controlled.requires_grad_(False).control_adapter.requires_grad_(True)
-    controlled(z, t, text, mask, 3, control=control).square().mean().backward()
+    controlled(z, t, text, mask, 3, control_map=control).square().mean().backward()
     assert controlled.control_adapter.out.weight.grad.abs().sum() > 0  # zero output, but not a zero gradient
     assert count_parameters(controlled)['control'] == sum(p.numel() for p in controlled.control_adapter.parameters())
     with torch.no_grad():
@@ -411,7 +411,7 @@ def test_a_new_control_adapter_leaves_the_output_bit_identical_and_is_what_train
     prompt = controlled.encode_prompt(text, mask)
     assert torch.equal(controlled.velocity(z, t, prompt, 3, controlled.encode_control(control, strength=0.0))[0],
                        base(z, t, text, mask, 3))
-    assert not torch.equal(controlled(z, t, text, mask, 3, control=control), base(z, t, text, mask, 3))
+    assert not torch.equal(controlled(z, t, text, mask, 3, control_map=control), base(z, t, text, mask, 3))
     with pytest.raises(ValueError, match='no control adapter'):
         base.encode_control(control)
 
@@ -1366,9 +1366,9 @@ def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     assert float(table['bicubic'][-1].rstrip(' |')) > 0.5  # bicubic does not keep it: the check above can fail
     assert Image.open(tmp_path / 'flow' / 'eval_upscale.png').size == (6 * 32, 4 * 32)
     assert (tmp_path / 'flow' / 'eval_real.png').exists()
-    result = _run(['train_flow.py', SHAPES_CONFIG, f'--data_dir={tmp_path / "train"}', '--num_holdout=2',
-                   '--image_size=32', '--control=edges', '--base_dir=flow', f'--vae_dir={tiny_runs / "vae"}',
-                   '--batch_size=4', '--max_steps=1', '--sample_steps=1', '--out_dir=edges'], tmp_path)
+    result = _run(['train_control.py', f'--data_dir={tmp_path / "train"}', '--num_holdout=2', '--image_size=32',
+                   '--base_dir=flow', '--batch_size=4', '--max_steps=1', '--sample_steps=1', '--out_dir=edges'],
+                  tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     result = _run(['eval_real.py', '--out_dir=edges', '--sections=control', '--steps_list=(2,)'], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -1483,7 +1483,7 @@ def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
 
 @FULL
 def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_runs):
-    args = ['train_flow.py', os.path.join(HERE, 'config', 'shapes_edges.py'), '--vae_dir=vae', '--base_dir=out-flow',
+    args = ['train_control.py', os.path.join(HERE, 'config', 'shapes_edges.py'), '--base_dir=out-flow',
             '--image_size=32', '--num_images=64', '--num_holdout=8', '--batch_size=8', '--max_steps=3',
             '--eval_interval=2', '--sample_steps=2', '--train_iters=(1, 2)', '--cache_dir=cache', '--out_dir=out-edges']
     result = _run(args, tiny_runs)
@@ -1499,8 +1499,8 @@ def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tiny_runs / 'shape.png')
     Image.fromarray(images[1, :, ::2, ::2].permute(1, 2, 0).numpy()).save(tiny_runs / 'small.png')
     Image.fromarray(images[1, :, :12, :12].permute(1, 2, 0).numpy()).save(tiny_runs / 'twelve.png')
-    result = _run(['sample.py', '--out_dir=out-edges', '--control=shape.png', '--prompt=a red square', '--steps=2',
-                   '--iters=2', '--output=controlled.png'], tiny_runs)
+    result = _run(['sample.py', '--out_dir=out-edges', '--control_image=shape.png', '--prompt=a red square',
+                   '--steps=2', '--iters=2', '--output=controlled.png'], tiny_runs)
     assert result.returncode == 0, result.stderr[-2000:]
     grid = torch.from_numpy(np.array(Image.open(tiny_runs / 'controlled.png'))).permute(2, 0, 1)
     assert grid.shape == (3, 32, 64)
@@ -1511,8 +1511,8 @@ def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_
     big = torch.from_numpy(np.array(Image.open(tiny_runs / 'big.png'))).permute(2, 0, 1)[:, :, 32:].float()
     small = torch.from_numpy(np.array(Image.open(tiny_runs / 'small.png'))).permute(2, 0, 1).float()
     assert big.shape == (3, 32, 32) and (F.avg_pool2d(big, 2) - small).abs().max() <= 0.5 + 1e-3
-    for bad, message in [(['--out_dir=out-flow', '--control=shape.png'], 'has no control adapter'),
-                         (['--out_dir=out-edges', '--control=missing.png'], 'cannot read --control'),
+    for bad, message in [(['--out_dir=out-flow', '--control_image=shape.png'], 'has no control adapter'),
+                         (['--out_dir=out-edges', '--control_image=missing.png'], 'cannot read --control_image'),
                          (['--out_dir=out-flow', '--upscale=small.png'], '--upscale needs a --prompt'),
                          (['--out_dir=out-flow', '--upscale=twelve.png', '--prompt=a'],
                           'twice the --upscale image side')]:
@@ -1594,8 +1594,7 @@ def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
                          (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
                          (['--loss_weighting=seed'], "setting 'loss_weighting' must be one of 'none', 'high_noise'"),
                          (['--dtype=float8'], "setting 'dtype' must be one of 'auto', 'float32', 'bfloat16'"),
-                         (['--caption_conflict=1.5'], "setting 'caption_conflict' must be from 0 to 1, got 1.5"),
-                         (['--control=edges'], 'needs --base_dir')]:
+                         (['--control=edges'], "train_flow.py has no setting 'control'")]:
         result = _run(flow + bad, tiny_runs)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-1500:]
         assert 'Traceback' not in result.stderr
@@ -1681,12 +1680,17 @@ def _script_settings(script):
 @pytest.mark.parametrize('config', ['shapes.py', 'scenes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py',
                                     'shapes_edges.py', 'emoji_edges.py'])
 def test_every_config_file_sets_only_settings_each_stage_has(config):
-    for script in ('train_vae', 'train_flow', 'distill', 'sample', 'export_mobile', 'eval_shapes', 'eval_scenes',
-                   'eval_real'):
+    path, control = os.path.join(HERE, 'config', config), config.endswith('_edges.py')
+    if control:  # an adapter's config points an old train_flow.py command at its own script
+        with pytest.raises(SystemExit, match=f'python train_control.py config/{config}'):
+            read_config_file(path, 'train_flow')
+    for script in ('train_vae', *(() if control else ('train_flow',)), 'train_control', 'distill', 'sample',
+                   'export_mobile', 'eval_shapes', 'eval_scenes', 'eval_real'):
         unknown = set(read_config_file(os.path.join(HERE, 'config', config), script)) - _script_settings(script)
         assert not unknown, (config, script, unknown)
     # every text-to-image setup distils too; a control adapter is an add-on to one, and distil.py leaves it alone
-    assert bool(read_config_file(os.path.join(HERE, 'config', config), 'distill')) == (not config.endswith('_edges.py'))
+    assert bool(read_config_file(path, 'distill')) == (not control)
+    assert bool(read_config_file(path, 'train_control')) == control
 
 
 # -----------------------------------------------------------------------------
@@ -1809,7 +1813,7 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
         if control:  # the adapter's methods: the hint of one map (as the app has), injected in both branches
             maps = control_map(make_shapes(1, 16 * z.shape[-1], seed=1)[0], control)
             with torch.no_grad():
-                reference = model(z, t, text, mask, 2, control=maps.expand(len(z), -1, -1, -1))
+                reference = model(z, t, text, mask, 2, control_map=maps.expand(len(z), -1, -1, -1))
             hint = exported.encode_control(maps).expand(len(z), -1, -1)
             error = (exported.velocity(z, t, exported.encode_prompt(text, mask), 2, hint)[0] - reference).abs().max()
             assert error / reference.abs().max() < 1e-4, (fmt, error)
@@ -1942,15 +1946,16 @@ def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
 # fuzz: every entry script, bad input, one error line
 
 
-ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'distill.py', 'sample.py', 'eval_shapes.py', 'eval_scenes.py',
-                 'eval_real.py', 'export_mobile.py', 'run_mobile.py', 'bench.py', 'check_gpu.py')
+ENTRY_SCRIPTS = ('train_vae.py', 'train_flow.py', 'train_control.py', 'distill.py', 'sample.py', 'eval_shapes.py',
+                 'eval_scenes.py', 'eval_real.py', 'export_mobile.py', 'run_mobile.py', 'bench.py', 'check_gpu.py')
 
 
 CHOICE_SETTINGS = ('init_from', 'loss_weighting', 'mixer', 'model_size', 'dtype', 'precision', 'backend', 'sections',
                    'format', 'sampler', 'control', 'iteration_embedding', 'state_init')
 
 
-READ_PATHS = {'train_vae.py': ('data_dir',), 'train_flow.py': ('vae_dir', 'data_dir'), 'distill.py': ('teacher_dir',),
+READ_PATHS = {'train_vae.py': ('data_dir',), 'train_flow.py': ('vae_dir', 'data_dir'),
+              'train_control.py': ('base_dir', 'data_dir'), 'distill.py': ('teacher_dir',),
               'sample.py': ('out_dir', 'init_image'), 'eval_shapes.py': ('out_dir',), 'eval_scenes.py': ('out_dir',),
               'eval_real.py': ('out_dir',),
               'export_mobile.py': ('out_dir',), 'run_mobile.py': ('export_dir',), 'check_gpu.py': ('data_dir',)}
@@ -2007,7 +2012,7 @@ def _fuzz_cases(tmp_path, seed=0, per_script=4):
                 for value in _bad_values(name, default, positive)]
         cases += [(script, arg) for arg in rng.sample(pool, per_script)]
         cases += [(script, '--no_such_setting=1'), (script, str(broken_config)), (script, 'config/no_such_file.py')]
-        if script in ('train_vae.py', 'train_flow.py', 'distill.py'):  # where a run writes
+        if script in ('train_vae.py', 'train_flow.py', 'train_control.py', 'distill.py'):  # where a run writes
             cases += [(script, f'--out_dir={"x" * 10000}'), (script, f'--out_dir={empty_file}')]
         if script in ('sample.py', 'run_mobile.py'):  # where a user names the image written
             cases += [(script, '--output=missing_dir/x.png'), (script, '--output=x.txt')]

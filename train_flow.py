@@ -6,7 +6,6 @@ Train the IRIS generator (model.py) with rectified flow (flow.py): stage 2.
     python train_flow.py config/pokemon.py                       # the seed's Pokemon setup (GPU and the Hub)
     python train_flow.py config/shapes.py --init_from=resume     # continue from out_dir
     python train_flow.py config/emoji.py --image_size=128 --init_from=out-emoji-flow-64   # continued at 128 px
-    python train_flow.py config/shapes_edges.py                  # a control adapter on the finished shapes run
     torchrun --standalone --nproc_per_node=2 train_flow.py config/shapes.py          # 2 processes, one machine
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         train_flow.py config/pokemon.py                         # and node_rank=1 on the second machine
@@ -16,11 +15,8 @@ cached latents and caption tokens, swaps the caption for the empty prompt with
 probability cfg_dropout (for classifier-free guidance), draws the core's iteration count
 r from train_iters, and regresses the velocity. Writes to out_dir: ckpt.safetensors +
 config.json, log.csv (loss, the loss in four bands of t, lr) and samples_<step>.png (the
-same held-out prompts and noise every time, so the grids show progress).
-
-With control='edges' or 'silhouette' it trains a ControlAdapter (model.py) instead: the
-generator of base_dir is loaded and frozen, only the adapter learns, and each step's
-images bring their own control maps (data.control_map, cached like the latents).
+same held-out prompts and noise every time, so the grids show progress). A control adapter
+on a finished run trains with train_control.py.
 """
 import os
 import time
@@ -28,14 +24,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from cache import encode_captions, load_control_maps, load_training_set
+from cache import load_training_set
 from configurator import configure
-from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
+from data import save_grid
 from flow import shift_time, text_to_image
 from model import SIZES, count_parameters
 from text import Prompt, load_text_encoder
-from training import (DTYPES, LossLog, all_sum, check_init_from, draw_iters, ema_update, generator_step,
-                      load_checkpoint, load_generator, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
+from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, check_init_from, draw_iters, ema_update,
+                      generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
                       resolve_dtype, save_checkpoint, setup_distributed, start_from_run, stop_if_diverged,
                       wrap_distributed)
 from vae import check_image_size, load_vae
@@ -67,14 +63,10 @@ iteration_embedding = 'progress'  # what the Core is told of its iteration: 'pro
 state_init = 'prelude'  # the Core's start: 'prelude' (its output e) or 'noise' (Huginn's)
 backprop_iters = 0  # backpropagate through the last k core iterations only (0 = all)
 loop_distill = 0.0  # > 0: ELT's intra-loop self-distillation with this weight (flow.flow_loss)
-# spatial control: train only a ControlAdapter on a finished run, which stays frozen
-control = ''  # '' (train a generator), 'edges' or 'silhouette' (data.control_map)
-base_dir = ''  # with control: the train_flow.py run to control; its model settings win over those above
-caption_conflict = 0.0  # shapes, with control: the share of captions that name another type, size and position
 # rectified flow
 loss_weighting = 'high_noise'  # t / (1 - t + 0.05), the seed's: better adherence on shapes than 'none' (SD3's)
 shift = 0.0  # SD3's timestep shift (flow.shift_time), in training and sampling; 0: that of the run this one starts
-# from (init_from, resume, base_dir) times sqrt(tokens now / tokens then), 1 from scratch
+# from (init_from, resume) times sqrt(tokens now / tokens then), 1 from scratch
 cfg_dropout = 0.1
 # the sample grids
 sample_steps = 25
@@ -101,13 +93,9 @@ config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_
                                        'gradient_accumulation_steps', 'max_steps', 'lr'),
                    choices=dict(model_size=tuple(SIZES), mixer=('grfm', 'attention'),
                                 iteration_embedding=('progress', 'none'), state_init=('prelude', 'noise'),
-                                loss_weighting=('none', 'high_noise'), control=('', *CONTROLS), dtype=DTYPES),
-                   ranges=dict(caption_conflict=(0, 1), loop_distill=(0, 10)))
+                                loss_weighting=('none', 'high_noise'), dtype=DTYPES),
+                   ranges=dict(loop_distill=(0, 10)))
 check_init_from(init_from)
-if control and not base_dir:
-    raise SystemExit("error: --control needs --base_dir, the finished train_flow.py run the adapter trains on")
-if caption_conflict and not (control and dataset == 'shapes' and not data_dir):
-    raise SystemExit("error: caption_conflict needs --control and the shapes data set, whose captions can be rewritten")
 try:
     check_image_size(image_size, image_size, 16 * patch_size)
 except ValueError as e:
@@ -131,39 +119,23 @@ captions = Prompt(data['tokens'], data['mask'])  # each distinct caption once
 if batch_size > len(latents):
     raise SystemExit(f"error: batch_size {batch_size} is larger than the {len(latents)} training images; "
                      f"lower --batch_size")
-if caption_conflict:  # a second table: each image's colours with another layout, which its control map overrules
-    # the training set is data.load_data's make_shapes(num_images, seed=0)
-    tokens, mask, conflict_rows = encode_captions(encoder, conflicting_shape_captions(num_images, seed=0))
-    conflict_rows += len(captions.text)
-    length = max(captions.text.shape[1], tokens.shape[1])
-    captions = Prompt(*map(torch.cat, zip(captions.padded(length), Prompt(tokens, mask).padded(length))))
 null_prompt = encoder([""]).to('cpu').padded(captions.text.shape[1])  # the unconditional branch's: [CLS] [SEP]
 sample_prompts = data['holdout_captions'][:8]
 sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed))
 sample_noise = sample_noise.to(device)
 
 sizes = {k: v for k, v in dict(dim=dim, heads=heads, core_layers=core_layers).items() if v}
-if control:
-    model, start_run, _ = load_generator(base_dir, device, control=control)
-    if (start_run['vae_dir'], start_run['text_encoder']) != (vae_dir, text_encoder):
-        raise SystemExit(f"error: {base_dir} was trained with vae_dir='{start_run['vae_dir']}' and text_encoder="
-                         f"'{start_run['text_encoder']}'; pass the same")
-    model.train().control_adapter.requires_grad_(True)  # the base generator stays frozen
-    controls, sample_controls = load_control_maps(data_settings, control, cache_dir)
-    sample_controls = sample_controls[:len(sample_prompts)].float().to(device)
-else:
-    model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
-                              text_encoder=text_encoder, backprop_iters=backprop_iters,
-                              iteration_embedding=iteration_embedding, state_init=state_init)
-    start_run = start_from_run(init_from, model, 'generator') if init_from not in ('scratch', 'resume') else None
-    model = model.to(device)
+model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
+                          text_encoder=text_encoder, backprop_iters=backprop_iters,
+                          iteration_embedding=iteration_embedding, state_init=state_init)
+start_run = start_from_run(init_from, model, 'generator') if init_from not in ('scratch', 'resume') else None
+model = model.to(device)
 ema = make_ema(model)
 if master:
     counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
-    print(f"generator {model_size} {sizes or ''}: {counts}; {dtype} on {device}"
-          + (f"; training only the {control} adapter" if control else ''))
-optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
-                              betas=(0.9, 0.99), fused=True)  # one kernel for all parameters, not ~10 per tensor
+    print(f"generator {model_size} {sizes or ''}: {counts}; {dtype} on {device}")
+optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99),
+                              fused=True)  # one kernel for all parameters, not ~10 per tensor
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = 0
@@ -177,9 +149,8 @@ config['shift'] = shift  # as sampled from this run
 if compile:
     model.compile_core()
 train_model = wrap_distributed(model, world_size)
-bands = ['loss_t0', 'loss_t1', 'loss_t2', 'loss_t3']  # mean loss for t in [0, .25), [.25, .5), [.5, .75), [.75, 1]
 if master:
-    log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss'] + bands + ['lr'],
+    log = LossLog(os.path.join(out_dir, 'log.csv'), ['loss'] + LossBands.names + ['lr'],
                   resume_step=start_step if init_from == 'resume' else None)
     with open(os.path.join(out_dir, 'samples.txt'), 'w') as f:
         f.write('\n'.join(sample_prompts) + '\n')
@@ -187,9 +158,7 @@ if master:
 def sample_and_save(step):
     with autocast:
         images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, steps=sample_steps, cfg_scale=cfg_scale,
-                               iters=sample_iters, shift=shift, control=sample_controls if control else None)
-    if control:  # the control maps above the images drawn from them
-        images = torch.cat([map_image(sample_controls), images])
+                               iters=sample_iters, shift=shift)
     save_grid(images, os.path.join(out_dir, f"samples_{step:06d}.png"))
     save_checkpoint(ckpt_path, model, ema, optimizer, step, config | dict(sample_prompts=sample_prompts),
                     data_generator, scaler)
@@ -197,38 +166,29 @@ def sample_and_save(step):
 
 bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc='flow', dynamic_ncols=True,
            disable=not master)
-band_sum, band_count = torch.zeros(4, device=device), torch.zeros(4, device=device)
+bands = LossBands(device)
 start_time = time.time()
 for step in bar:
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
     # the whole step's batch, noise and times, the same in every process, which trains on its shares
     index = torch.randint(len(latents), (batch_size,), generator=data_generator)
-    rows = caption_rows[index]
-    if caption_conflict:
-        rows = torch.where(torch.rand(batch_size, generator=data_generator) < caption_conflict,
-                           conflict_rows[index], rows)
-    text, mask = captions.text[rows].float(), captions.mask[rows]
-    drop = torch.rand(batch_size, generator=data_generator) < cfg_dropout
-    text[drop], mask[drop] = null_prompt.text, null_prompt.mask
+    prompt = caption_batch(captions, caption_rows[index], null_prompt, cfg_dropout, data_generator)
     iters = draw_iters(train_iters, train_iters_mean, data_generator)
     t = shift_time(torch.sigmoid(torch.randn(batch_size)), shift)  # SD3's logit-normal: most steps at mid noise
     eps = torch.randn(batch_size, *latents.shape[1:])
-    per_sample = generator_step(model, optimizer, scaler, autocast, latents[index], Prompt(text, mask), t, eps, iters,
-                                shares, controls[index].float() if control else None, world_size, grad_clip,
-                                loss_weighting, loop_distill, train_model)  # on the device, read only when logged
-    band = (t[torch.cat(shares)] * 4).long().clamp(max=3).to(device)
-    band_sum.index_add_(0, band, per_sample)
-    band_count.index_add_(0, band, torch.ones_like(per_sample))
+    per_sample = generator_step(model, optimizer, scaler, autocast, latents[index], prompt, t, eps, iters, shares,
+                                world_size=world_size, grad_clip=grad_clip, weighting=loss_weighting,
+                                loop_distill=loop_distill, network=train_model)  # on the device, read when logged
+    bands.add(t[torch.cat(shares)], per_sample)
     ema_update(ema, model, step, ema_decay)
     save = (step + 1) % eval_interval == 0 or step + 1 == max_steps
     if save or step % log_interval == 0:
         loss = all_sum(per_sample.sum()) / batch_size
         stop_if_diverged(loss, step)  # before a save: a checkpoint never holds a diverged model
-        means = (all_sum(band_sum) / all_sum(band_count).clamp_min(1)).tolist()
+        means = bands.read()
         if master:
-            log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'], **dict(zip(bands, means)))
-        band_sum.zero_(), band_count.zero_()
+            log.write(step, loss=loss.item(), lr=optimizer.param_groups[0]['lr'], **means)
         bar.set_postfix(loss=f"{loss.item():.4f}", r=iters)
     if master and save:
         sample_and_save(step + 1)

@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flow import flow_loss
 from model import Iris, IrisConfig
+from text import Prompt
 
 
 def setup_distributed(device):
@@ -126,11 +127,11 @@ def backward(share_loss, scaler, world_size, batch_size):
     scaler.scale(share_loss * world_size / batch_size).backward()
 
 
-def generator_step(model, optimizer, scaler, autocast, x0, prompt, t, eps, iters, shares, control=None, world_size=1,
-                   grad_clip=1.0, weighting='none', loop_distill=0.0, network=None):
+def generator_step(model, optimizer, scaler, autocast, x0, prompt, t, eps, iters, shares, control_map=None,
+                   world_size=1, grad_clip=1.0, weighting='none', loop_distill=0.0, network=None):
     """One optimizer step of the generator: what train_flow.py and train_control.py run and
     bench.py and check_gpu.py time. x0 (B, 16, h, w) latents, prompt (text.Prompt), t (B,),
-    eps, and control (B, 1, H, W) for an adapter: the whole step's batch, on the CPU.
+    eps, and control_map (B, 1, H, W) for an adapter: the whole step's batch, on the CPU.
     shares: this process's rows in micro-batches (micro_batches), each moved to the model's
     device for its forward (under autocast) and backward. network: the model as DDP wraps it
     (wrap_distributed), if it is. -> the shares' per-sample losses (detached, in share order)."""
@@ -143,7 +144,7 @@ def generator_step(model, optimizer, scaler, autocast, x0, prompt, t, eps, iters
         with sync_gradients(network, last=micro == len(shares) - 1):
             with autocast:  # the forward only: backward runs each op in the dtype its forward chose
                 per_sample = flow_loss(network, part(x0), prompt.rows(share).to(device), iters, part(t), part(eps),
-                                       weighting, loop_distill, part(control))
+                                       weighting, loop_distill, part(control_map))
             backward(per_sample.sum(), scaler, world_size, len(t))
         losses.append(per_sample.detach().float())
     optimizer_step(model, optimizer, scaler, grad_clip)
@@ -175,6 +176,36 @@ def count_kernels(fn, device='cpu'):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, counter:
         fn()
     return counter.kernels + sum("cpp_fused" in e.name for e in profile.events())
+
+
+def caption_batch(captions, rows, null_prompt, cfg_dropout, generator):
+    """Rows (B,) of a caption table (text.Prompt) as the step's prompts, each swapped for the
+    empty caption with probability cfg_dropout: the unconditional branch that classifier-free
+    guidance needs learns from those."""
+    text, mask = captions.text[rows].float(), captions.mask[rows]
+    drop = torch.rand(len(rows), generator=generator) < cfg_dropout
+    text[drop], mask[drop] = null_prompt.text, null_prompt.mask
+    return Prompt(text, mask)
+
+
+class LossBands:
+    """The mean flow loss in four bands of t, [0, .25), [.25, .5), [.5, .75) and [.75, 1], over
+    the steps since the last read, summed on the device: read only when logged, since a read
+    waits for the GPU."""
+    names = ['loss_t0', 'loss_t1', 'loss_t2', 'loss_t3']
+
+    def __init__(self, device):
+        self.sum, self.count = torch.zeros(4, device=device), torch.zeros(4, device=device)
+
+    def add(self, t, losses):
+        band = (t * 4).long().clamp(max=3).to(losses.device)
+        self.sum.index_add_(0, band, losses)
+        self.count.index_add_(0, band, torch.ones_like(losses))
+
+    def read(self):
+        means = (all_sum(self.sum) / all_sum(self.count).clamp_min(1)).tolist()
+        self.sum.zero_(), self.count.zero_()
+        return dict(zip(self.names, means))
 
 
 def stop_if_diverged(loss, step):
@@ -485,7 +516,7 @@ def load_generator(out_dir='', device='cpu', **overrides):
     state, meta = read_ema_checkpoint(out_dir, 'generator', '--out_dir')
     model = Iris(IrisConfig(**{**meta['model_config'], **overrides}))
     if model.control_adapter is not None and not meta['model_config'].get('control'):
-        # a base run under a new, zero-initialised adapter (train_flow.py --control)
+        # a base run under a new, zero-initialised adapter (train_control.py)
         state |= {f'control_adapter.{k}': v for k, v in model.control_adapter.state_dict().items()}
     model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False), meta['config'], out_dir

@@ -1,18 +1,19 @@
 # A control adapter on the emoji generator (config/emoji.py): draw a caption inside the edges of another picture.
-#   python train_flow.py config/emoji_edges.py      (after config/emoji.py's VAE and generator)
-#   python sample.py config/emoji_edges.py --control picture.png --prompt "grinning face"
+#   python train_control.py config/emoji_edges.py   (after config/emoji.py's VAE and generator)
+#   python sample.py config/emoji_edges.py --control_image picture.png --prompt "grinning face"
 #   python eval_real.py config/emoji_edges.py       (edge agreement on the 512 test emoji)
-if script in ('train_flow', 'sample', 'eval_real', 'export_mobile'):
+if script == 'train_flow':  # the adapter trains with its own script
+    raise SystemExit("error: config/emoji_edges.py trains a control adapter; run "
+                     "python train_control.py config/emoji_edges.py")
+if script in ('train_control', 'sample', 'eval_real', 'export_mobile'):
     out_dir = 'out-emoji-edges'
-if script == 'train_flow':
+if script == 'train_control':
     data_dir = 'data/emoji/128-twemoji/train'
     image_size = 128
     num_holdout = 64
-    vae_dir = 'out-emoji-vae'
     base_dir = 'out-emoji-flow'
     control = 'edges'
     cfg_dropout = 0.5  # ControlNet's: with half the captions empty, the layout must be read from the control
-    patch_size = 1
     train_iters = (2, 4, 6)  # as the base trained
     batch_size = 32
     lr = 1e-3

@@ -1,19 +1,20 @@
 # A control adapter on the CPU quickstart's generator: draw the caption's colours in the shape an edge map gives.
-#   python train_flow.py config/shapes_edges.py     (after the quickstart: out-shapes-vae, out-shapes-flow)
-#   python sample.py config/shapes_edges.py --control photo.png --prompt "a red square on a blue background"
+#   python train_control.py config/shapes_edges.py  (after the quickstart: out-shapes-vae, out-shapes-flow)
+#   python sample.py config/shapes_edges.py --control_image photo.png --prompt "a red square on a blue background"
 #   python eval_shapes.py config/shapes_edges.py    (control-following, held out)
 # --control=silhouette trains on the shape's silhouette instead (set out_dir apart).
-if script in ('train_flow', 'sample', 'eval_shapes', 'export_mobile'):
+if script == 'train_flow':  # the adapter trains with its own script
+    raise SystemExit("error: config/shapes_edges.py trains a control adapter; run "
+                     "python train_control.py config/shapes_edges.py")
+if script in ('train_control', 'sample', 'eval_shapes', 'export_mobile'):
     out_dir = 'out-shapes-edges'
-if script == 'train_flow':
+if script == 'train_control':
     dataset = 'shapes'
     image_size = 64
-    vae_dir = 'out-shapes-vae'
     base_dir = 'out-shapes-flow'
     control = 'edges'
     caption_conflict = 0.9  # most captions name another type, size and place than the map: the map must win
     cfg_dropout = 0.1
-    patch_size = 1
     train_iters = (2, 4, 6)  # as the base trained
     batch_size = 64
     lr = 2e-3

@@ -65,7 +65,7 @@ class Pipeline {
       throw new IrisError(`this export is ${manifest.precision} .pte only; the page runs ONNX: ` +
                           'export with python export_mobile.py --precision=fp32 or int8 (onnx=True)');
     }
-    if (manifest.control) throw new IrisError('a control run draws from run_mobile.py --control; the page has no control input');
+    if (manifest.control) throw new IrisError('a control run draws from run_mobile.py --control_image; the page has no control input');
     const tokenizerJson = await (await fetchOk(base + 'tokenizer.json', 'export_mobile.py writes it beside the models')).json();
     return new Pipeline(base, manifest, new Tokenizer(tokenizerJson, {}), tokenizerJson.padding.pad_id,
                         await loadRuntime(threads));
