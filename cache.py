@@ -82,8 +82,9 @@ def load_training_set(data_settings, vae, vae_dir, encoder, cache_dir):
     if not os.path.isfile(path):
         (images, captions), (_, holdout_captions) = load_data(**data_settings)
         tokens, mask, caption_ids = encode_captions(encoder, captions)
-        save_atomically(dict(latents=encode_images(vae, images), caption_ids=caption_ids, tokens=tokens, mask=mask),
-                        path, metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
+        tensors = dict(latents=encode_images(vae, images), caption_ids=caption_ids, tokens=tokens, mask=mask)
+        save_atomically(tensors, path,
+                        metadata=dict(identity=json.dumps(identity), holdout_captions=json.dumps(holdout_captions)))
         print(f"cache: encoded {len(images)} images and {len(tokens)} distinct captions into {path}")
     # read back even when just built, so a first run gets exactly what every later run gets
     # (CPU tensors of the stored dtypes), whatever device the encoders ran on

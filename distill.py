@@ -57,8 +57,7 @@ warmup_steps = 100
 grad_clip = 1.0
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScaler on older ones (T4); on a CPU
-# bf16 where it is native (AMX, AVX512-BF16), else fp32
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'schedule_steps', 'batch_size',
                                        'gradient_accumulation_steps', 'max_steps', 'lr'),

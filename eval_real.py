@@ -57,7 +57,7 @@ classifier_steps = 3000
 batch_size = 64
 seed = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast for sampling: 'auto', 'float32', 'bfloat16' or 'float16'
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('steps_list', 'loss_iters', 'classifier_size', 'classifier_steps', 'batch_size'))
 

@@ -41,7 +41,7 @@ validate_only = False
 inpaint = True  # also measure inpainting: repaint each held-out shape as another colour and type
 batch_size = 128
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast for sampling, as in training: 'auto', 'float32', 'bfloat16' or 'float16'
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('num_prompts', 'iters_list', 'loss_iters', 'steps_list', 'batch_size'))
 

@@ -27,6 +27,9 @@ def noised(x0, noise, t):
     return (1 - t) * x0 + t * noise
 
 
+WEIGHTINGS = ('none', 'high_noise')  # flow_loss's
+
+
 def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0.0, control_map=None):
     """Per-sample loss (B,) of the velocity model(x_t, t) against its target eps - x_0, at
     times t (B,) and noise eps (shaped like x0), which the caller draws (train_flow.py: SD3's

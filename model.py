@@ -57,13 +57,19 @@ class IrisConfig:
     fourier_blocks: int = 8      # AFNO's block-diagonal split of the channels
     softshrink: float = 0.01
     window: int = 8              # Coda's local attention window, in tokens
-    mixer: str = "grfm"          # the Core's token mixer: "grfm" or "attention" (full self-attention, the baseline)
+    mixer: str = "grfm"          # the Core's token mixer: GRFM or full self-attention (the baseline)
     backprop_iters: int = 0      # train through only the last k core iterations (0 = all)
-    fft_impl: str = "torch"      # "torch" (complex FFT) or "dft" (real matmuls, for export)
+    fft_impl: str = "torch"      # the complex FFT, or the DFT as real matmuls (for export)
     text_encoder: str = "minilm"  # the token space text_proj was trained on (text.py); samplers must match it
-    control: str = ""            # "" or the control signal a ControlAdapter reads: "edges" or "silhouette" (data.py)
-    iteration_embedding: str = "progress"  # what the Core is told of its iteration: "progress" (i / r) or "none"
-    state_init: str = "prelude"  # the Core's start s_0: "prelude" (e) or "noise" (Huginn's s_0 ~ N(0, I))
+    control: str = ""            # "" (no adapter) or the signal a ControlAdapter reads (data.CONTROLS)
+    iteration_embedding: str = "progress"  # what the Core is told of its iteration: i / r, or nothing (Huginn)
+    state_init: str = "prelude"  # the Core's start s_0: the Prelude's e, or noise (Huginn's s_0 ~ N(0, I))
+
+
+# The values each choice of IrisConfig may take, the first its default; train_flow.py's
+# settings offer the same
+CHOICES = dict(mixer=("grfm", "attention"), fft_impl=("torch", "dft"), iteration_embedding=("progress", "none"),
+               state_init=("prelude", "noise"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,7 +143,7 @@ class FourierMixer(nn.Module):
         super().__init__()
         if dim % blocks:
             raise ValueError(f"dim {dim} is not divisible by fourier_blocks {blocks}")
-        if fft_impl not in ("torch", "dft"):
+        if fft_impl not in CHOICES["fft_impl"]:
             raise ValueError(f"fft_impl must be 'torch' or 'dft', not {fft_impl!r}")
         self.blocks, self.block_size = blocks, dim // blocks
         self.softshrink, self.fft_impl = softshrink, fft_impl
@@ -491,15 +497,13 @@ class Iris(nn.Module):
         D = config.dim
         if D % config.heads or (D // config.heads) % 2 or D % 4:
             raise ValueError(f"dim {D} must split into {config.heads} heads of even width and be a multiple of 4")
-        if config.mixer not in ("grfm", "attention"):
-            raise ValueError(f"mixer must be 'grfm' or 'attention', not {config.mixer!r}")
+        for name, allowed in CHOICES.items():
+            value = getattr(config, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {value!r}")
         self.patch_embed = nn.Conv2d(config.latent_channels, D, config.patch_size, stride=config.patch_size)
         self.text_proj = nn.Linear(config.text_dim, D)
         self.time_embed = ScalarEmbedder(D, scale=1000.0)      # t in [0, 1] spread like DDPM's 1000 steps
-        if config.iteration_embedding not in ("progress", "none"):
-            raise ValueError(f"iteration_embedding must be 'progress' or 'none', not {config.iteration_embedding!r}")
-        if config.state_init not in ("prelude", "noise"):
-            raise ValueError(f"state_init must be 'prelude' or 'noise', not {config.state_init!r}")
         # i / r in [0, 1)
         self.progress_embed = ScalarEmbedder(D, scale=1000.0) if config.iteration_embedding == "progress" else None
         self.text_pool = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
@@ -510,8 +514,6 @@ class Iris(nn.Module):
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.unpatchify = nn.ConvTranspose2d(D, config.latent_channels, config.patch_size, stride=config.patch_size)
-        if config.control not in ("", "edges", "silhouette"):
-            raise ValueError(f"control must be '', 'edges' or 'silhouette', not {config.control!r}")
         self.control_adapter = ControlAdapter(D, config.patch_size, config.mlp_ratio) if config.control else None
         self.initialize_weights()
 

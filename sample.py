@@ -62,8 +62,7 @@ control_strength = 1.0  # 0 = the base generator, 1 = as trained, more = follow 
 upscale = ''  # an image of half the output side: draw it at twice the size (needs --prompt)
 text_encoder = ''  # '' = the checkpoint's; a different one is refused
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # 'float32', 'bfloat16', 'float16' or 'auto': bf16 on sm80+ GPUs and on CPUs with native bf16,
-# fp16 on older GPUs, else fp32
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('num_samples', 'steps', 'iters'))
 

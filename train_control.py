@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cache import encode_captions, load_control_maps, load_training_set
 from configurator import configure
 from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
-from flow import shift_time, text_to_image
+from flow import WEIGHTINGS, shift_time, text_to_image
 from model import count_parameters
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, draw_iters, ema_update, generator_step,
@@ -69,13 +69,13 @@ grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # training.resolve_dtype
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
                                        'train_iters', 'sample_steps', 'sample_iters', 'batch_size',
                                        'gradient_accumulation_steps', 'max_steps', 'lr'),
                    choices=dict(init_from=('scratch', 'resume'), control=CONTROLS,
-                                loss_weighting=('none', 'high_noise'), dtype=DTYPES),
+                                loss_weighting=WEIGHTINGS, dtype=DTYPES),
                    ranges=dict(caption_conflict=(0, 1)))
 if not base_dir:
     raise SystemExit("error: train_control.py needs --base_dir, the finished train_flow.py run the adapter steers")

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from cache import load_training_set
 from configurator import configure
 from data import save_grid
-from flow import shift_time, text_to_image
-from model import SIZES, count_parameters
+from flow import WEIGHTINGS, shift_time, text_to_image
+from model import CHOICES, SIZES, count_parameters
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, check_init_from, draw_iters, ema_update,
                       generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
@@ -56,15 +56,15 @@ dim = 0
 heads = 0
 core_layers = 0
 patch_size = 2  # image_size must be a multiple of 16 * patch_size
-mixer = 'grfm'  # the Core's token mixer: 'grfm' or 'attention' (full self-attention, the baseline)
+mixer = 'grfm'  # the Core's token mixer (model.IrisConfig, as the next settings)
 train_iters = (4, 6, 8, 10, 12)  # r is drawn from these each step
 train_iters_mean = 0.0  # > 0: r drawn from Huginn's heavy tail with this mean instead, at most max(train_iters)
-iteration_embedding = 'progress'  # what the Core is told of its iteration: 'progress' (i / r) or 'none'
-state_init = 'prelude'  # the Core's start: 'prelude' (its output e) or 'noise' (Huginn's)
+iteration_embedding = 'progress'  # what the Core is told of its iteration
+state_init = 'prelude'  # the Core's start
 backprop_iters = 0  # backpropagate through the last k core iterations only (0 = all)
 loop_distill = 0.0  # > 0: ELT's intra-loop self-distillation with this weight (flow.flow_loss)
 # rectified flow
-loss_weighting = 'high_noise'  # t / (1 - t + 0.05), the seed's: better adherence on shapes than 'none' (SD3's)
+loss_weighting = 'high_noise'  # the seed's t / (1 - t + 0.05), which leans on the noisy end; 'none' is SD3's
 shift = 0.0  # SD3's timestep shift (flow.shift_time), in training and sampling; 0: that of the run this one starts
 # from (init_from, resume) times sqrt(tokens now / tokens then), 1 from scratch
 cfg_dropout = 0.1
@@ -84,16 +84,15 @@ grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # 'auto': bf16 on GPUs with native bf16 (sm80+), fp16 + GradScaler on older ones (T4); on a CPU
-# bf16 where it is native (AMX, AVX512-BF16), else fp32
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
 compile = False
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
                                        'patch_size', 'train_iters', 'sample_steps', 'sample_iters', 'batch_size',
                                        'gradient_accumulation_steps', 'max_steps', 'lr'),
-                   choices=dict(model_size=tuple(SIZES), mixer=('grfm', 'attention'),
-                                iteration_embedding=('progress', 'none'), state_init=('prelude', 'noise'),
-                                loss_weighting=('none', 'high_noise'), dtype=DTYPES),
+                   choices=dict(model_size=tuple(SIZES), **{k: CHOICES[k] for k in ('mixer', 'iteration_embedding',
+                                                                                   'state_init')},
+                                loss_weighting=WEIGHTINGS, dtype=DTYPES),
                    ranges=dict(loop_distill=(0, 10)))
 check_init_from(init_from)
 try:
