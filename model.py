@@ -458,8 +458,7 @@ class ControlAdapter(nn.Module):
     Before every Core iteration, inject() turns it into tokens added to the state s_i. It
     reads s_i (what the iterations have drawn so far, the caption's words included) and the
     conditioning c (time and the pooled caption), so it can undo what a caption says against
-    the map; a fixed hint added to the Prelude's output moved where a shape went but rarely
-    changed which shape the caption named.
+    the map, which a hint added once, before the Core, cannot see to undo.
         tokens = W_out (y(s_i + h) - y(s_i)),   y(x) = x + FFN(adaLN(x, c))
     is exactly zero for h = 0, so strength s (h -> s h) runs from the base generator (0) to
     the trained adapter (1); W_out starts at zero, so a new adapter leaves the output
@@ -747,7 +746,8 @@ def _dft_matrices(h, w):
 
 def rfft2_dft(x):
     """x: (B, h, w, D) real -> (B, h, w//2+1, D, 2), equal to view_as_real(rfft2(x, norm='ortho')):
-    two real matmuls, which export to any runtime; as fast as the FFT up to 16 x 16 grids, slower above."""
+    two real matmuls, which export to any runtime; its cost grows as N^2 against the FFT's N log N
+    (bench.py --sections=mixer measures where they cross)."""
     B, h, w, D = x.shape
     forward_w, forward_h, _, _ = (m.to(x) for m in _dft_matrices(h, w))
     y = torch.matmul(forward_w, x)                                                 # (B, h, [re; im] k, D)

@@ -54,7 +54,7 @@ output = ''  # the PNG to write; '' = out_dir/sample.png
 # editing with the same model
 init_image = ''  # img2img: start from this image instead of pure noise (the grid shows it first)
 strength = -1.0  # how far init_image (or upscale) is noised: 0 keeps it, 1 ignores it; -1 = 0.75, 1 with a mask,
-# 0.3 to upscale (eval_real.py: better than 0.5 on every measure)
+# 0.3 to upscale (low noise keeps the layout; eval_real.py compares strengths)
 mask = ''  # inpainting: an image the size of init_image, white where to repaint, black where to keep
 # spatial control and super-resolution
 control_image = ''  # an image whose edges (or silhouette) a control run's adapter follows (train_control.py)

@@ -134,7 +134,7 @@ if master:
     counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
     print(f"generator {model_size} {sizes or ''}: {counts}; {dtype} on {device}")
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99),
-                              fused=True)  # one kernel for all parameters, not ~10 per tensor
+                              fused=True)  # one kernel for all parameters, not several per tensor
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = 0

@@ -376,8 +376,8 @@ CHECKPOINT_PARTS = ('model.', 'ema.', 'optim.', 'rng.')
 UNREADABLE = (OSError, SafetensorError, ValueError)  # cut short, empty, or not a checkpoint (ValueError: its JSON)
 
 
-# Older checkpoints call input injection 'adapter' and Griffin's Lambda 'log_lambda'; they
-# load under today's names.
+# Parameter names some checkpoints carry, and the names they load under: input injection
+# and Griffin's Lambda.
 RENAMED_PARAMETERS = {'adapter': 'injection', 'log_lambda': 'decay_logit'}
 
 

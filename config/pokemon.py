@@ -42,9 +42,9 @@ if script == 'train_flow':
     min_lr = 3e-5
     warmup_steps = 200
     eval_interval = 500
-    # What the 128 px emoji run taught (docs/results.md): SD3's uniform weighting keeps more
-    # detail on real images than the seed's t / (1 - t + 0.05), and a model trained this
-    # briefly is no better at r = 8 than at the smallest r it trained on, so the grids use 4.
+    # SD3's uniform weighting keeps more detail on real images than the seed's t / (1 - t + 0.05),
+    # and a briefly trained model gains nothing past the smallest r it trained on, so the grids
+    # use 4 (docs/results.md, 'Real pictures')
     loss_weighting = 'none'
     sample_iters = 4
 

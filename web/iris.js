@@ -11,7 +11,7 @@
 import { Tokenizer } from '@huggingface/tokenizers';
 
 // WebGPU only where the browser has a real adapter: a software fallback is slower than WASM,
-// and the WASM-only runtime is half the download.
+// and the WASM-only runtime is the smaller download.
 async function loadRuntime(threads) {
   const adapter = navigator.gpu ? await navigator.gpu.requestAdapter().catch(() => null) : null;
   const webgpu = Boolean(adapter) && !adapter.isFallbackAdapter && !adapter.info?.isFallbackAdapter;
