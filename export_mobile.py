@@ -34,7 +34,8 @@ import torch
 from configurator import configure
 from data import control_map, make_shapes, save_grid, to_uint8
 from mobile import (PRECISIONS, Method, as_tuple, export_onnx, export_pte, exported_parts, generate, generator_methods,
-                    in_precision, initial_noise, load_part, require_export_packages, save_manifest, save_tokenizer)
+                    in_precision, initial_noise, input_names, load_part, require_export_packages, save_manifest,
+                    save_tokenizer)
 from model import SIZES, wake_up
 from text import MAX_TOKENS, load_text_encoder
 from training import load_generator
@@ -69,15 +70,15 @@ if onnx and precision == 'fp16':
 def check_part(export_dir, part, fmt, methods, references, precision):
     """Run each method of an exported part on the inputs PyTorch saw; -> a report row."""
     start = time.time()
-    execute = load_part(export_dir, part, fmt, PRECISIONS[precision])
+    execute = load_part(export_dir, part, fmt, PRECISIONS[precision], input_names(methods))
     for name, (_, inputs) in methods.items():
-        execute(name, *inputs)  # the first call loads the method (ExecuTorch) or the session (ONNX)
+        execute(name, **inputs)  # the first call loads the method (ExecuTorch) or the session (ONNX)
     row = dict(part=part, format=fmt, cold_start_s=time.time() - start, latency_ms={}, max_diff={}, relative_diff={})
     for name, (_, inputs) in methods.items():
         times = []
         for _ in range(3):
             start = time.time()
-            outputs = execute(name, *inputs)
+            outputs = execute(name, **inputs)
             times.append(time.time() - start)
         row['latency_ms'][name] = 1000 * sorted(times)[1]
         diff = max((y - r).abs().max().item() for y, r in zip(outputs, references[name]))
@@ -160,15 +161,15 @@ latent = torch.randn(batch, model.config.latent_channels, side // 16, side // 16
 parts = {
     'text_encoder': {'forward': (Method(encoder.model,
                                         lambda m, i, a: m(input_ids=i, attention_mask=a).last_hidden_state),
-                                 (ids, attention))},
+                                 dict(input_ids=ids, attention_mask=attention))},
     'generator': generator_methods(model, latent, torch.full((batch,), 0.7), text, mask),
-    'vae_decoder': {'forward': (Method(vae, lambda m, z: m.decode_latent(z)), (latent[:1],))},
+    'vae_decoder': {'forward': (Method(vae, lambda m, z: m.decode_latent(z)), dict(z=latent[:1]))},
 }
 dtype = PRECISIONS[precision]
 report = []
 for part, methods in parts.items():
     with torch.no_grad():
-        references = {name: as_tuple(module(*inputs)) for name, (module, inputs) in methods.items()}
+        references = {name: as_tuple(module(*inputs.values())) for name, (module, inputs) in methods.items()}
     exported = in_precision(methods, precision)
     for fmt in formats:
         start = time.time()
@@ -194,7 +195,8 @@ manifest = dict(precision=precision, dtype=str(dtype).split('.')[-1], backend=ba
                 control=model.config.control,
                 text_encoder=model.config.text_encoder, text_tokens=MAX_TOKENS, sampler=sampler,
                 steps=steps or (2 if sampler == 'consistency' else 25), iters=iters, cfg_scale=cfg_scale,
-                shift=1.0, sample_prompt=prompt_text, untrained=bool(model_size), checks=report)
+                shift=run.get('shift', 1.0), sample_prompt=prompt_text, untrained=bool(model_size),
+                inputs={part: input_names(methods) for part, methods in parts.items()}, checks=report)
 save_manifest(target, manifest)  # run_mobile.py reads it
 manifest['pipeline'] = check_pipeline(target, manifest, formats, encoder, model, vae)
 save_manifest(target, manifest)

@@ -12,7 +12,10 @@ The parts, in the order the phone runs them, each loaded when needed and freed a
                   coda (s, c) -> velocity                            (ONNX: one file per method)
     vae_decoder   z (1, 16, S/16, S/16) -> image (1, 3, S, S) in [-1, 1]
 The core is one method the app calls r times, so r is chosen at run time and the file
-holds the shared weights once.
+holds the shared weights once. Every method's inputs are named where its example inputs are
+made (generator_methods, export_mobile.py); the manifest (mobile.json) records those names
+in the order of the export, and both runners, load_part here and web/iris.js, feed each input
+by its name.
 """
 import copy
 import importlib
@@ -43,35 +46,44 @@ def peak_rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == 'darwin' else 1)
 
 
-def load_part(export_dir, part, fmt, dtype):
-    """-> run(method, *tensors) -> list of float32 tensors, over ExecuTorch or ONNX Runtime.
-    Inputs are cast to the export's float dtype (fp16 exports take fp16)."""
+def input_names(methods):
+    """{method: its input names, in the export's order}: what the manifest records of a part."""
+    return {name: list(inputs) for name, (_, inputs) in methods.items()}
+
+
+def load_part(export_dir, part, fmt, dtype, inputs):
+    """-> run(method, **tensors) -> list of float32 tensors, over ExecuTorch or ONNX Runtime.
+    inputs: {method: input names} (input_names, as the manifest records them): each tensor
+    goes in by its name. Inputs are cast to the export's float dtype (fp16 exports take fp16)."""
     if fmt == 'pte':
         from executorch.runtime import Runtime
         program = Runtime.get().load_program(os.path.join(export_dir, f'{part}.pte'))
         methods = {}
 
-        def call(method, inputs):
+        def call(method, named):
             if method not in methods:
                 methods[method] = program.load_method(method)
-            return methods[method].execute(inputs)
+            return methods[method].execute(list(named.values()))  # in the order of the names
     else:
         import onnxruntime
         sessions = {}
 
-        def call(method, inputs):
+        def call(method, named):
             # one ONNX file per method: generator_core.onnx; text_encoder.onnx for 'forward'
             name = part if method == 'forward' else f'{part}_{method}'
             if name not in sessions:
                 sessions[name] = onnxruntime.InferenceSession(os.path.join(export_dir, f'{name}.onnx'),
                                                               providers=['CPUExecutionProvider'])
             session = sessions[name]
-            feeds = {spec.name: x.numpy() for spec, x in zip(session.get_inputs(), inputs)}
+            feeds = {spec.name: named[spec.name].numpy() for spec in session.get_inputs()}
             return [torch.from_numpy(y) for y in session.run(None, feeds)]
 
-    def run(method, *tensors):
-        inputs = [(x.to(dtype) if x.is_floating_point() else x).contiguous() for x in tensors]
-        return [y.float() for y in call(method, inputs)]
+    def run(method, **tensors):
+        names = inputs[method]
+        if set(tensors) != set(names):
+            raise ValueError(f"{part}.{method} takes {', '.join(names)}, not {', '.join(tensors)}")
+        return [y.float() for y in call(method, {name: (tensors[name].to(dtype) if tensors[name].is_floating_point()
+                                                        else tensors[name]).contiguous() for name in names})]
     return run
 
 
@@ -88,7 +100,7 @@ class MobileTextEncoder:
         for encoding in self.tokenizer.encode_batch(list(prompts)):
             ids = torch.tensor([encoding.ids], dtype=torch.long)
             mask = torch.tensor([encoding.attention_mask], dtype=torch.long)
-            tokens.append(self.run('forward', ids, mask)[0])
+            tokens.append(self.run('forward', input_ids=ids, attention_mask=mask)[0])
             masks.append(mask.bool())
         return Prompt(torch.cat(tokens), torch.cat(masks))
 
@@ -102,24 +114,25 @@ class MobileGenerator:
         self.run, self.batch = run, batch
 
     def encode_prompt(self, text, mask):
-        return (*self.run('prompt', text, mask), mask)
+        return (*self.run('prompt', text=text, mask=mask), mask)
 
     def encode_control(self, control_map, strength=1.0):
-        return strength * self.run('control', control_map)[0]
+        return strength * self.run('control', control_map=control_map)[0]
 
     def velocity(self, z, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0):
         if len(z) != self.batch:
             raise SystemExit(f"error: this generator was exported for batch {self.batch}, not {len(z)}; "
                              f"re-export it or use its sampler and guidance settings")
         text_kv, text_cond, mask = encoded_prompt
-        e, c_base = self.run('prelude', z, t, text_cond)
+        e, c_base = self.run('prelude', z=z, t=t, text_cond=text_cond)
 
         def iteration(i, s):
             if hint is not None:
-                s = s + self.run('inject', hint, s, c_base)[0]
-            return self.run('core', s, e, c_base, torch.full((len(z),), i / iters), text_kv, mask)[0]
+                s = s + self.run('inject', hint=hint, s=s, c_base=c_base)[0]
+            return self.run('core', s=s, e=e, c_base=c_base, progress=torch.full((len(z),), i / iters),
+                            text_kv=text_kv, mask=mask)[0]
         s, used = iterate_core(iteration, e, iters, exit_tolerance)
-        return self.run('coda', s, c_base)[0], used
+        return self.run('coda', s=s, c_base=c_base)[0], used
 
     def __call__(self, z, t, text, mask, iters):
         return self.velocity(z, t, self.encode_prompt(text, mask), iters)[0]
@@ -160,14 +173,17 @@ def read_manifest(export_dir):
 def exported_parts(export_dir, manifest, fmt):
     """get_part for generate(): loads each part from export_dir when asked."""
     dtype = getattr(torch, manifest['dtype'])
+    if 'inputs' not in manifest:
+        raise SystemExit(f"error: {export_dir} names no inputs of its networks (an older export_mobile.py); "
+                         f"re-export the run with python export_mobile.py --out_dir=<run>")
 
     def get_part(name):
-        run = load_part(export_dir, name, fmt, dtype)
+        run = load_part(export_dir, name, fmt, dtype, manifest['inputs'][name])
         if name == 'text_encoder':
             return MobileTextEncoder(run, os.path.join(export_dir, 'tokenizer.json'))
         if name == 'generator':
             return MobileGenerator(run, manifest['generator_batch'])
-        return lambda z: run('forward', z)[0]
+        return lambda z: run('forward', z=z)[0]
     return get_part
 
 
@@ -235,7 +251,7 @@ def in_precision(methods, precision):
     for m in module.modules():
         if type(m) is nn.LayerNorm:
             m.__class__ = Float32LayerNorm
-    return {name: (method, tuple(x.half() if x.is_floating_point() else x for x in inputs))
+    return {name: (method, {k: x.half() if x.is_floating_point() else x for k, x in inputs.items()})
             for name, (method, inputs) in methods.items()}
 
 
@@ -248,7 +264,7 @@ def xnnpack_partitioner():
 
 
 def export_pte(methods, path, backend):
-    """methods: {name: (module, example inputs)} -> one .pte holding every method."""
+    """methods: {name: (module, {input name: example input})} -> one .pte holding every method."""
     from executorch.exir import to_edge_transform_and_lower
     for module, _ in methods.values():
         if any(isinstance(m, FourierMixer) and m.fft_impl != 'dft' for m in module.modules()):
@@ -256,7 +272,8 @@ def export_pte(methods, path, backend):
                              "generator with fft_impl='dft' (load_generator(out_dir, fft_impl='dft'), as "
                              "export_mobile.py does)")
     with torch.no_grad():
-        programs = {name: torch.export.export(module, inputs) for name, (module, inputs) in methods.items()}
+        programs = {name: torch.export.export(module, tuple(inputs.values()))
+                    for name, (module, inputs) in methods.items()}
     partitioners = [xnnpack_partitioner()] if backend == 'xnnpack' else []
     program = to_edge_transform_and_lower(programs, partitioner=partitioners).to_executorch()
     with open(path + '.tmp', 'wb') as f:  # a stopped export leaves no half-written program behind
@@ -266,11 +283,12 @@ def export_pte(methods, path, backend):
 
 def export_onnx(methods, export_dir, part, int8=False):
     """One ONNX file per method: text_encoder.onnx, generator_core.onnx, ...; int8: each
-    quantised after export (quantize_onnx)."""
+    quantised after export (quantize_onnx). Each file's inputs carry the methods' input names."""
     for name, (module, inputs) in methods.items():
         path = os.path.join(export_dir, part if name == 'forward' else f'{part}_{name}') + '.onnx'
         with torch.no_grad():
-            torch.onnx.export(module, inputs, path, dynamo=True, opset_version=18, external_data=False, verbose=False)
+            torch.onnx.export(module, tuple(inputs.values()), path, input_names=list(inputs), dynamo=True,
+                              opset_version=18, external_data=False, verbose=False)
         if int8:
             quantize_onnx(path)
 
@@ -313,16 +331,18 @@ def generator_methods(model, z, t, text, mask):
         text_kv, text_cond, _ = (x.contiguous() for x in model.encode_prompt(text, mask))
         e, c_base = (x.contiguous() for x in model.prelude_forward(z, t, text_cond))
         s = core(model, e, e, c_base, progress, text_kv, mask).contiguous()
-    methods = {'prompt': (Method(model, lambda m, *x: m.encode_prompt(*x)[:2]), (text, mask)),
-               'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), (z, t, text_cond)),
-               'core': (Method(model, core), (s, e, c_base, progress, text_kv, mask)),
-               'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), (s, c_base))}
+    methods = {'prompt': (Method(model, lambda m, *x: m.encode_prompt(*x)[:2]), dict(text=text, mask=mask)),
+               'prelude': (Method(model, lambda m, *x: m.prelude_forward(*x)), dict(z=z, t=t, text_cond=text_cond)),
+               'core': (Method(model, core), dict(s=s, e=e, c_base=c_base, progress=progress, text_kv=text_kv,
+                                                  mask=mask)),
+               'coda': (Method(model, lambda m, *x: m.coda_forward(*x, hw)), dict(s=s, c_base=c_base))}
     if model.control_adapter is not None:  # control map -> hint, once per map; the app repeats it per branch
         example_map = control_map(make_shapes(1, 16 * z.shape[-1], seed=0)[0], model.config.control)
         with torch.no_grad():
             hint = model.encode_control(example_map).expand(len(z), -1, -1).contiguous()
-        methods['control'] = (Method(model, lambda m, x: m.encode_control(x)), (example_map,))
-        methods['inject'] = (Method(model, lambda m, *x: m.control_adapter.inject(*x)), (hint, e, c_base))
+        methods['control'] = (Method(model, lambda m, x: m.encode_control(x)), dict(control_map=example_map))
+        methods['inject'] = (Method(model, lambda m, *x: m.control_adapter.inject(*x)), dict(hint=hint, s=e,
+                                                                                               c_base=c_base))
     return methods
 
 

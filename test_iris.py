@@ -1798,7 +1798,8 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
     if 'onnx' in formats:
         mobile.export_onnx(methods, str(tmp_path), 'generator')
     for fmt in formats:
-        exported = MobileGenerator(load_part(str(tmp_path), 'generator', fmt, torch.float32), batch=2)
+        exported = MobileGenerator(load_part(str(tmp_path), 'generator', fmt, torch.float32,
+                                             mobile.input_names(methods)), batch=2)
         for iters in (1, 3):  # the core is exported once; r is chosen when it runs
             with torch.no_grad():
                 reference = model(z, t, text, mask, iters)
@@ -1841,11 +1842,12 @@ def test_vae_decoder_export_matches_pytorch(tmp_path):
     torch.manual_seed(0)
     vae = WaveletVAE(channels=(8, 16, 16)).eval()
     z = torch.randn(1, 16, 2, 2)
-    methods = {'forward': (mobile.Method(vae, lambda m, x: m.decode_latent(x)), (z,))}
+    methods = {'forward': (mobile.Method(vae, lambda m, x: m.decode_latent(x)), dict(z=z))}
     mobile.export_pte(methods, str(tmp_path / 'vae_decoder.pte'), 'portable')
     with torch.no_grad():
         reference = vae.decode_latent(z)
-    image = load_part(str(tmp_path), 'vae_decoder', 'pte', torch.float32)('forward', z)[0]
+    decoder = load_part(str(tmp_path), 'vae_decoder', 'pte', torch.float32, mobile.input_names(methods))
+    image = decoder('forward', z=z)[0]
     assert image.shape == (1, 3, 32, 32)
     assert (image - reference).abs().max() < 1e-4 * reference.abs().max()
 
@@ -1878,7 +1880,7 @@ def test_reduced_precision_copy_for_export_stays_close(precision, tolerance):
     copy_ = methods['core'][0].module
     if precision == 'fp16':
         assert not any(type(m) is nn.LayerNorm for m in copy_.modules())  # ExecuTorch's fp16 layer_norm is wrong
-        assert all(x.dtype == torch.float16 for x in methods['core'][1] if x.is_floating_point())
+        assert all(x.dtype == torch.float16 for x in methods['core'][1].values() if x.is_floating_point())
     else:
         assert all(type(m.weight) is not nn.Parameter for m in copy_.modules() if isinstance(m, nn.Linear))
     dtype = torch.float16 if precision == 'fp16' else torch.float32
@@ -1907,7 +1909,8 @@ def test_int8_onnx_export_quantises_every_matmul_and_stays_close(tmp_path):
                      if node.op_type in ('MatMul', 'Gemm') and len(weights.get(node.input[1], ())) == 2]
     assert not float_matmuls and any(node.op_type == 'MatMulInteger' for node in core.graph.node)
     assert os.path.getsize(tmp_path / 'generator_core.onnx') < 0.7 * fp32_bytes
-    exported = MobileGenerator(load_part(str(tmp_path), 'generator', 'onnx', torch.float32), batch=2)
+    exported = MobileGenerator(load_part(str(tmp_path), 'generator', 'onnx', torch.float32,
+                                         mobile.input_names(methods)), batch=2)
     with torch.no_grad():
         reference = model(z, t, text, mask, 2)
     assert (exported(z, t, text, mask, 2) - reference).abs().max() < 5e-2 * reference.abs().max()
@@ -1933,7 +1936,7 @@ def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
     encoder = load_text_encoder('minilm')
     mobile.save_tokenizer(encoder, str(tmp_path / 'tokenizer.json'))
     prompts = ['a large red circle in the center on a blue background', '']
-    run = lambda method, ids, mask: [encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state]  # noqa: E731
+    run = lambda method, **inputs: [encoder.model(**inputs).last_hidden_state]  # noqa: E731
     tokens, mask = MobileTextEncoder(run, str(tmp_path / 'tokenizer.json'))(prompts)
     reference, reference_mask = encoder(prompts)
     assert tokens.shape[1] == 77 and mask.shape == (2, 77)
@@ -2123,10 +2126,10 @@ def web_export(tmp_path_factory):
                                 num_attention_heads=3, intermediate_size=48), add_pooling_layer=False).eval()
     ids = torch.ones(1, 77, dtype=torch.long)
     text_encoder = mobile.Method(bert, lambda m, i, a: m(input_ids=i, attention_mask=a).last_hidden_state)
-    mobile.export_onnx({'forward': (text_encoder, (ids, ids))}, shared, 'text_encoder')
+    mobile.export_onnx({'forward': (text_encoder, dict(input_ids=ids, attention_mask=ids))}, shared, 'text_encoder')
     vae = WaveletVAE(channels=(8, 16, 16)).eval()
-    mobile.export_onnx({'forward': (mobile.Method(vae, lambda m, z: m.decode_latent(z)), (torch.randn(1, 16, 4, 4),))},
-                       shared, 'vae_decoder')
+    mobile.export_onnx({'forward': (mobile.Method(vae, lambda m, z: m.decode_latent(z)),
+                                    dict(z=torch.randn(1, 16, 4, 4)))}, shared, 'vae_decoder')
     exported = {}
 
     def export(sampler):
@@ -2136,11 +2139,15 @@ def web_export(tmp_path_factory):
             z, t, text, mask = _inputs(batch, side=4, text_len=77)
             torch.manual_seed(0)  # weights large enough that the generator, not the noise, decides the picture
             generator = wake_up(Iris(_tiny_config(fft_impl='dft')), std=0.2).eval().requires_grad_(False)
-            mobile.export_onnx(mobile.generator_methods(generator, z, t, text, mask), folder, 'generator')
+            methods = mobile.generator_methods(generator, z, t, text, mask)
+            mobile.export_onnx(methods, folder, 'generator')
+            inputs = {'text_encoder': {'forward': ['input_ids', 'attention_mask']},
+                      'generator': mobile.input_names(methods), 'vae_decoder': {'forward': ['z']}}
             mobile.save_manifest(folder, dict(precision='fp32', dtype='float32', onnx=True, image_size=64,
                                               latent_channels=16, generator_batch=batch, control='', text_tokens=77,
                                               sampler=sampler, steps=steps, iters=2, cfg_scale=4.0, shift=1.0,
-                                              sample_prompt='a large red circle in the center', untrained=True))
+                                              sample_prompt='a large red circle in the center', untrained=True,
+                                              inputs=inputs))
             exported[sampler] = folder
         return exported[sampler]
     return export

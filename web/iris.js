@@ -66,6 +66,7 @@ class Pipeline {
                           'export with python export_mobile.py --precision=fp32 or int8 (onnx=True)');
     }
     if (manifest.control) throw new IrisError('a control run draws from run_mobile.py --control_image; the page has no control input');
+    if (!manifest.inputs) throw new IrisError('this export names no inputs of its networks (an older export_mobile.py): re-export the run');
     const tokenizerJson = await (await fetchOk(base + 'tokenizer.json', 'export_mobile.py writes it beside the models')).json();
     return new Pipeline(base, manifest, new Tokenizer(tokenizerJson, {}), tokenizerJson.padding.pad_id,
                         await loadRuntime(threads));
@@ -92,10 +93,15 @@ class Pipeline {
     return this.sessions[name];
   }
 
-  // One ONNX call: tensors in the file's input order -> its output tensors, in order
-  async run(name, ...inputs) {
-    const session = await this.session(name);
-    const results = await session.run(Object.fromEntries(session.inputNames.map((input, i) => [input, inputs[i]])));
+  // One ONNX call of a part's method, each tensor by its name (the manifest's inputs, which
+  // export_mobile.py also gave the file) -> its output tensors, in order
+  async run(part, method, named) {
+    const expected = this.manifest.inputs[part][method], given = Object.keys(named);
+    if (given.length !== expected.length || !expected.every((input) => input in named)) {
+      throw new IrisError(`${part}.${method} takes ${expected.join(', ')}, not ${given.join(', ')}: re-export the run`);
+    }
+    const session = await this.session(method === 'forward' ? part : `${part}_${method}`);
+    const results = await session.run(Object.fromEntries(session.inputNames.map((input) => [input, named[input]])));
     return session.outputNames.map((output) => results[output]);
   }
 
@@ -114,8 +120,9 @@ class Pipeline {
   async encodeText(prompt) {  // -> the text encoder's tokens (1, L, W) and the mask (1, L) as bytes
     const { ids, mask } = this.tokenize(prompt);
     const dims = [1, ids.length];
-    const [tokens] = await this.run('text_encoder', this.tensor('int64', BigInt64Array.from(ids, BigInt), dims),
-                                    this.tensor('int64', BigInt64Array.from(mask, BigInt), dims));
+    const [tokens] = await this.run('text_encoder', 'forward', {
+      input_ids: this.tensor('int64', BigInt64Array.from(ids, BigInt), dims),
+      attention_mask: this.tensor('int64', BigInt64Array.from(mask, BigInt), dims) });
     return { tokens: tokens.data, mask: Uint8Array.from(mask) };
   }
 
@@ -138,19 +145,20 @@ class Pipeline {
       tokens = concat(tokens, empty.tokens); mask = concat(mask, empty.mask);
     }
     const L = mask.length / batch, maskTensor = this.tensor('bool', mask, [batch, L]);
-    const [textKV, textCond] = await this.run('generator_prompt', f32(tokens, [batch, L, tokens.length / mask.length]),
-                                              maskTensor); tick();
+    const [textKV, textCond] = await this.run('generator', 'prompt', {
+      text: f32(tokens, [batch, L, tokens.length / mask.length]), mask: maskTensor }); tick();
 
     const velocity = async (x, t) => {  // v(x, t) (batch, C, h, w) with every row at time t
       const z = f32(batch === 2 ? concat(x, x) : x, [batch, m.latent_channels, side, side]);
-      const [e, cBase] = await this.run('generator_prelude', z, f32(new Float32Array(batch).fill(t), [batch]),
-                                        textCond); tick();
+      const [e, cBase] = await this.run('generator', 'prelude', {
+        z, t: f32(new Float32Array(batch).fill(t), [batch]), text_cond: textCond }); tick();
       let s = e;
       for (let i = 0; i < iters; i++) {  // s_{i+1} = Core(injection([s_i, e]), c_i), told its progress i / r
-        [s] = await this.run('generator_core', s, e, cBase, f32(new Float32Array(batch).fill(i / iters), [batch]),
-                             textKV, maskTensor); tick();
+        [s] = await this.run('generator', 'core', {
+          s, e, c_base: cBase, progress: f32(new Float32Array(batch).fill(i / iters), [batch]), text_kv: textKV,
+          mask: maskTensor }); tick();
       }
-      const [v] = await this.run('generator_coda', s, cBase); tick();
+      const [v] = await this.run('generator', 'coda', { s, c_base: cBase }); tick();
       return v.data;
     };
 
@@ -166,7 +174,7 @@ class Pipeline {
         x = map(latentSize, (j) => x[j] - (t - tNext) * (v[latentSize + j] + cfgScale * (v[j] - v[latentSize + j])));
       }
     }
-    const [image] = await this.run('vae_decoder', f32(x, [1, m.latent_channels, side, side])); tick();
+    const [image] = await this.run('vae_decoder', 'forward', { z: f32(x, [1, m.latent_channels, side, side]) }); tick();
     const S = m.image_size, plane = S * S, rgba = new Uint8ClampedArray(plane * 4);
     for (let p = 0; p < plane; p++) {  // float [-1, 1] in (3, S, S) -> RGBA bytes, as data.to_uint8
       for (let c = 0; c < 3; c++) {
