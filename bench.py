@@ -301,16 +301,16 @@ def bench_memory():
     flow["frozen"] = 4 * sum(p.numel() for m in (vae, encoder) for p in m.parameters())  # VAE and text encoder
     measured.append(("train_flow", model, flow, config_setting(flow_settings, "max_steps", "train_flow"),
                      f"{batch} x {(size // 16 // patch) ** 2} tokens, r={min(train_iters)}..{max(train_iters)}"))
-    for script, module, m, steps, shape in measured:
+    for script, module, m, max_steps, shape in measured:
         held = sum(v for k, v in m.items() if k not in ("flops", "kernels"))
         seconds = t4_seconds(m)
-        total_minutes += steps * seconds / 60
+        total_minutes += max_steps * seconds / 60
         rows.append([script, shape, f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M",
                      f"{(m['weights'] + m['gradients'] + m['adamw'] + m['ema']) / 2**30:.2f}",
                      f"{m['activations'] / 2**30:.2f}", f"{held / 2**30:.2f}", f"{m['flops'] / 1e12:.2f}",
-                     f"{m['kernels']:.0f}", f"{1e3 * seconds:.0f}", steps, f"{steps * seconds / 60:.0f}"])
+                     f"{m['kernels']:.0f}", f"{1e3 * seconds:.0f}", max_steps, f"{max_steps * seconds / 60:.0f}"])
     table(["stage", "batch", "params", "weights+grads+AdamW+EMA GiB", "activations GiB", "total GiB", "TFLOPs/step",
-           "kernels/step", "T4 ms/step (est.)", "steps", "T4 min (est.)"], rows)
+           "kernels/step", "T4 ms/step (est.)", "max_steps", "T4 min (est.)"], rows)
     print(f"T4 estimate = FLOPs / {T4_FLOPS / 1e12:.0f} TFLOP/s + 3 x activation bytes / {T4_BANDWIDTH / 1e9:.0f} GB/s "
           f"+ kernels x {T4_SECONDS_PER_KERNEL * 1e6:.0f} us: {total_minutes:.0f} min for both stages. Not counted: "
           f"CUDA's own\n~0.4 GiB, the allocator's slack, sample grids and checkpoints. A T4 has 15 GiB.\n")
