@@ -22,13 +22,13 @@ if script in ('train_flow', 'sample', 'eval_real', 'export_mobile'):
     out_dir = 'out-emoji-flow'
 if script == 'train_flow':
     vae_dir = 'out-emoji-vae'
-    dim, heads, core_layers = 256, 4, 2  # 6.6M parameters
+    dim, heads, core_layers = 256, 4, 2
     patch_size = 1  # 128 px -> an 8x8 latent -> 64 tokens
     train_iters = (2, 4, 6)
     batch_size = 32
     lr = 1e-3
     min_lr = 1e-4
-    loss_weighting = 'none'  # SD3's: a lower held-out loss than 'high_noise' (docs/results.md)
+    loss_weighting = 'none'  # SD3's, which keeps more detail on real pictures (docs/results.md)
     warmup_steps = 100
     max_steps = 3000
     eval_interval = 500

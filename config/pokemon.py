@@ -32,7 +32,7 @@ if script in ('train_flow', 'sample', 'export_mobile'):
     out_dir = 'out-pokemon-flow'
 if script == 'train_flow':
     vae_dir = 'out-pokemon-vae'
-    model_size = 'small'  # 47M; patch 2 -> 64 tokens at 256 px
+    model_size = 'small'  # patch 2 -> 64 tokens at 256 px
     patch_size = 2
     train_iters = (4, 6, 8)  # small: each core iteration adds kernel launches, which bound a GPU step here
     backprop_iters = 4  # memory stays flat in r
