@@ -15,13 +15,13 @@ if script == 'train_control':
     control = 'edges'
     caption_conflict = 0.9  # most captions name another type, size and place than the map: the map must win
     cfg_dropout = 0.1
-    train_iters = (2, 4, 6)  # as the base trained
+    train_iters, train_iters_mean = (8,), 2.0  # as the base trained
     batch_size = 64
     lr = 2e-3
     min_lr = 1e-4
     warmup_steps = 50
     max_steps = 9000
     eval_interval = 1000
-    sample_iters = 4
+    sample_iters = 2
 if script == 'eval_shapes':  # the base model's adherence at its sampling settings, then the control table
-    iters_list, steps_list, inpaint = (4,), (25,), False
+    iters_list, steps_list, inpaint = (2,), (25,), False
