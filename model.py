@@ -622,7 +622,7 @@ class Iris(nn.Module):
         encode_control() (its hint) -> (v, the iterations each sample ran (B,)).
         export_mobile.py exports the stages separately, so that a phone encodes a prompt once
         and picks r at run time. exit_tolerance > 0: adaptive iterations, iters the most each
-        sample may use (iterate_core)."""
+        sample may use (iterate_core). every_iteration: v is forward()'s read-outs."""
         self.check_latent_size(*z.shape[-2:])
         hw = (z.shape[-2] // self.config.patch_size, z.shape[-1] // self.config.patch_size)  # token grid h, w; N = h w
         text_kv, text_cond, text_mask = encoded_prompt   # (layers, 2, B, heads, L, D/heads), (B, D), (B, L)
