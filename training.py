@@ -27,7 +27,6 @@ import shutil
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from flow import flow_loss
 from model import Iris, IrisConfig
@@ -153,31 +152,34 @@ def generator_step(model, optimizer, scaler, autocast, x0, prompt, t, eps, iters
     return torch.cat(losses)
 
 
-class _KernelCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.kernels = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.kernels += not func.is_view  # a view (view, permute, slice...) only relabels memory
-        return func(*args, **(kwargs or {}))
-
-
 def count_kernels(fn, device='cpu'):
-    """The kernels one call of fn() launches. On a GPU, the device kernels torch.profiler sees.
-    On a CPU, what would each be one launch on a GPU: every op the dispatcher runs that is not
-    a view, plus the kernels inductor fused (compiled code calls them without the dispatcher;
-    the profiler names them when torch._inductor.config.cpp.enable_kernel_profile is on)."""
-    if device.startswith('cuda'):
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as profile:
-            fn()
-            torch.cuda.synchronize()
-        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in profile.events())
-    counter = _KernelCounter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, counter:
+    """The kernels one call of fn() launches, as torch.profiler sees them, in eager and
+    compiled code alike. On a GPU, its device kernels. On a CPU, what would each be one launch
+    on a GPU: the outermost aten ops that are neither views (which only relabel memory) nor
+    allocations, and the kernels inductor fused (named in the profile when
+    torch._inductor.config.cpp.enable_kernel_profile is on)."""
+    cuda = device.startswith('cuda')
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as profile:
         fn()
-    return counter.kernels + sum("cpp_fused" in e.name for e in profile.events())
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in profile.events())
+
+    def is_kernel(name):
+        if 'cpp_fused' in name:
+            return True
+        op = getattr(torch.ops.aten, name.removeprefix('aten::'), None) if name.startswith('aten::') else None
+        return (op is not None and name not in ('aten::empty', 'aten::empty_strided', 'aten::empty_like')
+                and not any(getattr(op, overload).is_view for overload in op.overloads()))
+
+    def inside_an_aten_op(event):
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith('aten::'):
+            parent = parent.cpu_parent
+        return parent is not None
+    return sum(is_kernel(e.name) and not inside_an_aten_op(e) for e in profile.events())
 
 
 def caption_batch(captions, rows, null_prompt, cfg_dropout, generator):
