@@ -27,8 +27,8 @@ from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
 from flow import WEIGHTINGS, shift_time, text_to_image
 from model import count_parameters
 from text import Prompt, load_text_encoder
-from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, draw_iters, ema_update, generator_step,
-                      load_checkpoint, load_generator, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
+from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, draw_iters, ema_update, generator_from,
+                      generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
                       read_ema_checkpoint, resolve_dtype, save_checkpoint, setup_distributed, stop_if_diverged,
                       wrap_distributed)
 from vae import load_vae
@@ -91,7 +91,8 @@ torch.manual_seed(seed)
 dtype = resolve_dtype(dtype, device)
 autocast, scaler = mixed_precision(dtype, device)
 
-base = read_ema_checkpoint(base_dir, 'generator', '--base_dir')[1]['config']
+base_state, base_meta = read_ema_checkpoint(base_dir, 'generator', '--base_dir')  # read once
+base = base_meta['config']
 encoder = load_text_encoder(base['text_encoder'], device)
 vae = load_vae(base['vae_dir'], device)
 data_settings = dict(dataset=dataset, data_dir=data_dir, image_size=image_size, num_images=num_images,
@@ -109,7 +110,7 @@ if caption_conflict:  # a second table: each image's colours with another layout
     length = max(captions.text.shape[1], tokens.shape[1])
     captions = Prompt(*map(torch.cat, zip(captions.padded(length), Prompt(tokens, mask).padded(length))))
 null_prompt = encoder([""]).to('cpu').padded(captions.text.shape[1])  # the unconditional branch's: [CLS] [SEP]
-model = load_generator(base_dir, device, control=control)[0]
+model = generator_from(base_state, base_meta, device, control=control)
 model.train().control_adapter.requires_grad_(True)  # the base generator stays frozen
 control_maps, sample_maps = load_control_maps(data_settings, control, cache_dir)
 sample_prompts = data['holdout_captions'][:8]

@@ -518,9 +518,15 @@ def load_generator(out_dir='', device='cpu', **overrides):
     fft_impl="dft" for export, or add a new control adapter (control="edges")."""
     out_dir = out_dir or newest_generator_run()
     state, meta = read_ema_checkpoint(out_dir, 'generator', '--out_dir')
+    return generator_from(state, meta, device, **overrides), meta['config'], out_dir
+
+
+def generator_from(state, meta, device='cpu', **overrides):
+    """The generator of read_ema_checkpoint's (state, meta), frozen and in eval mode;
+    overrides as in load_generator."""
     model = Iris(IrisConfig(**{**meta['model_config'], **overrides}))
     if model.control_adapter is not None and not meta['model_config'].get('control'):
         # a base run under a new, zero-initialised adapter (train_control.py)
-        state |= {f'control_adapter.{k}': v for k, v in model.control_adapter.state_dict().items()}
+        state = state | {f'control_adapter.{k}': v for k, v in model.control_adapter.state_dict().items()}
     model.load_state_dict(state)
-    return model.to(device).eval().requires_grad_(False), meta['config'], out_dir
+    return model.to(device).eval().requires_grad_(False)
