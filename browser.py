@@ -73,11 +73,14 @@ def web_page(export_dir, query=''):
             raise RuntimeError(f"the page threw: {errors[0]}")
 
 
-def draw_with_noise(page, noise, generator, steps, **settings):
+def draw_with_noise(page, noise, generator, steps, core_start=None, **settings):
     """window.iris.draw from Python's noise: noise (1, C, h, w) to start from and, for a
     distilled student, each step's re-noising drawn from generator as flow.consistency_sample
-    draws it. settings: the page's other draw() options. -> the seconds the page took."""
+    draws it; core_start: for a noise-started Core, its s_0 (batch, N, D) at each step.
+    settings: the page's other draw() options. -> the seconds the page took."""
     renoise = [torch.randn(noise.shape, generator=generator).flatten().tolist() for _ in range(steps)]
+    if core_start is not None:
+        settings = dict(settings, coreStart=[s.flatten().tolist() for s in core_start])
     return page.evaluate('(o) => window.iris.draw(o)',
                          dict(settings, steps=steps, noise=noise.flatten().tolist(), renoise=renoise))
 

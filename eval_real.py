@@ -60,6 +60,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('steps_list', 'loss_iters', 'classifier_size', 'classifier_steps', 'batch_size'))
+torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0
 
 
 def load_split(folder, image_size):

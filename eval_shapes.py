@@ -44,6 +44,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('num_prompts', 'iters_list', 'loss_iters', 'steps_list', 'batch_size'))
+torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0
 
 
 def row(name, scores, seconds=None):

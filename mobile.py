@@ -108,10 +108,12 @@ class MobileTextEncoder:
 class MobileGenerator:
     """model.Iris's encode_prompt, encode_control, velocity and model(z, t, text, mask, iters)
     from the exported methods; flow.py's samplers take it as they take the PyTorch model,
-    and encode each prompt (and control map) once per sampling call."""
+    and encode each prompt (and control map) once per sampling call. state_init: where the
+    Core starts, as the run's IrisConfig says: the Prelude's e, or noise drawn as Iris.velocity
+    draws it (torch's global generator), so that the same seed draws the same image."""
 
-    def __init__(self, run, batch):
-        self.run, self.batch = run, batch
+    def __init__(self, run, batch, state_init):
+        self.run, self.batch, self.state_init = run, batch, state_init
 
     def encode_prompt(self, text, mask):
         return (*self.run('prompt', text=text, mask=mask), mask)
@@ -131,7 +133,8 @@ class MobileGenerator:
                 s = s + self.run('inject', hint=hint, s=s, c_base=c_base)[0]
             return self.run('core', s=s, e=e, c_base=c_base, progress=torch.full((len(z),), i / iters),
                             text_kv=text_kv, mask=mask)[0]
-        s, used = iterate_core(iteration, e, iters, exit_tolerance)
+        start = e if self.state_init == 'prelude' else torch.randn(e.shape)  # s_0
+        s, used = iterate_core(iteration, start, iters, exit_tolerance)
         return self.run('coda', s=s, c_base=c_base)[0], used
 
     def __call__(self, z, t, text, mask, iters):
@@ -173,16 +176,16 @@ def read_manifest(export_dir):
 def exported_parts(export_dir, manifest, fmt):
     """get_part for generate(): loads each part from export_dir when asked."""
     dtype = getattr(torch, manifest['dtype'])
-    if 'inputs' not in manifest:
-        raise SystemExit(f"error: {export_dir} names no inputs of its networks (an older export_mobile.py); "
-                         f"re-export the run with python export_mobile.py --out_dir=<run>")
+    if 'inputs' not in manifest or 'state_init' not in manifest:
+        raise SystemExit(f"error: {export_dir} names neither its networks' inputs nor the Core's start (an older "
+                         f"export_mobile.py); re-export the run with python export_mobile.py --out_dir=<run>")
 
     def get_part(name):
         run = load_part(export_dir, name, fmt, dtype, manifest['inputs'][name])
         if name == 'text_encoder':
             return MobileTextEncoder(run, os.path.join(export_dir, 'tokenizer.json'))
         if name == 'generator':
-            return MobileGenerator(run, manifest['generator_batch'])
+            return MobileGenerator(run, manifest['generator_batch'], manifest['state_init'])
         return lambda z: run('forward', z=z)[0]
     return get_part
 

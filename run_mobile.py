@@ -60,6 +60,7 @@ if control_image:
 importlib.import_module('executorch.runtime' if format == 'pte' else 'onnxruntime')
 imports_mb = peak_rss_mb()  # Python, torch and the runtime, before any model
 start = time.time()
+torch.manual_seed(seed)  # the Core's noise start, where the run has one
 image, used = generate(exported_parts(export_dir, manifest, format), [prompt], initial_noise(manifest, seed),
                        steps=steps, cfg_scale=cfg_scale, iters=iters, shift=manifest['shift'],
                        sampler=manifest['sampler'], generator=torch.Generator().manual_seed(seed + 1),

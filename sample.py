@@ -65,6 +65,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('num_samples', 'steps', 'iters'))
+torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0
 
 
 def load_edit(vae, init_image, mask, size):

@@ -1797,14 +1797,23 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
     mobile.export_pte(methods, str(tmp_path / 'generator.pte'), backend)
     if 'onnx' in formats:
         mobile.export_onnx(methods, str(tmp_path), 'generator')
+    noise_started = copy.deepcopy(model)  # the same weights, the Core started from Huginn's noise
+    noise_started.config.state_init = 'noise'
     for fmt in formats:
-        exported = MobileGenerator(load_part(str(tmp_path), 'generator', fmt, torch.float32,
-                                             mobile.input_names(methods)), batch=2)
+        run = load_part(str(tmp_path), 'generator', fmt, torch.float32, mobile.input_names(methods))
+        exported = MobileGenerator(run, batch=2, state_init='prelude')
         for iters in (1, 3):  # the core is exported once; r is chosen when it runs
             with torch.no_grad():
                 reference = model(z, t, text, mask, iters)
             error = (exported(z, t, text, mask, iters) - reference).abs().max() / reference.abs().max()
             assert error < 1e-4, (fmt, iters, error)
+        with torch.no_grad():  # the same seed draws the same s_0 in both
+            torch.manual_seed(7)
+            reference = noise_started(z, t, text, mask, 2)
+            torch.manual_seed(7)
+            drawn = MobileGenerator(run, batch=2, state_init='noise')(z, t, text, mask, 2)
+        assert (drawn - reference).abs().max() / reference.abs().max() < 1e-4, fmt
+        assert not torch.allclose(drawn, exported(z, t, text, mask, 2), atol=1e-3), "s_0 = noise should matter"
         with torch.no_grad():  # adaptive iterations, as the app runs them
             reference, reference_used = model.velocity(z, t, model.encode_prompt(text, mask), 8, exit_tolerance=0.5)
         adaptive, used = exported.velocity(z, t, exported.encode_prompt(text, mask), 8, exit_tolerance=0.5)
@@ -1910,7 +1919,7 @@ def test_int8_onnx_export_quantises_every_matmul_and_stays_close(tmp_path):
     assert not float_matmuls and any(node.op_type == 'MatMulInteger' for node in core.graph.node)
     assert os.path.getsize(tmp_path / 'generator_core.onnx') < 0.7 * fp32_bytes
     exported = MobileGenerator(load_part(str(tmp_path), 'generator', 'onnx', torch.float32,
-                                         mobile.input_names(methods)), batch=2)
+                                         mobile.input_names(methods)), batch=2, state_init='prelude')
     with torch.no_grad():
         reference = model(z, t, text, mask, 2)
     assert (exported(z, t, text, mask, 2) - reference).abs().max() < 5e-2 * reference.abs().max()
@@ -2132,8 +2141,8 @@ def web_export(tmp_path_factory):
                                     dict(z=torch.randn(1, 16, 4, 4)))}, shared, 'vae_decoder')
     exported = {}
 
-    def export(sampler):
-        if sampler not in exported:
+    def export(sampler, state_init='prelude'):
+        if (sampler, state_init) not in exported:
             folder = str(shutil.copytree(shared, tmp_path_factory.mktemp(sampler) / 'export'))
             batch, steps = {'euler': (2, 25), 'consistency': (1, 2)}[sampler]
             z, t, text, mask = _inputs(batch, side=4, text_len=77)
@@ -2144,31 +2153,39 @@ def web_export(tmp_path_factory):
             inputs = {'text_encoder': {'forward': ['input_ids', 'attention_mask']},
                       'generator': mobile.input_names(methods), 'vae_decoder': {'forward': ['z']}}
             mobile.save_manifest(folder, dict(precision='fp32', dtype='float32', onnx=True, image_size=64,
-                                              latent_channels=16, generator_batch=batch, control='', text_tokens=77,
+                                              latent_channels=16, generator_batch=batch, state_init=state_init,
+                                              control='', text_tokens=77,
                                               sampler=sampler, steps=steps, iters=2, cfg_scale=4.0, shift=1.0,
                                               sample_prompt='a large red circle in the center', untrained=True,
                                               inputs=inputs))
-            exported[sampler] = folder
-        return exported[sampler]
+            exported[sampler, state_init] = folder
+        return exported[sampler, state_init]
     return export
 
 
-@pytest.mark.parametrize('sampler', ['euler', pytest.param('consistency', marks=FULL)])
-def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_export, sampler):
+@pytest.mark.parametrize('sampler,state_init', [('euler', 'noise'),
+                                                pytest.param('consistency', 'prelude', marks=FULL)])
+def test_the_web_page_draws_what_the_python_onnx_pipeline_draws(web_export, sampler, state_init):
     import mobile
     from tokenizers import Tokenizer
-    folder = web_export(sampler)
+    folder = web_export(sampler, state_init)
     manifest = mobile.read_manifest(folder)
     prompt, noise = 'a small blue square at the top left', mobile.initial_noise(manifest, seed=3)
     settings = {k: manifest[k] for k in ('steps', 'cfg_scale', 'iters', 'shift', 'sampler')}
+    torch.manual_seed(5)  # a noise-started Core's s_0 at each step, drawn as Iris.velocity draws it
     image, _ = mobile.generate(mobile.exported_parts(folder, manifest, 'onnx'), [prompt], noise, **settings,
                                generator=torch.Generator().manual_seed(4))
     expected = to_uint8(image)[0].permute(1, 2, 0).numpy()
     assert expected.std() > 10  # a picture, not a flat colour that any pipeline would match
+    torch.manual_seed(5)
+    tokens = (manifest['image_size'] // 16) ** 2  # patch 1
+    core_start = [torch.randn(manifest['generator_batch'], tokens, _tiny_config().dim)
+                  for _ in range(manifest['steps'])]
     with browser.web_page(folder) as (page, _):
         backend = page.evaluate('window.iris.ready.then((p) => [p.backend, p.threads, self.crossOriginIsolated])')
         assert backend == ['wasm', 2, True]  # headless Chromium has no GPU adapter; serve.py's headers allow threads
         browser.draw_with_noise(page, noise, torch.Generator().manual_seed(4), manifest['steps'],  # generate's seed
+                                core_start if state_init == 'noise' else None,
                                 prompt=prompt, iters=manifest['iters'], cfgScale=manifest['cfg_scale'])
         drawn = browser.canvas_pixels(page)
         assert drawn.shape == expected.shape

@@ -66,7 +66,9 @@ class Pipeline {
                           'export with python export_mobile.py --precision=fp32 or int8 (onnx=True)');
     }
     if (manifest.control) throw new IrisError('a control run draws from run_mobile.py --control_image; the page has no control input');
-    if (!manifest.inputs) throw new IrisError('this export names no inputs of its networks (an older export_mobile.py): re-export the run');
+    if (!manifest.inputs || !manifest.state_init) {
+      throw new IrisError("this export names neither its networks' inputs nor the Core's start (an older export_mobile.py): re-export the run");
+    }
     const tokenizerJson = await (await fetchOk(base + 'tokenizer.json', 'export_mobile.py writes it beside the models')).json();
     return new Pipeline(base, manifest, new Tokenizer(tokenizerJson, {}), tokenizerJson.padding.pad_id,
                         await loadRuntime(threads));
@@ -127,8 +129,9 @@ class Pipeline {
   }
 
   // -> RGBA pixels (S * S * 4) of one image. noise: the initial latent (1, C, h, w); renoise:
-  // a consistency student's noise for each step; both drawn from seed when not given.
-  async generate({ prompt, steps, iters, cfgScale, seed = 0, noise, renoise, onProgress = () => {} }) {
+  // a consistency student's noise for each step; coreStart: a noise-started Core's s_0 for each
+  // step (batch, N, D); each drawn from seed when not given.
+  async generate({ prompt, steps, iters, cfgScale, seed = 0, noise, renoise, coreStart, onProgress = () => {} }) {
     if (!prompt || !prompt.trim()) throw new IrisError('the prompt is empty: write what to draw');
     const m = this.manifest, f32 = (data, dims) => this.tensor('float32', data, dims);
     const side = m.image_size / 16, latentSize = m.latent_channels * side * side;
@@ -148,11 +151,14 @@ class Pipeline {
     const [textKV, textCond] = await this.run('generator', 'prompt', {
       text: f32(tokens, [batch, L, tokens.length / mask.length]), mask: maskTensor }); tick();
 
-    const velocity = async (x, t) => {  // v(x, t) (batch, C, h, w) with every row at time t
+    const velocity = async (x, t, k) => {  // v(x, t) (batch, C, h, w) with every row at time t, at step k
       const z = f32(batch === 2 ? concat(x, x) : x, [batch, m.latent_channels, side, side]);
       const [e, cBase] = await this.run('generator', 'prelude', {
         z, t: f32(new Float32Array(batch).fill(t), [batch]), text_cond: textCond }); tick();
-      let s = e;
+      let s = e;  // s_0: the Prelude's e, or Huginn's noise (the run's state_init)
+      if (m.state_init === 'noise') {
+        s = f32(coreStart ? coreStart[k] : gaussian(e.data.length, seed + 1 + steps + k), e.dims);
+      }
       for (let i = 0; i < iters; i++) {  // s_{i+1} = Core(injection([s_i, e]), c_i), told its progress i / r
         [s] = await this.run('generator', 'core', {
           s, e, c_base: cBase, progress: f32(new Float32Array(batch).fill(i / iters), [batch]), text_kv: textKV,
@@ -166,7 +172,7 @@ class Pipeline {
     const times = timeGrid(steps, student ? 1.0 : m.shift);
     for (let k = 0; k < steps; k++) {
       const t = times[k], tNext = times[k + 1];
-      const v = await velocity(x, t);
+      const v = await velocity(x, t, k);
       if (student) {  // predict x_0 = x - t v, then noise it to the next time (zero noise at t = 0)
         const eps = renoise ? renoise[k] : gaussian(latentSize, seed + 1 + k);
         x = map(latentSize, (j) => { const x0 = Math.fround(x[j] - t * v[j]); return (1 - tNext) * x0 + tNext * eps[j]; });
