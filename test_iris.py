@@ -2034,21 +2034,51 @@ def _fuzz_cases(tmp_path, seed=0, per_script=4):
     return cases
 
 
-def _one_error_line(case, cwd):
-    script, arg = case
-    result = subprocess.run([sys.executable, os.path.join(HERE, script), arg], cwd=cwd, capture_output=True, text=True,
-                            timeout=120)
-    output = result.stdout + result.stderr
-    errors = [line for line in output.splitlines() if 'error:' in line]
-    return case, result.returncode != 0 and len(errors) == 1 and 'Traceback' not in output, output[-600:]
+# Runs one script once per argument in a single process, as `python SCRIPT ARG` would run it
+# (a fresh module namespace each time; SystemExit's message printed as the interpreter prints
+# it), so that the imports are paid once per script, not once per case -> JSON [[arg, exit
+# code, output], ...].
+FUZZ_RUNNER = """
+import contextlib, io, json, os, runpy, sys, traceback
+script, results = sys.argv[1], []
+sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` puts the script's folder first
+for arg in json.load(sys.stdin):
+    sys.argv, output, code = [script, arg], io.StringIO(), 0
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            runpy.run_path(script, run_name='__main__')
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([arg, code, output.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _one_error_line_each(script, args, cwd):
+    """-> [(arg, stopped with exactly one error line and no traceback, the output's end)]."""
+    result = subprocess.run([sys.executable, '-c', FUZZ_RUNNER, os.path.join(HERE, script)], input=json.dumps(args),
+                            cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{script}: the fuzz runner itself failed:\n{result.stderr[-2000:]}"
+    runs = json.loads(result.stdout.splitlines()[-1])
+    return [(arg, code != 0 and sum('error:' in line for line in output.splitlines()) == 1
+             and 'Traceback' not in output, output[-600:]) for arg, code, output in runs]
 
 
 @FULL
 def test_fuzz_every_entry_script_stops_bad_input_with_one_error_line(tmp_path):
     cases = _fuzz_cases(tmp_path)
+    by_script = {script: [arg for s, arg in cases if s == script] for script in ENTRY_SCRIPTS}
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = list(pool.map(lambda case: _one_error_line(case, tmp_path), cases))
-    failures = [f"{script} {arg[:80]}:\n{output}" for (script, arg), ok, output in results if not ok]
+        results = pool.map(lambda item: [(item[0], *r) for r in _one_error_line_each(*item, tmp_path)],
+                           by_script.items())
+    results = [r for per_script in results for r in per_script]
+    assert len(results) == len(cases)
+    failures = [f"{script} {arg[:80]}:\n{output}" for script, arg, ok, output in results if not ok]
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n\n".join(failures)
     assert len(cases) >= 80
     assert not list(tmp_path.glob('out*')), "a run that stopped before its work left its out_dir behind"
