@@ -126,6 +126,26 @@ def loss_curves(run_dirs):
     return curves
 
 
+def summary(model, record, hw):
+    """The figure's numbers as lines of text: the state change per iteration and, for a GRFM
+    Core, its gate per layer and iteration, each head's decay gamma and the Fourier energy."""
+    lines = [f"state change per iteration: {', '.join(f'{c:.3g}' for c in state_changes(record))}"]
+    if not record.gates:
+        return lines
+    layers = len(model.core)
+    maps = gate_maps(record, layers, hw)
+    for layer in range(layers):
+        lines.append(f"layer {layer}: gate g per iteration (mean over tokens, min-max): " + ", ".join(
+            f"{m.mean():.2f} ({m.min():.2f}-{m.max():.2f})" for m in maps[:, layer]))
+    lines.append("decay gamma per head: " + "; ".join(
+        f"layer {layer} " + ", ".join(f"{g:.3f}" for g in heads)
+        for layer, heads in enumerate(decay_by_distance(model, distances=2)[..., 1])))
+    energy = fourier_energy(record).view(len(maps), layers, -1).mean(0)
+    lines.append("Fourier pathway's energy by frequency 0, 1, ...: " + "; ".join(
+        f"layer {layer} " + ", ".join(f"{e:.2f}" for e in shares) for layer, shares in enumerate(energy)))
+    return lines
+
+
 def plot_inside(model, record, hw, path):
     """One figure: the gate per layer and iteration, the decay per head, the Fourier energy per
     frequency and the state change per iteration. Writes `path` (PNG)."""
@@ -183,7 +203,7 @@ if __name__ == '__main__':
     side = run['image_size'] // 16
     z = torch.randn(1, model.config.latent_channels, side, side, generator=torch.Generator().manual_seed(seed))
     record = record_step(model, z, t, encoder([prompt or run['sample_prompts'][0]]), iters)
-    path = os.path.join(out_dir, 'internals.png')
-    plot_inside(model, record, (side // model.config.patch_size,) * 2, path)
-    print(f"state change per iteration: {', '.join(f'{c:.3g}' for c in state_changes(record))}")
+    path, hw = os.path.join(out_dir, 'internals.png'), (side // model.config.patch_size,) * 2
+    plot_inside(model, record, hw, path)
+    print('\n'.join(summary(model, record, hw)))
     print(f"figure: {path}" + ('' if record.gates else f" (the Core's mixer is {model.config.mixer}: no GRFM panels)"))

@@ -2117,6 +2117,7 @@ def test_the_notebook_runs_every_cell_on_the_cpu_and_draws_its_figures(tmp_path)
     assert (tmp_path / 'out' / 'internals.png').exists()
     printed = ''.join(output.get('text', '') for cell in notebook.cells for output in cell.get('outputs', []))
     assert 'state change per iteration:' in printed and 'in all' in printed and 'no distilled student' in printed
+    assert 'layer 1: gate g per iteration' in printed and 'decay gamma per head' in printed  # a GRFM Core's numbers
 
 
 def test_internals_record_what_the_core_does_at_each_iteration():
