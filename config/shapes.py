@@ -24,10 +24,11 @@ if script == 'train_flow':
     # GRFM pays off on long sequences; at 16 tokens full attention is the faster mixer
     # (docs/results.md, 'GRFM against full self-attention')
     mixer = 'attention'
-    # Huginn's recipe on a Core of two layers: told nothing of its iteration, r drawn
-    # heavy-tailed around 2 (at most 8), gradients through the last 2 iterations only
-    # (docs/results.md, 'The recurrence')
+    # Huginn's recipe on a Core of two layers: told nothing of its iteration, started from
+    # noise, r drawn heavy-tailed around 2 (at most 8), gradients through the last 2
+    # iterations only (docs/results.md, 'The recurrence')
     iteration_embedding = 'none'
+    state_init = 'noise'
     train_iters = (8,)
     train_iters_mean = 2.0
     backprop_iters = 2
@@ -37,7 +38,7 @@ if script == 'train_flow':
     warmup_steps = 100
     max_steps = 3455
     eval_interval = 500
-    sample_iters = 2  # its best r; more iterations than it trained around draw worse
+    sample_iters = 2  # its best r; more draw as well, fewer worse
 
 if script in ('sample', 'export_mobile'):
     iters = 2  # the generator's sample_iters
