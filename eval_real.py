@@ -5,6 +5,7 @@ What an IRIS run learned of real images, measured on the test split it never saw
 
     python eval_real.py config/emoji.py                           # the train_flow.py run, 25 steps
     python eval_real.py config/emoji.py --out_dir=out-emoji-cd    # its distilled student, 1, 2 and 4 steps
+    python eval_real.py --out_dir=out-emoji-3styles --test_dir=data/emoji/128/test   # per style, one left out
 
 1. The VAE: PSNR and SSIM (Wang et al. 2004) of the test images after the round trip.
 2. The generator's held-out rectified-flow loss, SD3's validation loss: the test latents
@@ -25,6 +26,10 @@ What an IRIS run learned of real images, measured on the test split it never saw
    control map, at control strength 0 (the base generator) and 1: the F1 of the output's
    map against the control (metrics.control_f1), the VAE round trip of the real images as
    the ceiling.
+Where the test split's metadata gives each image a "style" (data/emoji/prepare.py does), 1 and 3
+are also reported per style; a style the run never trained on is marked as left out: train on
+three styles (prepare.py --styles=twemoji,noto,fluent) and point --test_dir at the four styles'
+test split to measure how a model carries over to a style it never saw.
 It writes eval_real.png in out_dir: rows of test captions' real image, generated image and
 the nearest training image to it; eval_upscale.png and eval_control.png for 5 and 6.
 """
@@ -64,10 +69,24 @@ torch.manual_seed(seed)  # what torch's global generator draws: a noise-started 
 
 
 def load_split(folder, image_size):
+    """-> images, captions, and each image's group and style from metadata.jsonl (None where it names none)."""
     images, captions = load_imagefolder(folder, image_size)
     with open(os.path.join(folder, 'metadata.jsonl')) as f:
-        group_of = {row['text']: row.get('group') for row in map(json.loads, f)}
-    return images, captions, [group_of.get(c) for c in captions]
+        rows = {row['text']: row for row in map(json.loads, f)}
+    return images, captions, [rows.get(c, {}).get('group') for c in captions], [rows.get(c, {}).get('style')
+                                                                              for c in captions]
+
+
+def per_style(measure):
+    """'| style | ... |' rows, one per style of the test split (where it has several), of
+    measure(mask of the style's images) -> cells; a style training never saw is marked."""
+    names = sorted(set(test_styles) - {None})
+    rows = []
+    for style in names if len(names) > 1 else ():
+        mask = torch.tensor([s == style for s in test_styles])
+        left_out = '' if style in train_styles else ' (left out of training)'
+        rows.append(f"| {style}{left_out} | {int(mask.sum())} | " + " | ".join(measure(mask)) + " |")
+    return rows
 
 
 @torch.no_grad()
@@ -133,8 +152,8 @@ if not os.path.isfile(os.path.join(test_dir, 'metadata.jsonl')):
     raise SystemExit(f"error: no test split at '{test_dir}' for {out_dir}; train on an imagefolder with a sibling "
                      f"'test' folder (python data/emoji/prepare.py) or pass --test_dir")
 size = run['image_size']
-train_images, _, train_groups = load_split(run['data_dir'], size)
-test_images, test_captions, test_groups = load_split(test_dir, size)
+train_images, _, train_groups, train_styles = load_split(run['data_dir'], size)
+test_images, test_captions, test_groups, test_styles = load_split(test_dir, size)
 if None in train_groups or None in test_groups:
     raise SystemExit("error: every metadata.jsonl line needs a \"group\" for the classifier")
 names = sorted(set(train_groups))
@@ -152,6 +171,9 @@ recon = reconstruct(vae, test_images) if {'vae', 'upscale', 'control'} & set(sec
 if 'vae' in sections:
     print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, "
           f"SSIM {ssim(recon, test_images):.4f}\n")
+    rows = per_style(lambda m: [f"{psnr(recon[m], test_images[m]):.2f} dB", f"{ssim(recon[m], test_images[m]):.4f}"])
+    if rows:
+        print("| style | test images | PSNR | SSIM |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 if 'loss' in sections:
     with torch.no_grad():
@@ -171,6 +193,7 @@ if 'classifier' in sections:
     predicted, real_features = read(classifier, test_images)
     real_nearest, _ = nearest_distance(real_features, train_features)
     real_accuracy = accuracy(predicted, test_labels)
+    predicted_by_steps = {0: predicted}  # 0: the real images
     largest = (test_labels == test_labels.mode().values).float().mean()
     print(f"\ngroup classifier: {len(names)} groups, balanced accuracy = the mean of the per-group recalls (chance "
           f"{100 / len(test_labels.unique()):.1f}%); {100 * largest:.1f}% of the test split is its largest group\n")
@@ -181,6 +204,7 @@ if 'classifier' in sections:
     for steps in steps_list:
         generated = generate(model, vae, encoder, test_captions, noise, steps)
         predicted, features = read(classifier, generated)
+        predicted_by_steps[steps] = predicted
         nearest, which = nearest_distance(features, train_features)
         acc = accuracy(predicted, test_labels)
         print(f"| {steps} {run.get('sampler', 'euler')} steps, r = {iters} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | "
@@ -195,6 +219,15 @@ if 'classifier' in sections:
                 f.write('\n'.join(test_captions[i] for i in shown) + '\n')
     print(f"\nrows of {out_dir}/eval_real.png: real test image, generated from its caption "
           f"({out_dir}/eval_real.txt), nearest training image")
+
+    def balanced(mask):  # the real images' balanced accuracy, then each steps' and its share of the real one
+        real, *made = (accuracy(p[mask], test_labels[mask])[0] for p in predicted_by_steps.values())
+        return [f"{100 * real:.1f}"] + [f"{100 * a:.1f}" + (f" ({100 * a / real:.0f}%)" if real else "") for a in made]
+    rows = per_style(balanced)
+    if rows:
+        print("\n| style | test images | real, balanced accuracy | " + " | ".join(
+            f"{steps} steps (of real)" for steps in steps_list) + " |\n" + "|---" * (3 + len(steps_list)) + "|")
+        print("\n".join(rows))
 
 if 'upscale' in sections:
     eval_upscale(model, vae, encoder, test_images, recon, test_captions, noise, steps_list[-1])

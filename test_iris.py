@@ -1344,13 +1344,15 @@ def test_eval_scenes_scores_each_task_at_each_r_and_adaptive_iterations(tiny_run
 
 @FULL
 def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
-    for split, seed in (('train', 0), ('test', 1)):  # prepare.py's layout: train/ and test/ with a group per image
+    # prepare.py's layout: train/ and test/ with a group and a style per image; style b only in the test split
+    for split, seed, styles in (('train', 0, 'aa'), ('test', 1, 'ab')):
         (tmp_path / split).mkdir()
         images, captions = make_shapes(16, 32, seed=seed)
         for i in range(16):
             Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp_path / split / f"{i}.png")
         (tmp_path / split / 'metadata.jsonl').write_text(''.join(
-            json.dumps({'file_name': f"{i}.png", 'text': captions[i], 'group': f"g{i % 2}"}) + '\n' for i in range(16)))
+            json.dumps({'file_name': f"{i}.png", 'text': captions[i], 'group': f"g{i % 2}", 'style': styles[i // 8]})
+            + '\n' for i in range(16)))
     result = _run(['train_flow.py', SHAPES_CONFIG, f'--data_dir={tmp_path / "train"}', '--num_holdout=2',
                    '--image_size=32', '--dim=32', '--heads=2', '--core_layers=1', '--batch_size=4', '--max_steps=1',
                    '--train_iters=(2,)', '--sample_steps=1', f'--vae_dir={tiny_runs / "vae"}', '--out_dir=flow'],
@@ -1361,6 +1363,13 @@ def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     table = {line.split(' | ')[0].lstrip('| '): line.split(' | ')[1:] for line in result.stdout.splitlines()
              if line.startswith('| ')}
+    vae_rows = result.stdout.split('| style | test images | PSNR | SSIM |')[1].split('\n\n')[0]  # per style, 8 each
+    psnr_of = {row.split(' | ')[0].lstrip('| '): float(row.split(' | ')[2].split()[0])
+               for row in vae_rows.splitlines() if row.startswith('| ') and '---' not in row}
+    assert list(psnr_of) == ['a', 'b (left out of training)'], result.stdout
+    overall = float(result.stdout.split('VAE round trip on the test split: PSNR ')[1].split()[0])
+    assert abs(sum(psnr_of.values()) / 2 - overall) <= 0.01, result.stdout  # per-image PSNRs, averaged
+    assert '| style | test images | real, balanced accuracy | 2 steps (of real) |' in result.stdout
     upscaled = [name for name in table if name.startswith(('VAE round trip of the real image', 'IRIS, strength'))]
     assert len(upscaled) == 3 and all(float(table[name][-1].rstrip(' |')) <= 0.5 for name in upscaled)  # the input kept
     assert float(table['bicubic'][-1].rstrip(' |')) > 0.5  # bicubic does not keep it: the check above can fail
