@@ -32,7 +32,8 @@ from data import save_grid
 from flow import consistency_loss, text_to_image, time_grid
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossLog, all_sum, backward, ema_update, load_checkpoint, load_generator, lock_out_dir,
-                      lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype,
+                      lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, own_random_numbers,
+                      resolve_dtype,
                       save_checkpoint, setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import load_vae
 
@@ -108,7 +109,7 @@ sample_noise = torch.randn(len(run['sample_prompts']), *latents.shape[1:],
 
 
 def sample_and_save(step):
-    with autocast:
+    with autocast, own_random_numbers(seed, device):
         rows = [text_to_image(target, vae, encoder, run['sample_prompts'], sample_noise, steps=steps, iters=iters,
                               sampler='consistency', generator=torch.Generator().manual_seed(seed))
                 for steps in (1, 2, 4)]

@@ -30,7 +30,7 @@ def noised(x0, noise, t):
 WEIGHTINGS = ('none', 'high_noise')  # flow_loss's
 
 
-def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0.0, control_map=None):
+def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0.0, control_map=None, core_start=None):
     """Per-sample loss (B,) of the velocity model(x_t, t) against its target eps - x_0, at
     times t (B,) and noise eps (shaped like x0), which the caller draws (train_flow.py: SD3's
     logit-normal t).
@@ -42,9 +42,10 @@ def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0
     2604.09168): the velocity read after each earlier iteration that keeps gradients is pulled
     towards the last one's, held fixed, with this weight, so that fewer iterations at sampling
     time land near what r draw. control_map: control maps (B, 1, H, W) for a generator with an
-    adapter (model.ControlAdapter)."""
+    adapter (model.ControlAdapter); core_start: a noise-started Core's s_0 (Iris.forward)."""
     x_t = noised(x0, eps, t.view(-1, 1, 1, 1))
     extra = {} if control_map is None else dict(control_map=control_map)  # a model without an adapter takes none
+    extra |= {} if core_start is None else dict(core_start=core_start)
     if loop_distill:
         readouts = model(x_t, t, prompt.text, prompt.mask, iters, every_iteration=True, **extra).float()  # (k, B, ...)
         v = readouts[-1]

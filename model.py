@@ -608,16 +608,19 @@ class Iris(nn.Module):
         s = modulate(self.final_norm(s), shift, scale)
         return self.unpatchify(s.transpose(1, 2).reshape(len(s), -1, *hw))
 
-    def forward(self, z, t, text, text_mask, iters, control_map=None, every_iteration=False):
+    def forward(self, z, t, text, text_mask, iters, control_map=None, every_iteration=False, core_start=None):
         """z: (B, 16, H/16, W/16) noisy latent; t: (B,) in [0, 1]; text: (B, L, text_dim)
         token embeddings with text_mask: (B, L) bool, True for real tokens; iters: core
         iterations r; control_map: an optional control map (B, 1, H, W) for the adapter.
         Returns the velocity, shaped like z; with every_iteration, the velocities read after
-        each iteration that keeps gradients (k, B, 16, H/16, W/16), the last being r's."""
+        each iteration that keeps gradients (k, B, 16, H/16, W/16), the last being r's.
+        core_start: a noise-started Core's s_0 (B, N, D), drawn here when None."""
         hint = None if control_map is None else self.encode_control(control_map)
-        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, hint, every_iteration=every_iteration)[0]
+        return self.velocity(z, t, self.encode_prompt(text, text_mask), iters, hint, every_iteration=every_iteration,
+                             core_start=core_start)[0]
 
-    def velocity(self, z, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0, every_iteration=False):
+    def velocity(self, z, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0, every_iteration=False,
+                 core_start=None):
         """forward() with the prompt encoded ahead by encode_prompt() and the control map by
         encode_control() (its hint) -> (v, the iterations each sample ran (B,)).
         export_mobile.py exports the stages separately, so that a phone encodes a prompt once
@@ -648,7 +651,8 @@ class Iris(nn.Module):
                     s = s + self.control_adapter.inject(hint, s, c_base)  # hint (B, N, D)
                 return self.core_iteration(s, e, modulations[i], text_kv, text_mask, hw, prepared)
         # s_0 (B, N, D); noise drawn in e's shape, not its strides, so that a runner given e draws the same
-        s = e if self.config.state_init == "prelude" else torch.randn(e.shape, dtype=e.dtype, device=e.device)
+        s = e if self.config.state_init == "prelude" else core_start.to(e) if core_start is not None else (
+            torch.randn(e.shape, dtype=e.dtype, device=e.device))
         if every_iteration:  # the Coda reads every state that learns (flow.flow_loss's loop_distill)
             readouts = []
             for i in range(iters):

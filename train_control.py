@@ -29,8 +29,8 @@ from model import count_parameters
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, draw_iters, ema_update, generator_from,
                       generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
-                      read_ema_checkpoint, resolve_dtype, save_checkpoint, setup_distributed, stop_if_diverged,
-                      wrap_distributed)
+                      own_random_numbers, read_ema_checkpoint, resolve_dtype, save_checkpoint, setup_distributed,
+                      stop_if_diverged, wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------
@@ -142,7 +142,7 @@ if master:
 
 
 def sample_and_save(step):
-    with autocast:
+    with autocast, own_random_numbers(seed, device):
         images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, steps=sample_steps, cfg_scale=cfg_scale,
                                iters=sample_iters, shift=shift, control_map=sample_maps)
     save_grid(torch.cat([map_image(sample_maps), images]), os.path.join(out_dir, f"samples_{step:06d}.png"))

@@ -32,8 +32,8 @@ from model import CHOICES, SIZES, count_parameters
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, check_init_from, draw_iters, ema_update,
                       generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
-                      resolve_dtype, save_checkpoint, setup_distributed, start_from_run, stop_if_diverged,
-                      wrap_distributed)
+                      own_random_numbers, resolve_dtype, save_checkpoint, setup_distributed, start_from_run,
+                      stop_if_diverged, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -155,7 +155,7 @@ if master:
         f.write('\n'.join(sample_prompts) + '\n')
 
 def sample_and_save(step):
-    with autocast:
+    with autocast, own_random_numbers(seed, device):
         images = text_to_image(ema, vae, encoder, sample_prompts, sample_noise, steps=sample_steps, cfg_scale=cfg_scale,
                                iters=sample_iters, shift=shift)
     save_grid(images, os.path.join(out_dir, f"samples_{step:06d}.png"))

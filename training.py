@@ -96,6 +96,17 @@ def resolve_dtype(dtype, device):
     return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
 
 
+@contextlib.contextmanager
+def own_random_numbers(seed, device):
+    """What is drawn inside (a sample grid's noise-started Core) comes from `seed`, and torch's
+    global generator is left as it was: work that only the master process does must not move
+    the generator every process shares, and each grid draws the same s_0 as the last."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def mixed_precision(dtype, device):
     """-> (autocast context, GradScaler) for a resolved dtype, on a GPU or a CPU alike, so the
     CPU runs every line a GPU will. The scaler is on for fp16 only, whose 5-bit exponent
@@ -138,6 +149,10 @@ def generator_step(model, optimizer, scaler, autocast, x0, prompt, t, eps, iters
     (wrap_distributed), if it is. -> the shares' per-sample losses (detached, in share order)."""
     network = network or model
     device = next(model.parameters()).device
+    core_start = None  # a noise-started Core's s_0 for the whole batch, as t and eps, so that
+    if model.config.state_init == 'noise':  # any split into processes and micro-batches draws alike
+        h, w = (side // model.config.patch_size for side in x0.shape[-2:])
+        core_start = torch.randn(len(x0), h * w, model.config.dim)
     losses = []
     for micro, share in enumerate(shares):
         def part(x):
@@ -145,7 +160,7 @@ def generator_step(model, optimizer, scaler, autocast, x0, prompt, t, eps, iters
         with sync_gradients(network, last=micro == len(shares) - 1):
             with autocast:  # the forward only: backward runs each op in the dtype its forward chose
                 per_sample = flow_loss(network, part(x0), prompt.rows(share).to(device), iters, part(t), part(eps),
-                                       weighting, loop_distill, part(control_map))
+                                       weighting, loop_distill, part(control_map), part(core_start))
             backward(per_sample.sum(), scaler, world_size, len(t))
         losses.append(per_sample.detach().float())
     optimizer_step(model, optimizer, scaler, grad_clip)
