@@ -650,9 +650,12 @@ class Iris(nn.Module):
                 if hint is not None:
                     s = s + self.control_adapter.inject(hint, s, c_base)  # hint (B, N, D)
                 return self.core_iteration(s, e, modulations[i], text_kv, text_mask, hw, prepared)
-        # s_0 (B, N, D); noise drawn in e's shape, not its strides, so that a runner given e draws the same
-        s = e if self.config.state_init == "prelude" else core_start.to(e) if core_start is not None else (
-            torch.randn(e.shape, dtype=e.dtype, device=e.device))
+        if self.config.state_init == "prelude":          # s_0 (B, N, D)
+            s = e
+        elif core_start is not None:                     # drawn by the caller for the whole batch (generator_step)
+            s = core_start.to(e)
+        else:  # noise in e's shape, not its strides, so that a runner given e draws the same numbers
+            s = torch.randn(e.shape, dtype=e.dtype, device=e.device)
         if every_iteration:  # the Coda reads every state that learns (flow.flow_loss's loop_distill)
             readouts = []
             for i in range(iters):
