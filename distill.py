@@ -33,8 +33,8 @@ from flow import consistency_loss, text_to_image, time_grid
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossLog, all_sum, backward, ema_update, load_checkpoint, load_generator, lock_out_dir,
                       lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, own_random_numbers,
-                      resolve_dtype,
-                      save_checkpoint, setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
+                      resolve_dtype, save_checkpoint, setup_distributed, stop_if_diverged, sync_gradients,
+                      wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------
