@@ -608,6 +608,13 @@ class Iris(nn.Module):
         s = modulate(self.final_norm(s), shift, scale)
         return self.unpatchify(s.transpose(1, 2).reshape(len(s), -1, *hw))
 
+    def core_noise(self, z):
+        """A noise-started Core's s_0 ~ N(0, I) (B, N, D) for latents z (B, 16, h, w), drawn
+        from torch's generator on z's device in fp32, in the order a runner given the Prelude's
+        e (B, N, D) draws it (mobile.MobileGenerator)."""
+        h, w = (side // self.config.patch_size for side in z.shape[-2:])
+        return torch.randn(len(z), h * w, self.config.dim, device=z.device)
+
     def forward(self, z, t, text, text_mask, iters, control_map=None, every_iteration=False, core_start=None):
         """z: (B, 16, H/16, W/16) noisy latent; t: (B,) in [0, 1]; text: (B, L, text_dim)
         token embeddings with text_mask: (B, L) bool, True for real tokens; iters: core
@@ -652,10 +659,8 @@ class Iris(nn.Module):
                 return self.core_iteration(s, e, modulations[i], text_kv, text_mask, hw, prepared)
         if self.config.state_init == "prelude":          # s_0 (B, N, D)
             s = e
-        elif core_start is not None:                     # drawn by the caller for the whole batch (generator_step)
-            s = core_start.to(e)
-        else:  # noise in e's shape, not its strides, so that a runner given e draws the same numbers
-            s = torch.randn(e.shape, dtype=e.dtype, device=e.device)
+        else:  # drawn by the caller for the whole batch (generator_step), or here
+            s = (self.core_noise(z) if core_start is None else core_start).to(e)
         if every_iteration:  # the Coda reads every state that learns (flow.flow_loss's loop_distill)
             readouts = []
             for i in range(iters):

@@ -149,10 +149,9 @@ def generator_step(model, optimizer, scaler, autocast, x0, prompt, t, eps, iters
     (wrap_distributed), if it is. -> the shares' per-sample losses (detached, in share order)."""
     network = network or model
     device = next(model.parameters()).device
-    core_start = None  # a noise-started Core's s_0 for the whole batch, as t and eps, so that
-    if model.config.state_init == 'noise':  # any split into processes and micro-batches draws alike
-        h, w = (side // model.config.patch_size for side in x0.shape[-2:])
-        core_start = torch.randn(len(x0), h * w, model.config.dim)
+    # A noise-started Core's s_0 for the whole batch, as t and eps, so that any split into
+    # processes and micro-batches draws alike
+    core_start = model.core_noise(x0) if model.config.state_init == 'noise' else None
     losses = []
     for micro, share in enumerate(shares):
         def part(x):
