@@ -41,9 +41,18 @@ def encode_captions(encoder, captions, batch_size=256):
 
 @torch.no_grad()
 def encode_images(vae, images, batch_size=128):
+    """uint8 images (N, 3, H, W) -> their latents (N, 16, H/16, W/16) on the CPU. An image that
+    is there several times (a data set with several captions per image) is encoded once."""
+    keys = [hashlib.sha256(image.numpy().tobytes()).digest() for image in images]
+    first = {}  # each distinct image's first row, in order
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
+    distinct = images[list(first.values())]
     device = next(vae.parameters()).device
-    return torch.cat([vae.encode_latent(to_float(images[i:i + batch_size]).to(device)).float().cpu()
-                      for i in tqdm(range(0, len(images), batch_size), desc='latents', leave=False)])
+    latents = torch.cat([vae.encode_latent(to_float(distinct[i:i + batch_size]).to(device)).float().cpu()
+                         for i in tqdm(range(0, len(distinct), batch_size), desc='latents', leave=False)])
+    slot = {key: i for i, key in enumerate(first)}
+    return latents[[slot[key] for key in keys]]
 
 
 def cache_path(cache_dir, data_settings, **more):

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cache import encode_images
 from configurator import configure
 from data import control_map, load_imagefolder, map_image, save_grid, to_float, to_uint8
 from flow import held_out_loss, keep_input, text_to_image, upscale
@@ -176,9 +177,7 @@ if 'vae' in sections:
         print("| style | test images | PSNR | SSIM |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 if 'loss' in sections:
-    with torch.no_grad():
-        latents = torch.cat([vae.encode_latent(to_float(test_images[i:i + batch_size]).to(device))
-                             for i in range(0, len(test_images), batch_size)])
+    latents = encode_images(vae, test_images, batch_size).to(device)  # as cache.py encodes the training set
     with autocast:
         prompt = encoder(test_captions).to(device)
         losses = {r: held_out_loss(model, latents, prompt, r, batch_size, seed) for r in loss_iters}

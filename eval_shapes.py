@@ -18,9 +18,10 @@ import time
 import numpy as np
 import torch
 
+from cache import encode_images
 from configurator import configure
 from data import (COLOURS, POSITIONS, RADII, SHAPES, control_map, make_shapes, map_image, save_grid,
-                  shape_attributes, shape_caption, to_float)
+                  shape_attributes, shape_caption)
 from flow import held_out_loss, text_to_image
 from metrics import ATTRIBUTES, adherence, analyse, control_f1
 from text import load_text_encoder
@@ -81,9 +82,7 @@ def eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sa
     S = run['image_size']
     tasks = [inpainting_task(a, i, S) for i, a in enumerate(attributes)]
     new_attributes, holes = [t[0] for t in tasks], torch.stack([t[1] for t in tasks])
-    with torch.no_grad():
-        init = torch.cat([vae.encode_latent(to_float(real[i:i + batch_size]).to(device))
-                          for i in range(0, len(real), batch_size)])
+    init = encode_images(vae, real, batch_size).to(device)
     noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     images = generate(model, vae, encoder, [shape_caption(a) for a in new_attributes], noise, steps, iters, sampler,
                       init=init, keep=latent_keep_mask(holes).to(device))
@@ -165,9 +164,8 @@ if check['all 5'] < 0.98:
 vae = load_vae(run['vae_dir'], device)
 print(row('their VAE reconstructions', adherence(reconstruct(vae, real), attributes)))
 encoder = load_text_encoder(model.config.text_encoder, device)
+latents = encode_images(vae, real, batch_size).to(device)  # as cache.py encodes the training set
 with mixed_precision(resolve_dtype(dtype, device), device)[0]:
-    latents = torch.cat([vae.encode_latent(to_float(real[i:i + batch_size]).to(device))
-                         for i in range(0, num_prompts, batch_size)])
     prompt = encoder(captions).to(device)
     print("\n| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean | mean r |\n" + "|---" * 7 + "|")
     adaptive = [(max(loss_iters), exit_tolerance)] if exit_tolerance else []

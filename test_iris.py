@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import browser
 import cache
 import internals
-from cache import load_training_set
+from cache import encode_images, load_training_set
 from configurator import configure, read_config_file
 from data import (POSITIONS, TASKS, conflicting_shape_captions, control_map, drawn_clearly, held_out, image_tensor,
                   load_data, load_hub, load_imagefolder, make_scenes, make_shapes, open_image, scene_attributes,
@@ -789,6 +789,16 @@ def test_training_set_cache_is_built_once_and_keyed(tmp_path, monkeypatch):
     with pytest.raises(pytest.fail.Exception):
         load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
     assert len(os.listdir(tmp_path / 'cache')) == 1
+
+
+def test_an_image_with_several_captions_is_encoded_once():
+    vae = WaveletVAE(channels=(8, 16, 16))
+    images = make_shapes(3, 32)[0][[0, 1, 0, 2, 1]]  # as a data set with two captions for two images has them
+    encode, batches = vae.encode_latent, []
+    vae.encode_latent = lambda x: batches.append(len(x)) or encode(x)
+    latents = encode_images(vae, images)
+    assert batches == [3]
+    torch.testing.assert_close(latents, encode(to_float(images)), rtol=0, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -1687,9 +1697,10 @@ def _script_settings(script):
 
 
 @pytest.mark.parametrize('config', ['shapes.py', 'scenes.py', 'pokemon.py', 'pokemon_long.py', 'emoji.py',
-                                    'shapes_edges.py', 'emoji_edges.py'])
+                                    'emoji_64.py', 'shapes_edges.py', 'emoji_edges.py'])
 def test_every_config_file_sets_only_settings_each_stage_has(config):
     path, control = os.path.join(HERE, 'config', config), config.endswith('_edges.py')
+    stage = config == 'emoji_64.py'  # one stage of config/emoji.py's generator: it distils nothing
     if control:  # an adapter's config points an old train_flow.py command at its own script
         with pytest.raises(SystemExit, match=f'python train_control.py config/{config}'):
             read_config_file(path, 'train_flow')
@@ -1698,7 +1709,7 @@ def test_every_config_file_sets_only_settings_each_stage_has(config):
         unknown = set(read_config_file(os.path.join(HERE, 'config', config), script)) - _script_settings(script)
         assert not unknown, (config, script, unknown)
     # every text-to-image setup distils too; a control adapter is an add-on to one, and distil.py leaves it alone
-    assert bool(read_config_file(path, 'distill')) == (not control)
+    assert bool(read_config_file(path, 'distill')) == (not control and not stage)
     assert bool(read_config_file(path, 'train_control')) == control
 
 
