@@ -5,7 +5,8 @@ Train the IRIS generator (model.py) with rectified flow (flow.py): stage 2.
     python train_flow.py config/shapes.py --data_dir=my_images   # a local imagefolder of captioned images
     python train_flow.py config/pokemon.py                       # the seed's Pokemon setup (GPU and the Hub)
     python train_flow.py config/shapes.py --init_from=resume     # continue from out_dir
-    python train_flow.py config/emoji.py --image_size=128 --init_from=out-emoji-flow-64   # continued at 128 px
+    python train_flow.py config/emoji.py config/emoji_64.py     # real pictures: at 64 px first, then
+    python train_flow.py config/emoji.py                        # at 128 px from that run (init_from)
     torchrun --standalone --nproc_per_node=2 train_flow.py config/shapes.py          # 2 processes, one machine
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         train_flow.py config/pokemon.py                         # and node_rank=1 on the second machine

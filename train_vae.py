@@ -5,8 +5,8 @@ Train the WaveletVAE (vae.py): stage 1 of IRIS.
     python train_vae.py config/shapes.py --data_dir=my_images  # a local imagefolder instead
     python train_vae.py config/pokemon.py                      # the seed's Pokemon setup (GPU)
     python train_vae.py config/shapes.py --init_from=resume    # continue from out_dir
-    python train_vae.py config/emoji.py --crop_size=64         # on random 64 px crops of the 128 px images
-    python train_vae.py config/emoji.py --init_from=out-emoji-vae-crops --out_dir=out-emoji-vae   # from a run
+    python train_vae.py config/emoji.py                        # on random 64 px crops of 128 px images
+    python train_vae.py config/emoji.py --init_from=out-emoji-vae --out_dir=out-emoji-vae-2   # from a run
     torchrun --standalone --nproc_per_node=2 train_vae.py config/shapes.py
 
 Loss: L1 + MSE in pixels + a wavelet L1 that weights the detail subbands (LH, HL, HH) more,
