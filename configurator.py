@@ -33,8 +33,9 @@ SETTING_TYPES = (bool, int, float, str, tuple, list)
 
 
 def _settings(script_globals):
+    # an upper-case name is a constant the script imported (flow.WEIGHTINGS), not a setting
     return {k: v for k, v in script_globals.items()
-            if not k.startswith('_') and type(v) in SETTING_TYPES}
+            if not k.startswith('_') and not k.isupper() and type(v) in SETTING_TYPES}
 
 
 def _shown(value):

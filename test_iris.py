@@ -1625,7 +1625,7 @@ def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
 
 def _script_globals():
     return {'__file__': '/somewhere/train_vae.py', 'batch_size': 32, 'lr': 1e-3, 'out_dir': 'out',
-            'compile': False, 'channels': (32, 64), 'torch': torch}
+            'compile': False, 'channels': (32, 64), 'torch': torch, 'DTYPES': ('auto', 'float32')}
 
 
 def test_config_file_and_command_line_override_in_order(tmp_path):
@@ -1636,11 +1636,12 @@ def test_config_file_and_command_line_override_in_order(tmp_path):
     settings = configure(g, [str(config_file), '--batch_size=16', '--out_dir=out-test', '--lr', '1',
                              '--channels=[8, 16]'])
     assert (g['batch_size'], g['lr'], g['out_dir'], g['channels']) == (16, 1.0, 'out-test', (8, 16))
-    assert settings['batch_size'] == 16 and 'torch' not in settings
+    assert settings['batch_size'] == 16 and 'torch' not in settings and 'DTYPES' not in settings  # an import
 
 
 @pytest.mark.parametrize('args,message', [
     (['--batch_sise=16'], "has no setting 'batch_sise'"),
+    (['--DTYPES=()'], "has no setting 'DTYPES'"),
     (['--batch_size=1.5'], "'batch_size' .* must be int"),
     (['--compile=yes'], "'compile' .* must be bool"),
     (['--lr'], 'has no value'),
