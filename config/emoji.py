@@ -17,7 +17,7 @@ if script in ('train_vae', 'train_flow'):
     num_holdout = 64
 if script == 'train_vae':
     out_dir = 'out-emoji-vae'
-    crop_size = 64  # a quarter of the pixels per image: 4x the images per second (docs/results.md)
+    crop_size = 64  # a quarter of the pixels per image, so many more images per minute (docs/results.md)
     channels = (48, 96, 192)
     batch_size = 16
     max_steps = 5000
