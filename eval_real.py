@@ -90,6 +90,18 @@ def per_style(measure):
     return rows
 
 
+def figure_columns():
+    """The test images eval_real.png shows: one per group the classifier knows, in name order, the
+    styles taken in turn (so the figure shows every style, a left-out one too), each its first there."""
+    styles = sorted(set(test_styles), key=str)
+    shown = []
+    for column, group in enumerate(g for g in test_labels.unique().tolist() if g >= 0):
+        in_group = test_labels == group
+        in_style = in_group & torch.tensor([s == styles[column % len(styles)] for s in test_styles])
+        shown.append((in_style if in_style.any() else in_group).nonzero()[0, 0])
+    return torch.stack(shown)
+
+
 @torch.no_grad()
 def generate(model, vae, encoder, captions, noise, steps, sample=text_to_image, **more):
     """sample (text_to_image or upscale) in batches; more: its other arguments, tensors with a row per caption."""
@@ -210,10 +222,9 @@ if 'classifier' in sections:
               f"{100 * acc[0] / real_accuracy[0]:.0f}% | {frechet_distance(real_features, features):.3f} | "
               f"{nearest.median():.3f} |")
         if steps == steps_list[-1]:
-            shown = torch.stack([(test_labels == g).nonzero()[0, 0] for g in test_labels.unique()])[:6]  # a column
-            # per group, in name order; 6 columns keep the figure under 200 KB
+            shown = figure_columns()
             save_grid(torch.cat([test_images[shown], generated[shown], train_images[which[shown]]]),
-                      os.path.join(out_dir, 'eval_real.png'), columns=6)
+                      os.path.join(out_dir, 'eval_real.png'), columns=len(shown))
             with open(os.path.join(out_dir, 'eval_real.txt'), 'w') as f:
                 f.write('\n'.join(test_captions[i] for i in shown) + '\n')
     print(f"\nrows of {out_dir}/eval_real.png: real test image, generated from its caption "

@@ -1384,7 +1384,10 @@ def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     assert len(upscaled) == 3 and all(float(table[name][-1].rstrip(' |')) <= 0.5 for name in upscaled)  # the input kept
     assert float(table['bicubic'][-1].rstrip(' |')) > 0.5  # bicubic does not keep it: the check above can fail
     assert Image.open(tmp_path / 'flow' / 'eval_upscale.png').size == (6 * 32, 4 * 32)
-    assert (tmp_path / 'flow' / 'eval_real.png').exists()
+    assert Image.open(tmp_path / 'flow' / 'eval_real.png').size == (2 * 32, 3 * 32)  # a column per group
+    test_rows = {row['text']: row for row in map(json.loads, (tmp_path / 'test' / 'metadata.jsonl').open())}
+    shown = (tmp_path / 'flow' / 'eval_real.txt').read_text().splitlines()
+    assert [(test_rows[c]['group'], test_rows[c]['style']) for c in shown] == [('g0', 'a'), ('g1', 'b')]  # in turn
     result = _run(['train_control.py', f'--data_dir={tmp_path / "train"}', '--num_holdout=2', '--image_size=32',
                    '--base_dir=flow', '--batch_size=4', '--max_steps=1', '--sample_steps=1', '--out_dir=edges'],
                   tmp_path)
