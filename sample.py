@@ -68,8 +68,8 @@ configure(globals(), positive=('num_samples', 'steps', 'iters'))
 torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0
 
 
-def load_edit(vae, init_image, mask, size):
-    """init_image (and mask) -> the picture (1, 3, S, S) uint8, its latent and the latent keep-mask."""
+def read_edit(init_image, mask, size):
+    """init_image (and mask) -> the picture (1, 3, S, S) uint8 and the latent keep-mask (None without a mask)."""
     image = open_image(init_image, 'init_image')
     picture = image_tensor(image, size)
     keep = None
@@ -84,9 +84,7 @@ def load_edit(vae, init_image, mask, size):
             raise SystemExit(f"error: --mask has {100 * grey:.0f}% grey pixels; "
                              f"make it black (keep) and white (repaint)")
         keep = latent_keep_mask(image_tensor(hole, size)[:, :1] > 127)
-    with torch.no_grad():
-        init = vae.encode_latent(to_float(picture).to(device))
-    return picture, init, None if keep is None else keep.to(device)
+    return picture, keep
 
 
 if output:
@@ -136,14 +134,19 @@ if size > 2 * run['image_size']:
     warnings.warn(f"--size={size} is {size / run['image_size']:.0f}x the side this run trained at: "
                   f"{(size / run['image_size']) ** 2:.0f}x the tokens per Core iteration, at a scale it never saw")
 
-encoder = load_text_encoder(model.config.text_encoder, device)
-vae = load_vae(run['vae_dir'], device)
-init, keep = None, None
+# The user's pictures are read before the slow loads below, so that a bad one stops at once
+init, keep, maps = None, None, None
 if init_image:
-    picture, init, keep = load_edit(vae, init_image, mask, size)
-maps = None
+    picture, keep = read_edit(init_image, mask, size)
 if control_image:
     maps = control_map(image_tensor(open_image(control_image, 'control_image'), size), model.config.control)
+
+encoder = load_text_encoder(model.config.text_encoder, device)
+vae = load_vae(run['vae_dir'], device)
+if init_image:
+    with torch.no_grad():
+        init = vae.encode_latent(to_float(picture).to(device))
+    keep = None if keep is None else keep.to(device)
 prompts = [p for p in prompts for _ in range(num_samples)]
 noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
