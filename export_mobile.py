@@ -34,8 +34,8 @@ import torch
 from configurator import configure
 from data import control_map, make_shapes, save_grid, to_uint8
 from mobile import (PRECISIONS, Method, as_tuple, export_onnx, export_pte, exported_parts, generate, generator_methods,
-                    in_precision, initial_noise, input_names, load_part, require_export_packages, save_manifest,
-                    save_tokenizer)
+                    in_precision, initial_noise, input_names, load_part, quantize_onnx, require_export_packages,
+                    save_manifest, save_tokenizer)
 from model import SIZES, wake_up
 from text import MAX_TOKENS, load_text_encoder
 from training import load_generator
@@ -175,7 +175,9 @@ for part, methods in parts.items():
         if fmt == 'pte':
             export_pte(exported, os.path.join(target, f'{part}.pte'), backend)
         else:
-            export_onnx(methods, target, part, int8=precision == 'int8')
+            for path in export_onnx(methods, target, part):
+                if precision == 'int8':
+                    quantize_onnx(path)
         export_s = time.time() - start
         row = check_part(target, part, fmt, methods, references, precision) | dict(export_s=export_s)
         report.append(row)

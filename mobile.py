@@ -284,16 +284,16 @@ def export_pte(methods, path, backend):
     os.replace(path + '.tmp', path)
 
 
-def export_onnx(methods, export_dir, part, int8=False):
-    """One ONNX file per method: text_encoder.onnx, generator_core.onnx, ...; int8: each
-    quantised after export (quantize_onnx). Each file's inputs carry the methods' input names."""
+def export_onnx(methods, export_dir, part):
+    """One fp32 ONNX file per method: text_encoder.onnx, generator_core.onnx, ... -> their paths
+    (int8: quantize_onnx each). Each file's inputs carry the methods' input names."""
+    paths = []
     for name, (module, inputs) in methods.items():
-        path = os.path.join(export_dir, part if name == 'forward' else f'{part}_{name}') + '.onnx'
+        paths.append(os.path.join(export_dir, part if name == 'forward' else f'{part}_{name}') + '.onnx')
         with torch.no_grad():
-            torch.onnx.export(module, tuple(inputs.values()), path, input_names=list(inputs), dynamo=True,
+            torch.onnx.export(module, tuple(inputs.values()), paths[-1], input_names=list(inputs), dynamo=True,
                               opset_version=18, external_data=False, verbose=False)
-        if int8:
-            quantize_onnx(path)
+    return paths
 
 
 def quantize_onnx(path):

@@ -1154,6 +1154,41 @@ def _run(args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+# Runs one script once per argument list in a single process, as `python SCRIPT ARGS...` would
+# run it (a fresh module namespace each time; SystemExit's message printed as the interpreter
+# prints it), so that the imports are paid once per script, not once per run -> JSON [[exit
+# code, stdout, stderr], ...]. For the runs that stop on bad input; a run that works gets a
+# process of its own (_run).
+RUN_EACH = """
+import contextlib, io, json, os, runpy, sys, traceback
+script, results = sys.argv[1], []
+sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` puts the script's folder first
+for args in json.load(sys.stdin):
+    sys.argv, stdout, stderr, code = [script, *args], io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(script, run_name='__main__')
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([code, stdout.getvalue(), stderr.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _run_each(script, arg_lists, cwd):
+    """-> a subprocess.CompletedProcess for each of arg_lists, all run in one process (RUN_EACH)."""
+    result = subprocess.run([sys.executable, '-c', RUN_EACH, os.path.join(HERE, script)], input=json.dumps(arg_lists),
+                            cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{script}: the runner itself failed:\n{result.stderr[-2000:]}"
+    return [subprocess.CompletedProcess([script, *args], code, stdout, stderr)
+            for args, (code, stdout, stderr) in zip(arg_lists, json.loads(result.stdout.splitlines()[-1]), strict=True)]
+
+
 @FULL
 def test_train_vae_script_end_to_end_then_resume(tmp_path):
     tiny = ['--image_size=32', '--num_images=64', '--num_holdout=8', '--channels=(8, 16, 16)',
@@ -1407,13 +1442,13 @@ def test_sample_script_end_to_end(tiny_runs):
 
 @FULL
 def test_sample_script_stops_bad_input_with_one_line(tiny_runs):
-    for bad, message in [('--prompt=a red circle|  ', 'prompt 2 of 2 is empty'),
-                         ('--text_encoder=openai/clip-vit-large-patch14', "trained with text encoder 'minilm'"),
-                         ('--size=40', 'not a multiple of 16'), ('--out_dir=nowhere', 'no generator checkpoint'),
-                         ('--size=16384', 'over the 64 Mpixel limit'),
-                         ('--output=missing_dir/x.png', 'folder missing_dir does not exist'),
-                         ('--output=x.txt', "'.txt' is not an image type")]:
-        result = _run(['sample.py', bad], tiny_runs)
+    cases = [('--prompt=a red circle|  ', 'prompt 2 of 2 is empty'),
+             ('--text_encoder=openai/clip-vit-large-patch14', "trained with text encoder 'minilm'"),
+             ('--size=40', 'not a multiple of 16'), ('--out_dir=nowhere', 'no generator checkpoint'),
+             ('--size=16384', 'over the 64 Mpixel limit'),
+             ('--output=missing_dir/x.png', 'folder missing_dir does not exist'),
+             ('--output=x.txt', "'.txt' is not an image type")]
+    for result, (_, message) in zip(_run_each('sample.py', [[bad] for bad, _ in cases], tiny_runs), cases):
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
     # far beyond the r <= 2 it trained with: it runs, says what that costs and shows its progress
     result = _run(['sample.py', '--prompt=a red circle', '--steps=1', '--iters=300', '--output=far.png'], tiny_runs)
@@ -1492,15 +1527,14 @@ def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
     assert torch.equal(kept[:, 32:].permute(2, 0, 1), expected[0])
     result = _run(base + ['--mask=hole_other_size.png', '--output=x.png'], tiny_runs)
     assert result.returncode == 0 and 'resized to the image' in result.stderr
-    for bad, message in [(['--init_image=missing.png'], 'cannot read --init_image'),
-                         (['--init_image=broken.png'], 'cannot read --init_image'),
-                         (['--strength=1.5'], 'between 0 (keep the image) and 1'),
-                         (['--mask=grey.png'], 'grey pixels'),
-                         (['--mask=broken.png'], 'cannot read --mask')]:
-        result = _run(base + bad, tiny_runs)
+    cases = [(base[1:] + ['--init_image=missing.png'], 'cannot read --init_image'),
+             (base[1:] + ['--init_image=broken.png'], 'cannot read --init_image'),
+             (base[1:] + ['--strength=1.5'], 'between 0 (keep the image) and 1'),
+             (base[1:] + ['--mask=grey.png'], 'grey pixels'),
+             (base[1:] + ['--mask=broken.png'], 'cannot read --mask'),
+             (['--out_dir=out-flow', '--mask=hole.png'], 'needs the --init_image')]
+    for result, (_, message) in zip(_run_each('sample.py', [bad for bad, _ in cases], tiny_runs), cases):
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
-    result = _run(['sample.py', '--out_dir=out-flow', '--mask=hole.png'], tiny_runs)
-    assert result.returncode != 0 and 'needs the --init_image' in result.stderr
 
 
 @FULL
@@ -1533,22 +1567,20 @@ def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_
     big = torch.from_numpy(np.array(Image.open(tiny_runs / 'big.png'))).permute(2, 0, 1)[:, :, 32:].float()
     small = torch.from_numpy(np.array(Image.open(tiny_runs / 'small.png'))).permute(2, 0, 1).float()
     assert big.shape == (3, 32, 32) and (F.avg_pool2d(big, 2) - small).abs().max() <= 0.5 + 1e-3
-    for bad, message in [(['--out_dir=out-flow', '--control_image=shape.png'], 'has no control adapter'),
-                         (['--out_dir=out-edges', '--control_image=missing.png'], 'cannot read --control_image'),
-                         (['--out_dir=out-flow', '--upscale=small.png'], '--upscale needs a --prompt'),
-                         (['--out_dir=out-flow', '--upscale=twelve.png', '--prompt=a'],
-                          'twice the --upscale image side')]:
-        result = _run(['sample.py', '--steps=1', *bad], tiny_runs)
+    cases = [(['--out_dir=out-flow', '--control_image=shape.png'], 'has no control adapter'),
+             (['--out_dir=out-edges', '--control_image=missing.png'], 'cannot read --control_image'),
+             (['--out_dir=out-flow', '--upscale=small.png'], '--upscale needs a --prompt'),
+             (['--out_dir=out-flow', '--upscale=twelve.png', '--prompt=a'], 'twice the --upscale image side')]
+    runs = _run_each('sample.py', [['--steps=1', *bad] for bad, _ in cases], tiny_runs)
+    for result, (_, message) in zip(runs, cases):
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
     result = _run(['distill.py', '--teacher_dir=out-edges', '--out_dir=out-none'], tiny_runs)
     assert result.returncode != 0 and 'point --teacher_dir at its base run (out-flow)' in result.stderr
-    result = _run(args[:2] + ['--base_dir=', '--out_dir=out-none'], tiny_runs)
-    assert result.returncode != 0 and 'needs --base_dir' in result.stderr
-    result = _run(args + ['--data_dir=photos', '--out_dir=out-none'], tiny_runs)  # only shapes captions are rewritten
-    assert result.returncode != 0 and 'caption_conflict needs' in result.stderr
-    result = _run(args + ['--caption_conflict=1.5', '--out_dir=out-none'], tiny_runs)
-    assert result.returncode != 0 and "'caption_conflict' must be from 0 to 1" in result.stderr
-    assert 'Traceback' not in result.stderr
+    cases = [([args[1], '--base_dir=', '--out_dir=out-none'], 'needs --base_dir'),
+             (args[1:] + ['--data_dir=photos', '--out_dir=out-none'], 'caption_conflict needs'),  # shapes only
+             (args[1:] + ['--caption_conflict=1.5', '--out_dir=out-none'], "'caption_conflict' must be from 0 to 1")]
+    for result, (_, message) in zip(_run_each(args[0], [bad for bad, _ in cases], tiny_runs), cases):
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize('dtype', ['float32', pytest.param('float16', marks=FULL)])  # fp16: the GradScaler's state
@@ -1610,14 +1642,17 @@ def test_torchrun_two_processes_train_like_one(tiny_runs):
 
 @FULL
 def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
-    flow = ['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--out_dir=out-bad', '--max_steps=20']
-    for bad, message in [(['--lr=1e30', '--warmup_steps=1', '--grad_clip=1e30'], 'loss is inf at step 1; lower --lr'),
-                         (['--batch_size=4096'], 'larger than the 64 training images'),
-                         (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
-                         (['--loss_weighting=seed'], "setting 'loss_weighting' must be one of 'none', 'high_noise'"),
-                         (['--dtype=float8'], "setting 'dtype' must be one of 'auto', 'float32', 'bfloat16'"),
-                         (['--control=edges'], "train_flow.py has no setting 'control'")]:
-        result = _run(flow + bad, tiny_runs)
+    flow = [SHAPES_CONFIG, *TINY_FLOW, '--max_steps=20']
+    cases = [(['--lr=1e30', '--warmup_steps=1', '--grad_clip=1e30'], 'loss is inf at step 1; lower --lr'),
+             (['--batch_size=4096'], 'larger than the 64 training images'),
+             (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
+             (['--loss_weighting=seed'], "setting 'loss_weighting' must be one of 'none', 'high_noise'"),
+             (['--dtype=float8'], "setting 'dtype' must be one of 'auto', 'float32', 'bfloat16'"),
+             (['--control=edges'], "train_flow.py has no setting 'control'")]
+    # an out_dir each: a run's lock names its process, which lives on here after the run stops
+    runs = _run_each('train_flow.py', [[*flow, *bad, f'--out_dir=out-bad-{i}'] for i, (bad, _) in enumerate(cases)],
+                     tiny_runs)
+    for result, (_, message) in zip(runs, cases):
         assert result.returncode != 0 and message in result.stderr, result.stderr[-1500:]
         assert 'Traceback' not in result.stderr
 
@@ -1933,9 +1968,10 @@ def test_int8_onnx_export_quantises_every_matmul_and_stays_close(tmp_path):
     model = _exportable_generator()
     z, t, text, mask = _inputs()
     methods = mobile.generator_methods(model, z, t, text, mask)
-    mobile.export_onnx(methods, str(tmp_path), 'generator')
+    paths = mobile.export_onnx(methods, str(tmp_path), 'generator')
     fp32_bytes = os.path.getsize(tmp_path / 'generator_core.onnx')
-    mobile.export_onnx(methods, str(tmp_path), 'generator', int8=True)
+    for path in paths:  # as export_mobile.py --precision=int8 does
+        mobile.quantize_onnx(path)
     core = onnx.load(str(tmp_path / 'generator_core.onnx'))
     weights = {tensor.name: tensor.dims for tensor in core.graph.initializer}
     float_matmuls = [node.name for node in core.graph.node  # x W with W a weight; the DFT's F x stays exact
@@ -2058,39 +2094,12 @@ def _fuzz_cases(tmp_path, seed=0, per_script=4):
     return cases
 
 
-# Runs one script once per argument in a single process, as `python SCRIPT ARG` would run it
-# (a fresh module namespace each time; SystemExit's message printed as the interpreter prints
-# it), so that the imports are paid once per script, not once per case -> JSON [[arg, exit
-# code, output], ...].
-FUZZ_RUNNER = """
-import contextlib, io, json, os, runpy, sys, traceback
-script, results = sys.argv[1], []
-sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` puts the script's folder first
-for arg in json.load(sys.stdin):
-    sys.argv, output, code = [script, arg], io.StringIO(), 0
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-        try:
-            runpy.run_path(script, run_name='__main__')
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-            if not isinstance(e.code, int) and e.code is not None:
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results.append([arg, code, output.getvalue()])
-print(json.dumps(results))
-"""
-
-
 def _one_error_line_each(script, args, cwd):
     """-> [(arg, stopped with exactly one error line and no traceback, the output's end)]."""
-    result = subprocess.run([sys.executable, '-c', FUZZ_RUNNER, os.path.join(HERE, script)], input=json.dumps(args),
-                            cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{script}: the fuzz runner itself failed:\n{result.stderr[-2000:]}"
-    runs = json.loads(result.stdout.splitlines()[-1])
-    return [(arg, code != 0 and sum('error:' in line for line in output.splitlines()) == 1
-             and 'Traceback' not in output, output[-600:]) for arg, code, output in runs]
+    runs = _run_each(script, [[arg] for arg in args], cwd)
+    return [(arg, run.returncode != 0 and sum('error:' in line for line in output.splitlines()) == 1
+             and 'Traceback' not in output, output[-600:])
+            for arg, run in zip(args, runs) for output in [run.stdout + run.stderr]]
 
 
 @FULL
