@@ -83,7 +83,7 @@ def read_edit(init_image, mask, size):
         if grey > 0.01:
             raise SystemExit(f"error: --mask has {100 * grey:.0f}% grey pixels; "
                              f"make it black (keep) and white (repaint)")
-        keep = latent_keep_mask(image_tensor(hole, size)[:, :1] > 127)
+        keep = latent_keep_mask(image_tensor(hole, size)[:, :1] > 127).to(device)
     return picture, keep
 
 
@@ -146,7 +146,6 @@ vae = load_vae(run['vae_dir'], device)
 if init_image:
     with torch.no_grad():
         init = vae.encode_latent(to_float(picture).to(device))
-    keep = None if keep is None else keep.to(device)
 prompts = [p for p in prompts for _ in range(num_samples)]
 noise = torch.randn(len(prompts), model.config.latent_channels, size // 16, size // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
