@@ -970,6 +970,59 @@ def test_upscale_keeps_the_small_image_as_the_outputs_2x2_means():
 # training.py: checkpoints, locks, precision
 
 
+def test_lr_schedules_warm_up_then_decay_to_min_lr():
+    cosine = [training.lr_at(s, 100, 10, 1.0, 0.1) for s in range(100)]
+    wsd = [training.lr_at(s, 100, 10, 1.0, 0.0, cooldown=0.4) for s in range(100)]
+    linear = [training.lr_at(s, 100, 10, 1.0, 0.0, cooldown=1.0) for s in range(100)]
+    assert cosine[:10] == wsd[:10] == linear[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert cosine[10] == 1.0 and cosine[55] == pytest.approx(0.55) and cosine[-1] == pytest.approx(0.1, abs=1e-3)
+    assert wsd[10:60] == [1.0] * 50 and wsd[60:] == pytest.approx([1 - (s - 60) / 40 for s in range(60, 100)])
+    assert linear[10:] == pytest.approx([1 - (s - 10) / 90 for s in range(10, 100)])
+
+
+def test_orthogonalise_keeps_the_singular_vectors_and_squeezes_the_singular_values():
+    torch.manual_seed(0)
+    for G in (torch.randn(40, 150), torch.randn(150, 40)):
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        X = training.orthogonalise(G)
+        inner = U.T @ X @ Vh.T  # diagonal when X = U S' V^T
+        assert torch.allclose(inner, torch.diag(torch.diagonal(inner)), atol=1e-4)
+        assert 0.6 < torch.diagonal(inner).min() and torch.diagonal(inner).max() < 1.25
+
+
+def test_muon_is_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest():
+    # torch.optim.Muon (Newton-Schulz in bf16) and torch.optim.AdamW as the references
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 48), nn.SiLU(), nn.LayerNorm(48), nn.Linear(48, 32), nn.SiLU(),
+                          nn.Linear(32, 5))
+    ours = copy.deepcopy(model)
+    optimizer = training.make_optimizer(ours, 1e-2, 0.1, muon=True, ends=(ours[0], ours[-1]))
+    assert [len(group['params']) for group in optimizer.param_groups] == [1, 7]
+    matrix = model[3].weight
+    references = [torch.optim.Muon([matrix], lr=1e-2, weight_decay=0.1, adjust_lr_fn='match_rms_adamw'),
+                  torch.optim.AdamW([p for p in model.parameters() if p is not matrix], lr=1e-2, weight_decay=0.1,
+                                    betas=(0.9, 0.99))]
+    start = matrix.detach().clone()
+    for step in range(3):  # both take our network's gradients
+        ours(torch.randn(16, 12)).square().mean().backward()
+        for p, q in zip(model.parameters(), ours.parameters()):
+            p.grad = q.grad.clone()
+        for stepper in references + [optimizer]:
+            stepper.step()
+            stepper.zero_grad()
+    for name, p in model.named_parameters():
+        if p is not matrix:
+            assert torch.allclose(p, ours.get_parameter(name), atol=1e-6), name
+    moved, reference_moved = ours[3].weight - start, matrix - start
+    # torch's Newton-Schulz runs in bf16 (ours in the weights' dtype, fp64's to 1e-6): 1-3% apart a step
+    assert (moved - reference_moved).norm() < 0.1 * reference_moved.norm()
+    # a convolution's weight (out, in, k, k) is stepped as the matrix (out, in k k); the ends are AdamW's
+    vae = WaveletVAE(channels=(8, 16, 32))
+    muon_group, _ = training.make_optimizer(vae, 1e-3, 0.0, muon=True, ends=(vae.encoder[0], vae.decoder[-1])).param_groups
+    shapes = {p.ndim for p in muon_group['params']}
+    assert shapes == {4} and not {id(vae.encoder[0].weight), id(vae.decoder[-1].weight)} & set(map(id, muon_group['params']))
+
+
 def test_checkpoint_round_trip_restores_everything(tmp_path):
     torch.manual_seed(0)
     model = WaveletVAE(channels=(8, 16, 32))

@@ -32,9 +32,9 @@ from flow import WEIGHTINGS, shift_time, text_to_image
 from model import CHOICES, SIZES, count_parameters
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, check_init_from, draw_iters, ema_update,
-                      generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
-                      own_random_numbers, resolve_dtype, save_checkpoint, setup_distributed, start_from_run,
-                      stop_if_diverged, wrap_distributed)
+                      generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, make_optimizer, micro_batches,
+                      mixed_precision, own_random_numbers, resolve_dtype, save_checkpoint, setup_distributed,
+                      start_from_run, stop_if_diverged, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -80,7 +80,9 @@ max_steps = 10000
 lr = 3e-4
 min_lr = 3e-5
 warmup_steps = 200
+cooldown = 0.0  # > 0: lr held, then linear to min_lr over this last fraction of the steps (training.lr_at); 0: cosine
 weight_decay = 0.0
+muon = False  # Muon on the hidden weight matrices, AdamW on the rest (training.Muon)
 grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
@@ -134,8 +136,7 @@ ema = make_ema(model)
 if master:
     counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
     print(f"generator {model_size} {sizes or ''}: {counts}; {dtype} on {device}")
-optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99),
-                              fused=True)  # one kernel for all parameters, not several per tensor
+optimizer = make_optimizer(model, lr, weight_decay, muon, ends=(model.patch_embed, model.unpatchify))
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = 0
@@ -170,7 +171,7 @@ bands = LossBands(device)
 start_time = time.time()
 for step in bar:
     for group in optimizer.param_groups:
-        group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
+        group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr, cooldown)
     # the whole step's batch, noise and times, the same in every process, which trains on its shares
     index = torch.randint(len(latents), (batch_size,), generator=data_generator)
     prompt = caption_batch(captions, caption_rows[index], null_prompt, cfg_dropout, data_generator)

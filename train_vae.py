@@ -25,8 +25,9 @@ from tqdm import tqdm
 from configurator import configure
 from data import load_data, save_grid, to_float
 from training import (DTYPES, LossLog, all_sum, backward, check_init_from, ema_update, load_checkpoint, lock_out_dir,
-                      lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype, save_checkpoint,
-                      setup_distributed, start_from_run, stop_if_diverged, sync_gradients, wrap_distributed)
+                      lr_at, make_ema, make_optimizer, micro_batches, mixed_precision, optimizer_step, resolve_dtype,
+                      save_checkpoint, setup_distributed, start_from_run, stop_if_diverged, sync_gradients,
+                      wrap_distributed)
 from vae import WaveletVAE, check_image_size, psnr, reconstruct, vae_loss
 
 # -----------------------------------------------------------------------------
@@ -57,7 +58,9 @@ max_steps = 2000
 lr = 1e-3
 min_lr = 1e-4
 warmup_steps = 100
+cooldown = 0.0  # > 0: lr held, then linear to min_lr over this last fraction of the steps (training.lr_at); 0: cosine
 weight_decay = 0.0
+muon = False  # Muon on the hidden weight matrices, AdamW on the rest (training.Muon)
 grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
@@ -110,7 +113,7 @@ model = model.to(device, memory_format=torch.channels_last)
 ema = make_ema(model)
 print(f"WaveletVAE: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M, "
       f"decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.2f}M parameters; {dtype} on {device}")
-optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), fused=True)
+optimizer = make_optimizer(model, lr, weight_decay, muon, ends=(model.encoder[0], model.decoder[-1]))
 data_generator = torch.Generator().manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.safetensors')
 start_step = 0
@@ -145,7 +148,7 @@ bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, de
 start_time, score = time.time(), float('nan')
 for step in bar:
     for group in optimizer.param_groups:
-        group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr)
+        group['lr'] = lr_at(step, max_steps, warmup_steps, lr, min_lr, cooldown)
     x = to_float(random_crops(train_images[torch.randint(len(train_images), (batch_size,), generator=data_generator)]))
     x = x.to(device)
     loss_sum = torch.zeros(())

@@ -232,12 +232,79 @@ def stop_if_diverged(loss, step):
                          f"(and resume from the last checkpoint with --init_from=resume)")
 
 
-def lr_at(step, max_steps, warmup_steps, lr, min_lr):
-    """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
+def lr_at(step, max_steps, warmup_steps, lr, min_lr, cooldown=0.0):
+    """Linear warmup, then cosine decay from lr to min_lr at max_steps; or with cooldown > 0
+    warmup-stable-decay (Hägele et al. 2024, arXiv 2405.18392): lr held, then a straight line
+    to min_lr over the last `cooldown` fraction of the steps (1: linear decay all the way)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
+    if cooldown:
+        decay_steps = max(1, min(round(cooldown * max_steps), max_steps - warmup_steps))
+        return lr + min(1.0, max(0, step - (max_steps - decay_steps)) / decay_steps) * (min_lr - lr)
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def orthogonalise(G, steps=5):
+    """Approximately the nearest semi-orthogonal matrix U V^T to G = U S V^T, by a quintic
+    Newton-Schulz iteration whose coefficients (Jordan et al.) push every singular value into
+    about [0.7, 1.2] in five steps: fast rather than exact, which is all Muon needs."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm() + 1e-7)  # every singular value at most 1
+    wide = X.shape[0] <= X.shape[1]
+    X = X if wide else X.T  # X X^T is then the smaller Gram matrix
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X if wide else X.T
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) on the groups with
+    muon=True, AdamW on the others, in one optimizer so that one checkpoint holds both. Muon
+    steps each weight matrix W by its orthogonalised Nesterov momentum, which moves every
+    direction of W alike where SGD's and Adam's steps are dominated by a few:
+        M <- mu M + (1 - mu) G,   W <- W - lr 0.2 sqrt(max(n, m)) orthogonalise((1 - mu) G + mu M)
+    The factor 0.2 sqrt(max(n, m)) gives the step AdamW's RMS, so one learning rate serves both
+    kinds of group (Liu et al. 2025, arXiv 2502.16982). A convolution's (out, in, k, k) weight
+    is the matrix (out, in k k)."""
+
+    def __init__(self, param_groups, lr, weight_decay=0.0, momentum=0.95, betas=(0.9, 0.99), eps=1e-8):
+        super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, mu, (beta1, beta2) = group['lr'], group['momentum'], group['betas']
+            for p in filter(lambda p: p.grad is not None, group['params']):
+                state = self.state[p]
+                p.mul_(1 - lr * group['weight_decay'])  # decoupled weight decay
+                if group['muon']:
+                    momentum = state.setdefault('momentum', torch.zeros_like(p)).lerp_(p.grad, 1 - mu)
+                    update = orthogonalise(p.grad.lerp(momentum, mu).flatten(1))
+                    p.add_(update.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(update.shape)))
+                else:
+                    step = state.setdefault('step', torch.zeros(())).add_(1).item()
+                    m = state.setdefault('exp_avg', torch.zeros_like(p)).lerp_(p.grad, 1 - beta1)
+                    v = state.setdefault('exp_avg_sq', torch.zeros_like(p)).lerp_(p.grad.square(), 1 - beta2)
+                    denominator = (v / (1 - beta2 ** step)).sqrt_().add_(group['eps'])
+                    p.addcdiv_(m, denominator, value=-lr / (1 - beta1 ** step))
+
+
+def make_optimizer(model, lr, weight_decay, muon=False, ends=()):
+    """AdamW, fused (one kernel for all parameters, not several per tensor); or with `muon`,
+    Muon on the hidden weight matrices, those of every nn.Linear and dense nn.Conv2d but the
+    modules in `ends` (the layers that read the input and write the output, which Muon's
+    authors leave to AdamW), and AdamW on the rest: those layers, biases, norms, depthwise
+    filters."""
+    if not muon:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99), fused=True)
+    at_the_ends = {id(p) for module in ends for p in module.parameters()}
+    matrices = {id(m.weight) for m in model.modules() if (isinstance(m, torch.nn.Linear) or isinstance(
+        m, torch.nn.Conv2d) and m.groups == 1) and id(m.weight) not in at_the_ends}
+    return Muon([dict(params=[p for p in model.parameters() if id(p) in matrices], muon=True),
+                 dict(params=[p for p in model.parameters() if id(p) not in matrices], muon=False)],
+                lr=lr, weight_decay=weight_decay)
 
 
 def draw_iters(train_iters, mean, generator):
