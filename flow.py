@@ -62,14 +62,17 @@ def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0
 def held_out_loss(model, latents, prompt, iters, batch_size, seed=0, exit_tolerance=0.0, progress=None):
     """SD3's validation loss: the mean flow loss of held-out latents at t = 1/8, 3/8, 5/8, 7/8,
     with one fixed noise per image, at r = iters (with exit_tolerance and progress as in
-    encode_once). -> the four bands' means."""
+    encode_once). -> the four bands' means. A noise-started Core's s_0 is drawn from `seed`
+    too, so that every r is measured on the same draws."""
     def network(x, t, text, mask, iters):
         return encode_once(model, Prompt(text, mask), exit_tolerance=exit_tolerance, progress=progress)(x, t, iters)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
     batches = [slice(i, i + batch_size) for i in range(0, len(latents), batch_size)]
-    return [torch.cat([flow_loss(network, latents[b], prompt.rows(b), iters,
-                                 torch.full((len(latents[b]),), t, device=latents.device), noise[b])
-                       for b in batches]).mean().item() for t in (0.125, 0.375, 0.625, 0.875)]
+    with torch.random.fork_rng(devices=[latents.device.index or 0] if latents.device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        return [torch.cat([flow_loss(network, latents[b], prompt.rows(b), iters,
+                                     torch.full((len(latents[b]),), t, device=latents.device), noise[b])
+                           for b in batches]).mean().item() for t in (0.125, 0.375, 0.625, 0.875)]
 
 
 def shift_time(t, shift):
