@@ -1,8 +1,8 @@
 """
-What every IRIS training script shares: the learning-rate schedule, the EMA, the loss log
-and checkpoints, the generator's training step (generator_step, which bench.py and
-check_gpu.py time, with count_kernels), and loading a trained generator (load_generator)
-for the scripts that use one.
+What every IRIS training script shares: the learning-rate schedules, the optimizers (AdamW,
+or Muon on the weight matrices), the EMA, the loss log and checkpoints, the generator's
+training step (generator_step, which bench.py and check_gpu.py time, with count_kernels),
+and loading a trained generator (load_generator) for the scripts that use one.
 
 A checkpoint is ONE safetensors file (no pickle anywhere): the model, its EMA, the
 optimizer's moments and the RNG states as tensors, and the settings, step and optimizer
