@@ -1057,6 +1057,9 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
         load_checkpoint(path, other, make_ema(other), torch.optim.AdamW(other.parameters()), torch.Generator())
     with pytest.raises(SystemExit, match='no checkpoint at'):
         read_checkpoint(str(tmp_path / 'missing.safetensors'))
+    with pytest.raises(SystemExit, match="holds another optimizer's state .*muon=False"):  # AdamW's, resumed with Muon
+        load_checkpoint(path, restored, restored_ema, training.make_optimizer(restored, 1e-3, 0.0, muon=True),
+                        torch.Generator())
 
 
 def test_fp16_skips_an_overflowed_step_and_stops_when_the_scale_collapses():

@@ -546,7 +546,11 @@ def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     for k, v in submodule_state(tensors, 'optim.').items():
         i, name = k.split('.', 1)
         state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({'state': state, 'param_groups': meta['optim_groups']})
+    try:
+        optimizer.load_state_dict({'state': state, 'param_groups': meta['optim_groups']})
+    except ValueError as e:  # another optimizer's groups: AdamW's one against Muon's two
+        raise SystemExit(f"error: {path} holds another optimizer's state ({e}); resume with the settings it was "
+                         f"trained with (its config.json: muon={meta['config'].get('muon', False)})") from None
     if scaler and scaler.is_enabled() and meta.get('scaler'):  # an fp16 run's loss scale (fp32/bf16 runs have none)
         scaler.load_state_dict(meta['scaler'])
     torch.set_rng_state(tensors['rng.torch'])
