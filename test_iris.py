@@ -1329,11 +1329,12 @@ def test_init_from_a_run_carries_its_weights_to_another_size_and_refuses_another
         with pytest.raises(SystemExit, match=f"holds a {kind} of another shape .*(channels|dim)="):
             training.start_from_run(str(tiny_runs / folder), other(), kind)
     # the 32 px run continued at 64 px by the script: the timestep shift from the two runs' token counts
+    # (not under out*/: the newest run there, which sample.py takes when told none, stays the 32 px one)
     result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--image_size=64', '--init_from=out-flow', '--shift=0',
-                   '--max_steps=1', '--out_dir=out-64'], tiny_runs)
+                   '--max_steps=1', '--out_dir=continued-64'], tiny_runs)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'generator initialised from out-flow (its step ' in result.stdout
-    _, meta = read_checkpoint(str(tiny_runs / 'out-64' / 'ckpt.safetensors'), prefixes=())
+    _, meta = read_checkpoint(str(tiny_runs / 'continued-64' / 'ckpt.safetensors'), prefixes=())
     assert meta['config']['shift'] == 2.0 and meta['step'] == 1
     for bad, message in [(['--init_from=nowhere'], "is neither 'scratch', 'resume' nor a run folder"),
                          (['--init_from=out-flow', '--dim=48'], 'holds a generator of another shape (dim=32 there, '
