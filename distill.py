@@ -29,12 +29,11 @@ from tqdm import tqdm
 from cache import load_training_set
 from configurator import configure
 from data import save_grid
-from flow import consistency_loss, text_to_image, time_grid
+from flow import consistency_loss, own_random_numbers, text_to_image, time_grid
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossLog, all_sum, backward, ema_update, load_checkpoint, load_generator, lock_out_dir,
-                      lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, own_random_numbers,
-                      resolve_dtype, save_checkpoint, setup_distributed, stop_if_diverged, sync_gradients,
-                      wrap_distributed)
+                      lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype,
+                      save_checkpoint, setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ t = 0; sampling predicts x_0, re-noises to the next time and repeats (distill.py
 text_to_image and upscale at the end wrap the maths with the text encoder and the VAE:
 captions in, uint8 images out.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,18 @@ def noised(x0, noise, t):
 
 
 WEIGHTINGS = ('none', 'high_noise')  # flow_loss's
+
+
+@contextlib.contextmanager
+def own_random_numbers(seed, device):
+    """What is drawn inside (a noise-started Core's s_0: a sample grid's, a held-out loss's) comes
+    from `seed`, and torch's global generator is left as it was: work that only the master
+    process does must not move the generator every process shares, and each grid or r draws
+    the same s_0 as the last."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0.0, control_map=None, core_start=None):
@@ -68,8 +82,7 @@ def held_out_loss(model, latents, prompt, iters, batch_size, seed=0, exit_tolera
         return encode_once(model, Prompt(text, mask), exit_tolerance=exit_tolerance, progress=progress)(x, t, iters)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
     batches = [slice(i, i + batch_size) for i in range(0, len(latents), batch_size)]
-    with torch.random.fork_rng(devices=[latents.device.index or 0] if latents.device.type == 'cuda' else []):
-        torch.manual_seed(seed)
+    with own_random_numbers(seed, latents.device):
         return [torch.cat([flow_loss(network, latents[b], prompt.rows(b), iters,
                                      torch.full((len(latents[b]),), t, device=latents.device), noise[b])
                            for b in batches]).mean().item() for t in (0.125, 0.375, 0.625, 0.875)]

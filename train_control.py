@@ -24,13 +24,13 @@ from tqdm import tqdm
 from cache import encode_captions, load_control_maps, load_training_set
 from configurator import configure
 from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
-from flow import WEIGHTINGS, shift_time, text_to_image
+from flow import WEIGHTINGS, own_random_numbers, shift_time, text_to_image
 from model import count_parameters
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, draw_iters, ema_update, generator_from,
                       generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
-                      own_random_numbers, read_ema_checkpoint, resolve_dtype, save_checkpoint, setup_distributed,
-                      stop_if_diverged, wrap_distributed)
+                      read_ema_checkpoint, resolve_dtype, save_checkpoint, setup_distributed, stop_if_diverged,
+                      wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------

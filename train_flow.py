@@ -28,13 +28,13 @@ from tqdm import tqdm
 from cache import load_training_set
 from configurator import configure
 from data import save_grid
-from flow import WEIGHTINGS, shift_time, text_to_image
+from flow import WEIGHTINGS, own_random_numbers, shift_time, text_to_image
 from model import CHOICES, SIZES, count_parameters
 from text import Prompt, load_text_encoder
 from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, check_init_from, draw_iters, ema_update,
                       generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, make_optimizer, micro_batches,
-                      mixed_precision, own_random_numbers, resolve_dtype, save_checkpoint, setup_distributed,
-                      start_from_run, stop_if_diverged, wrap_distributed)
+                      mixed_precision, resolve_dtype, save_checkpoint, setup_distributed, start_from_run,
+                      stop_if_diverged, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------

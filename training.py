@@ -96,17 +96,6 @@ def resolve_dtype(dtype, device):
     return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
 
 
-@contextlib.contextmanager
-def own_random_numbers(seed, device):
-    """What is drawn inside (a sample grid's noise-started Core) comes from `seed`, and torch's
-    global generator is left as it was: work that only the master process does must not move
-    the generator every process shares, and each grid draws the same s_0 as the last."""
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == 'cuda' else []):
-        torch.manual_seed(seed)
-        yield
-
-
 def mixed_precision(dtype, device):
     """-> (autocast context, GradScaler) for a resolved dtype, on a GPU or a CPU alike, so the
     CPU runs every line a GPU will. The scaler is on for fp16 only, whose 5-bit exponent

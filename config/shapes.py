@@ -7,8 +7,7 @@ if script in ('train_vae', 'train_flow'):
     dataset = 'shapes'
     image_size = 64  # -> 4x4x16 latents
 
-# Muon and a warmup-stable-decay schedule to zero: the same quality as AdamW's in under half the
-# steps for both models (docs/speedrun.md)
+# Muon and a warmup-stable-decay schedule to zero, for both models (docs/speedrun.md: what each bought)
 if script in ('train_vae', 'train_flow'):
     muon = True
     min_lr = 0.0
