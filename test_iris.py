@@ -1706,6 +1706,7 @@ def test_divergence_and_impossible_settings_stop_with_one_line(tiny_runs):
              (['--image_size=48', '--patch_size=2'], 'not a multiple of 32'),
              (['--loss_weighting=seed'], "setting 'loss_weighting' must be one of 'none', 'high_noise'"),
              (['--dtype=float8'], "setting 'dtype' must be one of 'auto', 'float32', 'bfloat16'"),
+             (['--cooldown=1.5'], "setting 'cooldown' must be from 0 to 1, got 1.5"),
              (['--control=edges'], "train_flow.py has no setting 'control'")]
     # an out_dir each: a run's lock names its process, which lives on here after the run stops
     runs = _run_each('train_flow.py', [[*flow, *bad, f'--out_dir=out-bad-{i}'] for i, (bad, _) in enumerate(cases)],

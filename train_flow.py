@@ -96,7 +96,7 @@ config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_
                    choices=dict(model_size=tuple(SIZES), **{k: CHOICES[k] for k in ('mixer', 'iteration_embedding',
                                                                                    'state_init')},
                                 loss_weighting=WEIGHTINGS, dtype=DTYPES),
-                   ranges=dict(loop_distill=(0, 10)))
+                   ranges=dict(loop_distill=(0, 10), cooldown=(0, 1)))
 check_init_from(init_from)
 try:
     check_image_size(image_size, image_size, 16 * patch_size)

@@ -71,7 +71,7 @@ compile = False
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
                                        'channels', 'latent_channels', 'blocks_per_stage', 'batch_size',
                                        'gradient_accumulation_steps', 'max_steps', 'lr'),
-                   choices=dict(dtype=DTYPES))
+                   choices=dict(dtype=DTYPES), ranges=dict(cooldown=(0, 1)))
 check_init_from(init_from)
 try:
     check_image_size(image_size, image_size)
