@@ -58,7 +58,8 @@ from model import (SIZES, CoreLayer, FourierMixer, IrisConfig, SelfAttentionMixe
                    linear_scan, sequential_scan, wake_up)
 from mobile import initial_noise, peak_rss_mb, read_manifest, xnnpack_partitioner
 from text import Prompt, load_text_encoder
-from training import count_kernels, generator_step, mixed_precision
+from precision import mixed_precision
+from training import count_kernels, generator_step
 from vae import WaveletVAE, vae_loss
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch
 from configurator import configure
 from model import SIZES
 from text import Prompt
-from training import count_kernels, generator_step, mixed_precision
+from precision import mixed_precision
+from training import count_kernels, generator_step
 
 # -----------------------------------------------------------------------------
 data_dir = ''  # a local imagefolder: images and a metadata.jsonl of {"file_name", "text"}

@@ -31,9 +31,10 @@ from configurator import configure
 from data import save_grid
 from flow import consistency_loss, own_random_numbers, text_to_image, time_grid
 from text import Prompt, load_text_encoder
-from training import (DTYPES, LossLog, all_sum, backward, ema_update, load_checkpoint, load_generator, lock_out_dir,
-                      lr_at, make_ema, micro_batches, mixed_precision, optimizer_step, resolve_dtype,
-                      save_checkpoint, setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
+from checkpoint import load_checkpoint, load_generator, lock_out_dir, save_checkpoint
+from precision import DTYPES, mixed_precision, resolve_dtype
+from training import (all_sum, backward, ema_update, LossLog, lr_at, make_ema, micro_batches, optimizer_step,
+                      setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------
@@ -57,7 +58,7 @@ warmup_steps = 100
 grad_clip = 1.0
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'schedule_steps', 'batch_size',
                                        'gradient_accumulation_steps', 'max_steps', 'lr'),

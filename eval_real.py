@@ -46,7 +46,8 @@ from data import control_map, load_imagefolder, map_image, save_grid, to_float, 
 from flow import held_out_loss, keep_input, text_to_image, upscale
 from metrics import accuracy, control_f1, frechet_distance, nearest_distance, read, sharpness, ssim, train_classifier
 from text import load_text_encoder
-from training import load_generator, mixed_precision, resolve_dtype
+from checkpoint import load_generator
+from precision import mixed_precision, resolve_dtype
 from vae import load_vae, psnr, reconstruct
 
 # -----------------------------------------------------------------------------
@@ -63,7 +64,7 @@ classifier_steps = 3000
 batch_size = 64
 seed = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('steps_list', 'loss_iters', 'classifier_size', 'classifier_steps', 'batch_size'))
 torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0

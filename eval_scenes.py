@@ -23,7 +23,8 @@ from data import TASKS, make_scenes, save_grid, scene_attributes
 from flow import held_out_loss, text_to_image
 from metrics import geneval
 from text import load_text_encoder
-from training import load_generator, mixed_precision, resolve_dtype
+from checkpoint import load_generator
+from precision import mixed_precision, resolve_dtype
 from vae import load_vae, reconstruct
 
 # -----------------------------------------------------------------------------
@@ -37,7 +38,7 @@ seed = 0
 validate_only = False
 batch_size = 128
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('num_prompts', 'iters_list', 'steps', 'batch_size'))
 torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0

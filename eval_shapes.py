@@ -25,7 +25,8 @@ from data import (COLOURS, POSITIONS, RADII, SHAPES, control_map, make_shapes, m
 from flow import held_out_loss, text_to_image
 from metrics import ATTRIBUTES, adherence, analyse, control_f1
 from text import load_text_encoder
-from training import load_generator, mixed_precision, resolve_dtype
+from checkpoint import load_generator
+from precision import mixed_precision, resolve_dtype
 from vae import latent_keep_mask, load_vae, reconstruct
 
 # -----------------------------------------------------------------------------
@@ -42,7 +43,7 @@ validate_only = False
 inpaint = True  # also measure inpainting: repaint each held-out shape as another colour and type
 batch_size = 128
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('num_prompts', 'iters_list', 'loss_iters', 'steps_list', 'batch_size'))
 torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0

@@ -38,7 +38,7 @@ from mobile import (PRECISIONS, Method, as_tuple, export_onnx, export_pte, expor
                     save_manifest, save_tokenizer)
 from model import SIZES, wake_up
 from text import MAX_TOKENS, load_text_encoder
-from training import load_generator
+from checkpoint import load_generator
 from vae import WaveletVAE, check_image_size, load_vae, psnr
 
 # -----------------------------------------------------------------------------

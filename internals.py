@@ -189,7 +189,7 @@ def plot_inside(model, record, hw, path):
 
 if __name__ == '__main__':
     from text import load_text_encoder
-    from training import load_generator
+    from checkpoint import load_generator
 
     out_dir = ''  # a train_flow.py run; '' = the newest generator checkpoint under out*/
     prompt = ''  # '' = the run's first held-out sample prompt

@@ -36,7 +36,8 @@ from configurator import configure
 from data import MAX_PIXELS, check_output, control_map, image_tensor, map_image, open_image, save_grid, to_float
 from flow import text_to_image, upscale as super_resolve
 from text import load_text_encoder
-from training import load_generator, mixed_precision, resolve_dtype
+from checkpoint import load_generator
+from precision import mixed_precision, resolve_dtype
 from vae import check_image_size, latent_keep_mask, load_vae
 
 # -----------------------------------------------------------------------------
@@ -62,7 +63,7 @@ control_strength = 1.0  # 0 = the base generator, 1 = as trained, more = follow 
 upscale = ''  # an image of half the output side: draw it at twice the size (needs --prompt)
 text_encoder = ''  # '' = the checkpoint's; a different one is refused
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('num_samples', 'steps', 'iters'))
 torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0

@@ -49,9 +49,12 @@ from model import (CHUNK, SIZES, Attention, FourierMixer, Iris, IrisConfig, Recu
                    SpatialMixer, count_parameters, irfft2_dft, iterate_core, linear_scan, rfft2_dft,
                    sequential_scan, wake_up, window_attention)
 from text import Prompt, load_text_encoder
+import checkpoint
+import precision
 import training
-from training import (draw_iters, ema_update, load_checkpoint, load_generator, make_ema, mixed_precision,
-                      optimizer_step, read_checkpoint, save_checkpoint)
+from checkpoint import load_checkpoint, load_generator, read_checkpoint, save_checkpoint
+from precision import mixed_precision
+from training import draw_iters, ema_update, make_ema, optimizer_step
 from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
 from wavelet import dwt, idwt, impose_lowpass
 
@@ -451,8 +454,8 @@ def test_training_draws_r_uniformly_or_from_huginns_heavy_tail():
 def test_auto_dtype_on_a_cpu_is_bf16_only_where_the_cpu_has_it_natively(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
-    assert training.resolve_dtype('auto', 'cpu') == expected
-    assert training.resolve_dtype('float16', 'cpu') == 'float16'  # a dtype asked for is kept
+    assert precision.resolve_dtype('auto', 'cpu') == expected
+    assert precision.resolve_dtype('float16', 'cpu') == 'float16'  # a dtype asked for is kept
 
 
 def test_no_config_forces_a_dtype():  # 'auto' knows the machine; a config file does not
@@ -967,7 +970,7 @@ def test_upscale_keeps_the_small_image_as_the_outputs_2x2_means():
 
 
 # -----------------------------------------------------------------------------
-# training.py: checkpoints, locks, precision
+# training.py, checkpoint.py, precision.py: schedules, optimizers, checkpoints, locks, precision
 
 
 def test_lr_schedules_warm_up_then_decay_to_min_lr():
@@ -1101,7 +1104,7 @@ def test_keep_last_checkpoints(tmp_path, monkeypatch, hard_links):
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     saver = (f"import sys, torch; sys.path.insert(0, {HERE!r})\n"
-             "from training import make_ema, save_checkpoint\nfrom vae import WaveletVAE\n"
+             "from checkpoint import save_checkpoint\nfrom training import make_ema\nfrom vae import WaveletVAE\n"
              "model = WaveletVAE(channels=(64, 128, 256), blocks_per_stage=2)  # 10M parameters: a save takes a while\n"
              "ema, optimizer = make_ema(model), torch.optim.AdamW(model.parameters())\n"
              "for step in range(1, 1000):\n"
@@ -1128,7 +1131,7 @@ def test_a_full_disk_during_a_save_stops_with_one_line_and_keeps_the_last_checkp
         with open(filename, 'wb') as f:
             f.write(b'half a checkpoint')
         raise OSError(errno.ENOSPC, 'No space left on device', filename)
-    monkeypatch.setattr(training, 'save_file', disk_full)
+    monkeypatch.setattr(checkpoint, 'save_file', disk_full)
     with pytest.raises(SystemExit, match='cannot write checkpoint .* at step 2 .No space left on device.') as e:
         save_checkpoint(path, model, ema, optimizer, 2, {}, torch.Generator())
     assert '\n' not in str(e.value)
@@ -1168,7 +1171,7 @@ def test_a_checkpoint_with_the_old_parameter_names_loads_unchanged(tmp_path):
                  for k, v in tensors.items()}
     assert any('.adapter.' in k for k in old_names) and any(k.endswith('.log_lambda') for k in old_names)
     save_file(old_names, path, metadata=metadata)
-    loaded, _, _ = training.load_generator(str(tmp_path))
+    loaded, _, _ = checkpoint.load_generator(str(tmp_path))
     for (name, expected), (loaded_name, weights) in zip(ema.state_dict().items(), loaded.state_dict().items()):
         assert name == loaded_name and torch.equal(expected, weights)
     resumed = load_checkpoint(path, model, make_ema(model), torch.optim.AdamW(model.parameters()), torch.Generator())
@@ -1179,10 +1182,10 @@ def test_one_run_per_out_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
     lock = tmp_path / 'run.lock'
     lock.write_text(str(os.getppid()))  # a live process holds it
     with pytest.raises(SystemExit, match=f'another run .pid {os.getppid()}. is writing to'):
-        training.lock_out_dir(str(tmp_path))
+        checkpoint.lock_out_dir(str(tmp_path))
     gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
     lock.write_text(gone.stdout.strip())  # a run killed before it could remove its lock
-    holder = (f"import os, sys; sys.path.insert(0, {HERE!r}); from training import lock_out_dir\n"
+    holder = (f"import os, sys; sys.path.insert(0, {HERE!r}); from checkpoint import lock_out_dir\n"
               "lock_out_dir(sys.argv[1]); print(os.getpid(), open(sys.argv[1] + '/run.lock').read())")
     result = subprocess.run([sys.executable, '-c', holder, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert 'no longer runs; taking it over' in result.stdout, result.stderr
@@ -1322,13 +1325,13 @@ def test_init_from_a_run_carries_its_weights_to_another_size_and_refuses_another
             ('out-flow', 'generator', lambda: Iris(IrisConfig(**read_checkpoint(
                 str(tiny_runs / 'out-flow' / 'ckpt.safetensors'), prefixes=())[1]['model_config'])),
              lambda: Iris(IrisConfig(dim=48, heads=2, core_layers=1, patch_size=1)))]:
-        expected, _ = training.read_ema_checkpoint(str(tiny_runs / folder), kind, '--init_from')
+        expected, _ = checkpoint.read_ema_checkpoint(str(tiny_runs / folder), kind, '--init_from')
         model = same()
-        training.start_from_run(str(tiny_runs / folder), model, kind)
+        checkpoint.start_from_run(str(tiny_runs / folder), model, kind)
         assert model.state_dict().keys() == expected.keys()
         assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
         with pytest.raises(SystemExit, match=f"holds a {kind} of another shape .*(channels|dim)="):
-            training.start_from_run(str(tiny_runs / folder), other(), kind)
+            checkpoint.start_from_run(str(tiny_runs / folder), other(), kind)
     # the 32 px run continued at 64 px by the script: the timestep shift from the two runs' token counts
     # (not under out*/: the newest run there, which sample.py takes when told none, stays the 32 px one)
     result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--image_size=64', '--init_from=out-flow', '--shift=0',

@@ -27,10 +27,10 @@ from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
 from flow import WEIGHTINGS, own_random_numbers, shift_time, text_to_image
 from model import count_parameters
 from text import Prompt, load_text_encoder
-from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, draw_iters, ema_update, generator_from,
-                      generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, micro_batches, mixed_precision,
-                      read_ema_checkpoint, resolve_dtype, save_checkpoint, setup_distributed, stop_if_diverged,
-                      wrap_distributed)
+from checkpoint import generator_from, load_checkpoint, lock_out_dir, read_ema_checkpoint, save_checkpoint
+from precision import DTYPES, mixed_precision, resolve_dtype
+from training import (all_sum, caption_batch, draw_iters, ema_update, generator_step, LossBands, LossLog, lr_at,
+                      make_ema, micro_batches, setup_distributed, stop_if_diverged, wrap_distributed)
 from vae import load_vae
 
 # -----------------------------------------------------------------------------
@@ -69,7 +69,7 @@ grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
                                        'train_iters', 'sample_steps', 'sample_iters', 'batch_size',

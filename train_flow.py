@@ -31,10 +31,10 @@ from data import save_grid
 from flow import WEIGHTINGS, own_random_numbers, shift_time, text_to_image
 from model import CHOICES, SIZES, count_parameters
 from text import Prompt, load_text_encoder
-from training import (DTYPES, LossBands, LossLog, all_sum, caption_batch, check_init_from, draw_iters, ema_update,
-                      generator_step, load_checkpoint, lock_out_dir, lr_at, make_ema, make_optimizer, micro_batches,
-                      mixed_precision, resolve_dtype, save_checkpoint, setup_distributed, start_from_run,
-                      stop_if_diverged, wrap_distributed)
+from checkpoint import check_init_from, load_checkpoint, lock_out_dir, save_checkpoint, start_from_run
+from precision import DTYPES, mixed_precision, resolve_dtype
+from training import (all_sum, caption_batch, draw_iters, ema_update, generator_step, LossBands, LossLog, lr_at,
+                      make_ema, make_optimizer, micro_batches, setup_distributed, stop_if_diverged, wrap_distributed)
 from vae import check_image_size, load_vae
 
 # -----------------------------------------------------------------------------
@@ -87,7 +87,7 @@ grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 compile = False
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from configurator import configure
 from data import load_data, save_grid, to_float
-from training import (DTYPES, LossLog, all_sum, backward, check_init_from, ema_update, load_checkpoint, lock_out_dir,
-                      lr_at, make_ema, make_optimizer, micro_batches, mixed_precision, optimizer_step, resolve_dtype,
-                      save_checkpoint, setup_distributed, start_from_run, stop_if_diverged, sync_gradients,
-                      wrap_distributed)
+from checkpoint import check_init_from, load_checkpoint, lock_out_dir, save_checkpoint, start_from_run
+from precision import DTYPES, mixed_precision, resolve_dtype
+from training import (all_sum, backward, ema_update, LossLog, lr_at, make_ema, make_optimizer, micro_batches,
+                      optimizer_step, setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import WaveletVAE, check_image_size, psnr, reconstruct, vae_loss
 
 # -----------------------------------------------------------------------------
@@ -65,7 +65,7 @@ grad_clip = 1.0
 ema_decay = 0.999
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (training.resolve_dtype)
+dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 compile = False
 # -----------------------------------------------------------------------------
 config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',

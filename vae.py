@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import to_float, to_uint8
-from training import read_ema_checkpoint
+from checkpoint import read_ema_checkpoint
 from wavelet import dwt, idwt
 
 DOWNSAMPLE = 16  # image side / latent side: 2 from the DWT, 8 from the encoder
