@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from configurator import UsageError
 from model import Iris, IrisConfig
 
 
@@ -35,7 +36,7 @@ def lock_out_dir(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:  # a file in the way, a name too long, no permission
-        raise SystemExit(f"error: cannot create out_dir '{out_dir[:100]}' ({e.strerror}); "
+        raise UsageError(f"cannot create out_dir '{out_dir[:100]}' ({e.strerror}); "
                          f"pass another --out_dir") from None
     path = os.path.join(out_dir, 'run.lock')
     try:
@@ -51,9 +52,16 @@ def lock_out_dir(out_dir):
             return lock_out_dir(out_dir)
         except PermissionError:
             pass  # it exists, owned by someone else
-        raise SystemExit(f"error: another run (pid {text}) is writing to {out_dir}; wait for it, stop it, or pass "
+        raise UsageError(f"another run (pid {text}) is writing to {out_dir}; wait for it, stop it, or pass "
                          f"another --out_dir (if no run is using it, delete {path})") from None
-    os.write(fd, str(os.getpid()).encode())
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    except OSError as e:  # a full disk: leave no empty lock (nor a folder this run made) behind
+        os.close(fd)
+        os.remove(path)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise UsageError(f"cannot write {path} ({e.strerror}); free some space or pass another --out_dir") from None
     os.close(fd)
     pid = os.getpid()
 
@@ -116,7 +124,7 @@ def save_checkpoint(path, model, ema, optimizer, step, config, data_generator, s
         for tmp in (path + '.tmp', numbered + '.tmp'):
             if os.path.exists(tmp):
                 os.remove(tmp)
-        raise SystemExit(f"error: cannot write checkpoint {path} at step {step} ({getattr(e, 'strerror', None) or e}); "
+        raise UsageError(f"cannot write checkpoint {path} at step {step} ({getattr(e, 'strerror', None) or e}); "
                          f"the last complete one is intact: free some space and continue with --init_from=resume")
     history = sorted(f for f in os.listdir(folder) if f.startswith(stem + '_') and f.endswith('.safetensors'))
     for old in history[:-keep_last]:
@@ -152,11 +160,11 @@ def _read(path, prefixes):
 def read_checkpoint(path, prefixes=CHECKPOINT_PARTS):
     """The tensors whose names start with one of prefixes, and the metadata, from a checkpoint."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path}; train one first or point to it with --out_dir / --init_from")
+        raise UsageError(f"no checkpoint at {path}; train one first or point to it with --out_dir / --init_from")
     try:
         return _read(path, prefixes)
     except UNREADABLE as e:
-        raise SystemExit(f"error: {path} is not a readable IRIS checkpoint ({str(e).splitlines()[0]}): a half-copied "
+        raise UsageError(f"{path} is not a readable IRIS checkpoint ({str(e).splitlines()[0]}): a half-copied "
                          f"file? copy it again, or use an intact ckpt_<step>.safetensors beside it") from None
 
 
@@ -165,7 +173,7 @@ def _newest_intact(path):
     ckpt_<step>.safetensors beside it, so a corrupt file loses one checkpoint interval at most."""
     try:
         return read_checkpoint(path)
-    except SystemExit as unreadable:
+    except UsageError as unreadable:
         stem = os.path.splitext(path)[0]
         for older in sorted(glob.glob(glob.escape(stem) + '_*.safetensors'), reverse=True):
             try:
@@ -181,6 +189,17 @@ def submodule_state(tensors, prefix):
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def load_weights(module, state, path):
+    """module.load_state_dict(state); a checkpoint whose tensors do not fit (a file changed
+    after it was written, or another run's mixed in) is one error line, not torch's list."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # size mismatch, missing or unexpected names
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise UsageError(f"{path} does not fit the model its settings build ({first[:200]}); it was changed or "
+                         f"mixed up with another run's: use the run's own checkpoint") from None
+
+
 def read_ema_checkpoint(folder, kind, setting):
     """-> (the EMA weights, the metadata) of the checkpoint in a finished run's folder, which
     must hold a `kind`: 'VAE' or 'generator'; setting: the option that named the folder."""
@@ -189,12 +208,12 @@ def read_ema_checkpoint(folder, kind, setting):
                                                      'text_encoder')}[kind]
     path = os.path.join(folder, 'ckpt.safetensors')
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no {kind} checkpoint at {path}; train one with `python {trainer} config/<name>.py` "
+        raise UsageError(f"no {kind} checkpoint at {path}; train one with `python {trainer} config/<name>.py` "
                          f"or point {setting} at one")
     tensors, meta = read_checkpoint(path, prefixes=('ema.',))
     if config_key not in meta['model_config']:
         other = 'generator' if kind == 'VAE' else 'VAE'
-        raise SystemExit(f"error: {path} is a {other} checkpoint, not a {kind}; point {setting} at a {trained_by} run")
+        raise UsageError(f"{path} is a {other} checkpoint, not a {kind}; point {setting} at a {trained_by} run")
     return submodule_state(tensors, 'ema.'), meta
 
 
@@ -209,9 +228,9 @@ def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     tensors, meta = _newest_intact(path)
     if meta.get('model_config') != model_config(model):
         differ = _differences(meta.get('model_config') or {}, model_config(model))
-        raise SystemExit(f"error: {path} holds another model ({differ}); use its settings or another --out_dir")
-    model.load_state_dict(submodule_state(tensors, 'model.'))
-    ema.load_state_dict(submodule_state(tensors, 'ema.'))
+        raise UsageError(f"{path} holds another model ({differ}); use its settings or another --out_dir")
+    load_weights(model, submodule_state(tensors, 'model.'), path)
+    load_weights(ema, submodule_state(tensors, 'ema.'), path)
     state = {}
     for k, v in submodule_state(tensors, 'optim.').items():
         i, name = k.split('.', 1)
@@ -219,7 +238,7 @@ def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
     try:
         optimizer.load_state_dict({'state': state, 'param_groups': meta['optim_groups']})
     except ValueError as e:  # another optimizer's groups: AdamW's one against Muon's two
-        raise SystemExit(f"error: {path} holds another optimizer's state ({e}); resume with the settings it was "
+        raise UsageError(f"{path} holds another optimizer's state ({e}); resume with the settings it was "
                          f"trained with (its config.json: muon={meta['config'].get('muon', False)})") from None
     if scaler and scaler.is_enabled() and meta.get('scaler'):  # an fp16 run's loss scale (fp32/bf16 runs have none)
         scaler.load_state_dict(meta['scaler'])
@@ -234,7 +253,7 @@ def load_checkpoint(path, model, ema, optimizer, data_generator, scaler=None):
 def check_init_from(init_from):
     """init_from is 'scratch', 'resume' or a finished run's folder."""
     if init_from not in ('scratch', 'resume') and not os.path.isdir(init_from):
-        raise SystemExit(f"error: --init_from={init_from!r} is neither 'scratch', 'resume' nor a run folder; "
+        raise UsageError(f"--init_from={init_from!r} is neither 'scratch', 'resume' nor a run folder; "
                          f"point it at a finished run's out_dir")
 
 
@@ -247,8 +266,8 @@ def start_from_run(folder, model, kind):
     ours = model.state_dict()
     if state.keys() != ours.keys() or any(state[k].shape != v.shape for k, v in ours.items()):
         differ = _differences(meta['model_config'], model_config(model))
-        raise SystemExit(f"error: --init_from={folder} holds a {kind} of another shape ({differ}); use its settings")
-    model.load_state_dict(state)
+        raise UsageError(f"--init_from={folder} holds a {kind} of another shape ({differ}); use its settings")
+    load_weights(model, state, folder)
     print(f"{kind} initialised from {folder} (its step {meta['step']})")
     return meta['config']
 
@@ -262,7 +281,7 @@ def newest_generator_run():
             if 'text_encoder' in json.loads((f.metadata() or {}).get('model_config', '{}')):
                 runs.append(path)
     if not runs:
-        raise SystemExit('error: no generator checkpoint under out*/; train one with '
+        raise UsageError('no generator checkpoint under out*/; train one with '
                          '`python train_flow.py config/shapes.py` or pass --out_dir')
     return os.path.dirname(max(runs, key=os.path.getmtime))
 
@@ -273,15 +292,15 @@ def load_generator(out_dir='', device='cpu', **overrides):
     fft_impl="dft" for export, or add a new control adapter (control="edges")."""
     out_dir = out_dir or newest_generator_run()
     state, meta = read_ema_checkpoint(out_dir, 'generator', '--out_dir')
-    return generator_from(state, meta, device, **overrides), meta['config'], out_dir
+    return generator_from(state, meta, out_dir, device, **overrides), meta['config'], out_dir
 
 
-def generator_from(state, meta, device='cpu', **overrides):
-    """The generator of read_ema_checkpoint's (state, meta), frozen and in eval mode;
-    overrides as in load_generator."""
+def generator_from(state, meta, folder, device='cpu', **overrides):
+    """The generator of read_ema_checkpoint's (state, meta), read from `folder`, frozen and in
+    eval mode; overrides as in load_generator."""
     model = Iris(IrisConfig(**{**meta['model_config'], **overrides}))
     if model.control_adapter is not None and not meta['model_config'].get('control'):
         # a base run under a new, zero-initialised adapter (train_control.py)
         state = state | {f'control_adapter.{k}': v for k, v in model.control_adapter.state_dict().items()}
-    model.load_state_dict(state)
+    load_weights(model, state, os.path.join(folder, 'ckpt.safetensors'))
     return model.to(device).eval().requires_grad_(False)

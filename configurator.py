@@ -22,14 +22,46 @@ One config file serves every stage of a setup: it sees the name of the running s
 `script`, so settings that differ per stage sit under `if script == 'train_vae':`. It is
 less clever than a config framework, and a reader sees every setting at the top of the
 script that uses it: worth it.
+
+What goes wrong is said the same way everywhere. The library raises UsageError (a missing
+checkpoint, a full disk) and warns with UsageWarning (images skipped), so a program that
+imports it can handle them; configure() makes the running script print each as one
+`error:` or `warning:` line, while a bug keeps its traceback.
 """
 import ast
 import math
 import os
 import sys
 import types
+import warnings
 
 SETTING_TYPES = (bool, int, float, str, tuple, list)
+_show_warning = warnings.showwarning
+
+
+class UsageError(Exception):
+    """A problem the person running IRIS can fix (a setting, a missing or unreadable file, a
+    full disk), said in one line that names it and the fix. Library code raises it, so that a
+    program importing IRIS can catch it; a script prints it as one `error:` line (configure)."""
+
+
+class UsageWarning(UserWarning):
+    """What the person running IRIS should know (images skipped, a prompt cut short): a
+    script prints it as one `warning:` line, without the line of source Python adds."""
+
+
+def _error_line(kind, error, traceback):
+    if issubclass(kind, UsageError):
+        print(f"error: {error}", file=sys.stderr)
+    else:  # a bug: its traceback is what a developer needs
+        sys.__excepthook__(kind, error, traceback)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, UsageWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
 
 
 def _settings(script_globals):
@@ -96,6 +128,8 @@ def configure(script_globals, argv=None, positive=(), choices=None, ranges=None)
     Once every override is in, checks positive: the settings that must be above zero (steps,
     sizes, batch, lr ...), choices: {setting: the values it may take} and ranges: {setting:
     (lowest, highest)}."""
+    # from here on the script reports what its user can fix in one line, not a traceback
+    sys.excepthook, warnings.showwarning = _error_line, _warning_line
     argv = list(sys.argv[1:] if argv is None else argv)
     script = os.path.splitext(os.path.basename(script_globals.get('__file__', 'script')))[0]
     defaults = _settings(script_globals)

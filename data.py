@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from configurator import UsageError, UsageWarning
+
 # -----------------------------------------------------------------------------
 # the procedural shapes data set
 
@@ -255,9 +257,10 @@ def decode_rows(rows, image_size, source):
             continue
         captions.append(str(row.get('text') or ''))
     if skipped:
-        warnings.warn(f"{source}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", stacklevel=2)
+        warnings.warn(f"{source}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}", UsageWarning,
+                      stacklevel=2)
     if not images:
-        raise SystemExit(f"error: no readable images in {source}")
+        raise UsageError(f"no readable images in {source}")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
 
 
@@ -284,22 +287,22 @@ def read_metadata(data_dir):
             rows.append({'image': {'path': os.path.join(data_dir, name), 'bytes': None}, 'text': text})
     if bad_lines:
         warnings.warn(f"{path}: skipped {len(bad_lines)} line(s) that are not UTF-8 JSON with a file_name inside the "
-                      f"folder and a caption, e.g. line {bad_lines[0]}", stacklevel=3)
+                      f"folder and a caption, e.g. line {bad_lines[0]}", UsageWarning, stacklevel=3)
     named = {os.path.normpath(row['image']['path']) for row in rows}
     unnamed = [f for f in sorted(os.listdir(data_dir)) if f.lower().endswith(IMAGE_EXTENSIONS)
                and os.path.normpath(os.path.join(data_dir, f)) not in named]
     if unnamed:
         warnings.warn(f"{data_dir}: skipped {len(unnamed)} image(s) with no line in metadata.jsonl, e.g. {unnamed[0]}",
-                      stacklevel=3)
+                      UsageWarning, stacklevel=3)
     return rows
 
 
 def load_imagefolder(data_dir, image_size):
     if not os.path.isdir(data_dir):
-        raise SystemExit(f"error: data_dir '{data_dir}' is not a folder; point --data_dir at a folder of images "
+        raise UsageError(f"data_dir '{data_dir}' is not a folder; point --data_dir at a folder of images "
                          f"with a metadata.jsonl")
     if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
-        raise SystemExit(f"error: {data_dir} has no metadata.jsonl; add one line per image: "
+        raise UsageError(f"{data_dir} has no metadata.jsonl; add one line per image: "
                          '{"file_name": "0001.png", "text": "a caption"}')
     return decode_rows(read_metadata(data_dir), image_size, data_dir)
 
@@ -322,12 +325,12 @@ def load_hub(name, image_size):
     try:
         ds = datasets.load_dataset(name, split='train')
     except Exception as e:  # datasets raises many types here; all mean "not available"
-        raise SystemExit(f"error: cannot load data set '{name}' from the Hub ({type(e).__name__}); check the name, "
+        raise UsageError(f"cannot load data set '{name}' from the Hub ({type(e).__name__}); check the name, "
                          f"or without network put its images in a folder with a metadata.jsonl and pass "
                          f"--data_dir=PATH") from None
     image_column = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     if image_column is None or 'text' not in ds.column_names:
-        raise SystemExit(f"error: data set '{name}' needs an image column and a 'text' column, has {ds.column_names}")
+        raise UsageError(f"data set '{name}' needs an image column and a 'text' column, has {ds.column_names}")
     ds = ds.cast_column(image_column, datasets.Image(decode=False))
     if image_column != 'image':  # the Pokemon set's is already 'image'; renaming onto itself fails
         ds = ds.rename_column(image_column, 'image')
@@ -346,7 +349,7 @@ def load_data(dataset, data_dir, image_size, num_images, num_holdout, seed=0):
     else:
         images, captions = load_hub(dataset, image_size)
     if len(images) <= num_holdout:
-        raise SystemExit(f"error: {len(images)} images is too few to hold out {num_holdout}; lower --num_holdout")
+        raise UsageError(f"{len(images)} images is too few to hold out {num_holdout}; lower --num_holdout")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     held, train = order[:num_holdout], order[num_holdout:]
     return (images[train], [captions[i] for i in train]), (images[held], [captions[i] for i in held])
@@ -361,20 +364,20 @@ def open_image(path, what):
     """An image a user hands a script (--init_image, --control, ...) -> a decoded PIL image, or
     one error line: missing, unreadable, or over MAX_PIXELS, which the header tells before a
     decompression bomb is decoded."""
-    too_large = f"error: --{what} {path} is over the {MAX_PIXELS // 2**20} Mpixel limit; resize it first"
+    too_large = f"--{what} {path} is over the {MAX_PIXELS // 2**20} Mpixel limit; resize it first"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # refused below, in one line
             image = Image.open(path)
         if image.width * image.height > MAX_PIXELS:
             image.close()
-            raise SystemExit(too_large)
+            raise UsageError(too_large)
         image.load()  # PIL reads lazily: make a truncated file fail here, not deep inside a resize
         return image
     except Image.DecompressionBombError:  # PIL's own limit, twice its warning's
-        raise SystemExit(too_large) from None
+        raise UsageError(too_large) from None
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read --{what} {path} ({type(e).__name__}); give a PNG or JPEG file") from None
+        raise UsageError(f"cannot read --{what} {path} ({type(e).__name__}); give a PNG or JPEG file") from None
 
 
 def check_output(path):
@@ -382,9 +385,9 @@ def check_output(path):
     a file type PIL does not write."""
     folder, extension = os.path.dirname(path) or '.', os.path.splitext(path)[1].lower()
     if not os.path.isdir(folder):
-        raise SystemExit(f"error: --output {path}: folder {folder} does not exist; create it or choose another")
+        raise UsageError(f"--output {path}: folder {folder} does not exist; create it or choose another")
     if Image.registered_extensions().get(extension) not in Image.SAVE:
-        raise SystemExit(f"error: --output {path}: '{extension}' is not an image type; end it in .png or .jpg")
+        raise UsageError(f"--output {path}: '{extension}' is not an image type; end it in .png or .jpg")
 
 
 def to_float(images):

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UsageError
 from data import control_map, make_shapes
 from flow import consistency_sample, euler_sample
 from model import FourierMixer, iterate_core
@@ -123,7 +124,7 @@ class MobileGenerator:
 
     def velocity(self, z, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0):
         if len(z) != self.batch:
-            raise SystemExit(f"error: this generator was exported for batch {self.batch}, not {len(z)}; "
+            raise UsageError(f"this generator was exported for batch {self.batch}, not {len(z)}; "
                              f"re-export it or use its sampler and guidance settings")
         text_kv, text_cond, mask = encoded_prompt
         e, c_base = self.run('prelude', z=z, t=t, text_cond=text_cond)
@@ -168,7 +169,7 @@ def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, 
 def read_manifest(export_dir):
     path = os.path.join(export_dir, 'mobile.json')
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no {path}; export first with `python export_mobile.py --out_dir=<run>`")
+        raise UsageError(f"no {path}; export first with `python export_mobile.py --out_dir=<run>`")
     with open(path) as f:
         return json.load(f)
 
@@ -177,7 +178,7 @@ def exported_parts(export_dir, manifest, fmt):
     """get_part for generate(): loads each part from export_dir when asked."""
     dtype = getattr(torch, manifest['dtype'])
     if 'inputs' not in manifest or 'state_init' not in manifest:
-        raise SystemExit(f"error: {export_dir} names neither its networks' inputs nor the Core's start (an older "
+        raise UsageError(f"{export_dir} names neither its networks' inputs nor the Core's start (an older "
                          f"export_mobile.py); re-export the run with python export_mobile.py --out_dir=<run>")
 
     def get_part(name):
@@ -211,7 +212,7 @@ def require_export_packages():
         try:
             importlib.import_module(name)
         except ImportError:
-            raise SystemExit(f"error: export needs {name}: pip install -r requirements-export.txt") from None
+            raise UsageError(f"export needs {name}: pip install -r requirements-export.txt") from None
 
 
 class Method(nn.Module):
@@ -271,7 +272,7 @@ def export_pte(methods, path, backend):
     from executorch.exir import to_edge_transform_and_lower
     for module, _ in methods.values():
         if any(isinstance(m, FourierMixer) and m.fft_impl != 'dft' for m in module.modules()):
-            raise SystemExit("error: ExecuTorch has no complex tensors, so it cannot run torch.fft; build the "
+            raise UsageError("ExecuTorch has no complex tensors, so it cannot run torch.fft; build the "
                              "generator with fft_impl='dft' (load_generator(out_dir, fft_impl='dft'), as "
                              "export_mobile.py does)")
     with torch.no_grad():

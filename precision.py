@@ -4,6 +4,8 @@ same on a GPU and a CPU, so the CPU runs every line a GPU will.
 """
 import torch
 
+from configurator import UsageError
+
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 
 
@@ -18,7 +20,7 @@ def resolve_dtype(dtype, device):
     'float16' on older ones (T4, V100: is_bf16_supported() says True there, but through
     emulation at fp32 speed or slower); on a CPU 'bfloat16' where it is native, else 'float32'."""
     if dtype not in DTYPES:
-        raise SystemExit(f"error: dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if dtype != 'auto':
         return dtype
     if not device.startswith('cuda'):

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from configurator import configure
+from configurator import UsageWarning, configure
 from data import MAX_PIXELS, check_output, control_map, image_tensor, map_image, open_image, save_grid, to_float
 from flow import text_to_image, upscale as super_resolve
 from text import load_text_encoder
@@ -77,7 +77,8 @@ def read_edit(init_image, mask, size):
     if mask:
         hole = open_image(mask, 'mask').convert('L')
         if hole.size != image.size:
-            warnings.warn(f"mask {hole.size[0]}x{hole.size[1]} resized to the image's {image.size[0]}x{image.size[1]}")
+            warnings.warn(f"mask {hole.size[0]}x{hole.size[1]} resized to the image's {image.size[0]}x{image.size[1]}",
+                          UsageWarning)
             hole = hole.resize(image.size, Image.NEAREST)
         levels = np.asarray(hole)
         grey = ((levels > 15) & (levels < 240)).mean()
@@ -121,9 +122,10 @@ trained_iters = max(run['train_iters'])
 if iters > 4 * trained_iters and not exit_tolerance:
     warnings.warn(f"--iters={iters} is {iters / trained_iters:.0f}x the most this run trained with "
                   f"(r={trained_iters}): {steps * iters} Core iterations per image, where r={trained_iters} takes "
-                  f"{steps * trained_iters}")
+                  f"{steps * trained_iters}", UsageWarning)
 if steps > 200:
-    warnings.warn(f"--steps={steps} is {steps / 25:.0f}x the default 25 steps and takes {steps / 25:.0f}x as long")
+    warnings.warn(f"--steps={steps} is {steps / 25:.0f}x the default 25 steps and takes {steps / 25:.0f}x as long",
+                  UsageWarning)
 try:
     check_image_size(size, size, 16 * model.config.patch_size)
 except ValueError as e:
@@ -133,7 +135,8 @@ if size * size > MAX_PIXELS:
                      f"smaller one (this run trained at {run['image_size']})")
 if size > 2 * run['image_size']:
     warnings.warn(f"--size={size} is {size / run['image_size']:.0f}x the side this run trained at: "
-                  f"{(size / run['image_size']) ** 2:.0f}x the tokens per Core iteration, at a scale it never saw")
+                  f"{(size / run['image_size']) ** 2:.0f}x the tokens per Core iteration, at a scale it never saw",
+                  UsageWarning)
 
 # The user's pictures are read before the slow loads below, so that a bad one stops at once
 init, keep, maps = None, None, None

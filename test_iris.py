@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -37,7 +38,7 @@ import browser
 import cache
 import internals
 from cache import encode_images, load_training_set
-from configurator import configure, read_config_file
+from configurator import UsageError, configure, read_config_file
 from data import (POSITIONS, TASKS, conflicting_shape_captions, control_map, drawn_clearly, held_out, image_tensor,
                   load_data, load_hub, load_imagefolder, make_scenes, make_shapes, open_image, scene_attributes,
                   scene_caption, shape_attributes, to_float, to_uint8)
@@ -712,7 +713,7 @@ def test_an_image_a_user_hands_in_is_refused_from_its_header_when_huge(tmp_path,
     _png_header_only(tmp_path / 'big.png', side, side)
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # PIL's DecompressionBombWarning would be noise
-        with pytest.raises(SystemExit, match='big.png is over the 64 Mpixel limit; resize it first'):
+        with pytest.raises(UsageError, match='big.png is over the 64 Mpixel limit; resize it first'):
             open_image(str(tmp_path / 'big.png'), 'init_image')
 
 
@@ -731,12 +732,12 @@ def test_load_data_holds_out_a_disjoint_split(tmp_path):
 
 
 def test_missing_folder_and_offline_hub_fail_fast_with_a_clear_message(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match='no metadata.jsonl'):
+    with pytest.raises(UsageError, match='no metadata.jsonl'):
         load_imagefolder(str(tmp_path), 32)
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'empty-hf-cache'))  # nothing cached
     monkeypatch.setattr('data._hub_reachable', lambda: False)
     start = time.time()
-    with pytest.raises(SystemExit, match='--data_dir'):
+    with pytest.raises(UsageError, match='--data_dir'):
         load_hub('someone/some-captioned-images', 32)
     assert time.time() - start < 30  # the real client retries for minutes when left alone
 
@@ -753,7 +754,7 @@ def test_minilm_tokens_masks_empty_and_overlong_prompts():
 
 
 def test_missing_clip_fails_at_once_with_a_message():
-    with pytest.raises(SystemExit, match='not on this machine'):
+    with pytest.raises(UsageError, match='not on this machine'):
         load_text_encoder('openai/clip-vit-large-patch14')
 
 
@@ -1056,12 +1057,12 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
                        restored_optimizer.state_dict()['state'][0]['exp_avg_sq'])
     assert torch.equal(torch.rand(3), expected_draws[0])
     assert torch.equal(torch.rand(3, generator=restored_generator), expected_draws[1])
-    with pytest.raises(SystemExit, match='holds another model'):
+    with pytest.raises(UsageError, match='holds another model'):
         other = WaveletVAE(channels=(8, 16, 16))
         load_checkpoint(path, other, make_ema(other), torch.optim.AdamW(other.parameters()), torch.Generator())
-    with pytest.raises(SystemExit, match='no checkpoint at'):
+    with pytest.raises(UsageError, match='no checkpoint at'):
         read_checkpoint(str(tmp_path / 'missing.safetensors'))
-    with pytest.raises(SystemExit, match="holds another optimizer's state .*muon=False"):  # AdamW's, resumed with Muon
+    with pytest.raises(UsageError, match="holds another optimizer's state .*muon=False"):  # AdamW's, resumed with Muon
         load_checkpoint(path, restored, restored_ema, training.make_optimizer(restored, 1e-3, 0.0, muon=True),
                         torch.Generator())
 
@@ -1078,7 +1079,7 @@ def test_fp16_skips_an_overflowed_step_and_stops_when_the_scale_collapses():
     weight = model.weight.detach().clone()
     overflowed_step()  # skipped and halved, not an error
     assert torch.equal(model.weight, weight) and scaler.get_scale() == 2.0 ** 15
-    with pytest.raises(SystemExit, match='loss scale fell to 2.0e-03: the gradients overflow at every scale'):
+    with pytest.raises(UsageError, match='loss scale fell to 2.0e-03: the gradients overflow at every scale'):
         for _ in range(30):
             overflowed_step()
 
@@ -1132,7 +1133,7 @@ def test_a_full_disk_during_a_save_stops_with_one_line_and_keeps_the_last_checkp
             f.write(b'half a checkpoint')
         raise OSError(errno.ENOSPC, 'No space left on device', filename)
     monkeypatch.setattr(checkpoint, 'save_file', disk_full)
-    with pytest.raises(SystemExit, match='cannot write checkpoint .* at step 2 .No space left on device.') as e:
+    with pytest.raises(UsageError, match='cannot write checkpoint .* at step 2 .No space left on device.') as e:
         save_checkpoint(path, model, ema, optimizer, 2, {}, torch.Generator())
     assert '\n' not in str(e.value)
     assert sorted(os.listdir(tmp_path)) == ['ckpt.safetensors', 'ckpt_000001.safetensors', 'config.json']
@@ -1150,7 +1151,7 @@ def test_unreadable_checkpoints_are_one_line_and_resume_takes_the_newest_intact_
     for bad in (good[:len(good) // 2], good[:5], b'', b'PK\x03\x04 a zip renamed', foreign):
         path.unlink()  # a new file, as a copy or a sync writes it: ckpt_000003 keeps the old one
         path.write_bytes(bad)
-        with pytest.raises(SystemExit, match='is not a readable IRIS checkpoint .*copy it again') as e:
+        with pytest.raises(UsageError, match='is not a readable IRIS checkpoint .*copy it again') as e:
             read_checkpoint(str(path))
         assert '\n' not in str(e.value)
         assert load_checkpoint(str(path), model, ema, optimizer, torch.Generator())['step'] == 3
@@ -1181,7 +1182,7 @@ def test_a_checkpoint_with_the_old_parameter_names_loads_unchanged(tmp_path):
 def test_one_run_per_out_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
     lock = tmp_path / 'run.lock'
     lock.write_text(str(os.getppid()))  # a live process holds it
-    with pytest.raises(SystemExit, match=f'another run .pid {os.getppid()}. is writing to'):
+    with pytest.raises(UsageError, match=f'another run .pid {os.getppid()}. is writing to'):
         checkpoint.lock_out_dir(str(tmp_path))
     gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
     lock.write_text(gone.stdout.strip())  # a run killed before it could remove its lock
@@ -1193,15 +1194,46 @@ def test_one_run_per_out_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
     assert pid == held_by and not lock.exists()  # it held the lock, and removed it at exit
 
 
+def test_a_full_disk_when_a_run_starts_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(checkpoint.os, 'write', disk_full)
+    with pytest.raises(UsageError, match='cannot write .*run.lock .No space left on device.; free some space') as e:
+        checkpoint.lock_out_dir(str(tmp_path / 'run'))
+    assert '\n' not in str(e.value)
+    assert not (tmp_path / 'run').exists()  # neither an empty lock nor the folder it made
+
+
+def test_a_script_prints_a_usage_error_and_a_warning_as_one_line_each_and_a_bug_with_its_traceback(tmp_path):
+    os.makedirs(tmp_path / 'images')
+    Image.new('RGB', (32, 32)).save(tmp_path / 'images' / 'a.png')
+    (tmp_path / 'images' / 'metadata.jsonl').write_text('{"file_name": "a.png", "text": "black"}\nnot json\n')
+    (tmp_path / 'x.py').write_text(
+        f"import sys, warnings; sys.path.insert(0, {HERE!r})\n"
+        "import configurator, data\n"
+        "settings = configurator.configure({'__file__': 'x.py', 'bug': False})\n"
+        "warnings.warn('not from IRIS')\n"
+        "data.load_imagefolder('images', 32)  # warns of the line that is not JSON\n"
+        "raise ValueError('a bug') if settings['bug'] else configurator.UsageError('no such run; train one')\n")
+    result = subprocess.run([sys.executable, 'x.py'], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert 'x.py:4: UserWarning: not from IRIS' in result.stderr  # another library's warning keeps its source
+    assert '\nwarning: images/metadata.jsonl: skipped 1 line(s)' in result.stderr and 'data.py' not in result.stderr
+    assert result.stderr.endswith('\nerror: no such run; train one\n'), result.stderr
+    result = subprocess.run([sys.executable, 'x.py', '--bug=True'], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and 'Traceback' in result.stderr and 'ValueError: a bug' in result.stderr
+
+
 def test_a_checkpoint_of_the_other_kind_is_one_line(tmp_path):
     vae, generator = WaveletVAE(channels=(8, 16, 16)), Iris(_tiny_config())
     for name, model in (('vae', vae), ('flow', generator)):
         os.makedirs(tmp_path / name)
         save_checkpoint(str(tmp_path / name / 'ckpt.safetensors'), model, make_ema(model),
                         torch.optim.AdamW(model.parameters()), 1, {}, torch.Generator())
-    with pytest.raises(SystemExit, match='is a VAE checkpoint, not a generator'):
+    with pytest.raises(UsageError, match='is a VAE checkpoint, not a generator'):
         load_generator(str(tmp_path / 'vae'))
-    with pytest.raises(SystemExit, match='is a generator checkpoint, not a VAE'):
+    with pytest.raises(UsageError, match='is a generator checkpoint, not a VAE'):
         load_vae(str(tmp_path / 'flow'))
 
 
@@ -1215,12 +1247,12 @@ def _run(args, cwd):
 
 
 # Runs one script once per argument list in a single process, as `python SCRIPT ARGS...` would
-# run it (a fresh module namespace each time; SystemExit's message printed as the interpreter
-# prints it), so that the imports are paid once per script, not once per run -> JSON [[exit
-# code, stdout, stderr], ...]. For the runs that stop on bad input; a run that works gets a
-# process of its own (_run).
+# run it (a fresh module namespace each time; SystemExit's message and an uncaught exception
+# printed as the interpreter prints them), so that the imports are paid once per script, not
+# once per run -> JSON [[exit code, stdout, stderr], ...]. For the runs that stop on bad input;
+# a run that works gets a process of its own (_run).
 RUN_EACH = """
-import contextlib, io, json, os, runpy, sys, traceback
+import contextlib, io, json, os, runpy, sys
 script, results = sys.argv[1], []
 sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` puts the script's folder first
 for args in json.load(sys.stdin):
@@ -1233,7 +1265,7 @@ for args in json.load(sys.stdin):
             if not isinstance(e.code, int) and e.code is not None:
                 print(e.code, file=sys.stderr)
         except BaseException:
-            traceback.print_exc()
+            sys.excepthook(*sys.exc_info())  # as the interpreter does: configure's hook, or a traceback
             code = 1
     results.append([code, stdout.getvalue(), stderr.getvalue()])
 print(json.dumps(results))
@@ -1330,7 +1362,7 @@ def test_init_from_a_run_carries_its_weights_to_another_size_and_refuses_another
         checkpoint.start_from_run(str(tiny_runs / folder), model, kind)
         assert model.state_dict().keys() == expected.keys()
         assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
-        with pytest.raises(SystemExit, match=f"holds a {kind} of another shape .*(channels|dim)="):
+        with pytest.raises(UsageError, match=f"holds a {kind} of another shape .*(channels|dim)="):
             checkpoint.start_from_run(str(tiny_runs / folder), other(), kind)
     # the 32 px run continued at 64 px by the script: the timestep shift from the two runs' token counts
     # (not under out*/: the newest run there, which sample.py takes when told none, stays the 32 px one)
@@ -1492,6 +1524,20 @@ def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'control strength 1 |' in result.stdout and '(the ceiling) |' in result.stdout
     assert Image.open(tmp_path / 'edges' / 'eval_control.png').size == (6 * 32, 3 * 32)
+
+
+def test_a_checkpoint_holding_a_tensor_of_another_shape_is_one_line(tiny_runs, tmp_path):
+    tampered = tmp_path / 'out-tampered'
+    shutil.copytree(tiny_runs / 'out-flow', tampered)
+    path = tampered / 'ckpt.safetensors'
+    with safe_open(str(path), framework='pt') as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors | {'ema.patch_embed.bias': torch.zeros(7)}, str(path), metadata=metadata)
+    result = _run(['sample.py', f'--out_dir={tampered}', '--prompt=a red circle', '--steps=1', '--output=x.png'],
+                  tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1].startswith(
+        f"error: {path} does not fit the model its settings build (size mismatch for patch_embed.bias"), result.stderr
 
 
 def test_sample_script_end_to_end(tiny_runs):
@@ -1987,14 +2033,14 @@ def test_executorch_export_of_a_torch_fft_model_says_to_use_dft(tmp_path):
     import mobile
     model = _wake_up(Iris(_tiny_config(fft_impl='torch'))).eval()
     methods = mobile.generator_methods(model, *_inputs())
-    with pytest.raises(SystemExit, match="fft_impl='dft'"):
+    with pytest.raises(UsageError, match="fft_impl='dft'"):
         mobile.export_pte(methods, str(tmp_path / 'generator.pte'), 'portable')
 
 
 def test_missing_export_package_is_one_clear_line(monkeypatch):
     import mobile
     monkeypatch.setitem(sys.modules, 'executorch', None)  # makes `import executorch` fail
-    with pytest.raises(SystemExit, match='pip install -r requirements-export.txt'):
+    with pytest.raises(UsageError, match='pip install -r requirements-export.txt'):
         mobile.require_export_packages()
 
 

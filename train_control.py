@@ -110,7 +110,7 @@ if caption_conflict:  # a second table: each image's colours with another layout
     length = max(captions.text.shape[1], tokens.shape[1])
     captions = Prompt(*map(torch.cat, zip(captions.padded(length), Prompt(tokens, mask).padded(length))))
 null_prompt = encoder([""]).to('cpu').padded(captions.text.shape[1])  # the unconditional branch's: [CLS] [SEP]
-model = generator_from(base_state, base_meta, device, control=control)
+model = generator_from(base_state, base_meta, base_dir, device, control=control)
 model.train().control_adapter.requires_grad_(True)  # the base generator stays frozen
 control_maps, sample_maps = load_control_maps(data_settings, control, cache_dir)
 sample_prompts = data['holdout_captions'][:8]

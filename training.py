@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from configurator import UsageError
 from flow import flow_loss
 from text import Prompt
 
@@ -34,7 +35,7 @@ def micro_batches(batch_size, rank, world_size, accumulation):
     Every process draws the whole batch (and its noise) from the same generators and
     trains on rows rank, rank + world_size, ...: N processes see what one process would."""
     if batch_size % (world_size * accumulation):
-        raise SystemExit(f"error: batch_size {batch_size} does not split into {world_size} processes x {accumulation} "
+        raise UsageError(f"batch_size {batch_size} does not split into {world_size} processes x {accumulation} "
                          f"accumulation steps; make it a multiple of {world_size * accumulation}")
     return torch.arange(rank, batch_size, world_size).chunk(accumulation)
 
@@ -67,7 +68,7 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if scaler.is_enabled() and scaler.get_scale() < 2.0 ** -8:
-        raise SystemExit(f"error: the fp16 loss scale fell to {scaler.get_scale():.1e}: the gradients overflow at "
+        raise UsageError(f"the fp16 loss scale fell to {scaler.get_scale():.1e}: the gradients overflow at "
                          f"every scale; lower --lr or use --dtype=bfloat16 or float32 (and resume with "
                          f"--init_from=resume)")
 
@@ -169,7 +170,7 @@ class LossBands:
 
 def stop_if_diverged(loss, step):
     if not torch.isfinite(loss):
-        raise SystemExit(f"error: loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
+        raise UsageError(f"loss is {loss.item()} at step {step}; lower --lr or raise --warmup_steps "
                          f"(and resume from the last checkpoint with --init_from=resume)")
 
 

@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import load_weights, read_ema_checkpoint
+from configurator import UsageError
 from data import to_float, to_uint8
-from checkpoint import read_ema_checkpoint
 from wavelet import dwt, idwt
 
 DOWNSAMPLE = 16  # image side / latent side: 2 from the DWT, 8 from the encoder
@@ -125,9 +126,9 @@ def load_vae(vae_dir, device='cpu'):
     """The EMA weights of a WaveletVAE trained by train_vae.py, ready to encode/decode."""
     state, meta = read_ema_checkpoint(vae_dir, 'VAE', '--vae_dir')
     vae = WaveletVAE(**meta['model_config'])
-    vae.load_state_dict(state)
+    load_weights(vae, state, os.path.join(vae_dir, 'ckpt.safetensors'))
     if bool((vae.latent_scale == 1).all()):
-        raise SystemExit(f"error: {os.path.join(vae_dir, 'ckpt.safetensors')} has no measured latent scale (its "
+        raise UsageError(f"{os.path.join(vae_dir, 'ckpt.safetensors')} has no measured latent scale (its "
                          f"training did not finish); finish it with `python train_vae.py ... --init_from=resume`")
     return vae.to(device).eval().requires_grad_(False)
 
