@@ -49,15 +49,15 @@ precision = 'fp32'  # 'fp32', 'fp16' or 'int8'
 backend = 'xnnpack'  # 'xnnpack' (the phone's CPU delegate) or 'portable' (reference kernels: quick to export, slow)
 pte = True  # export and check ExecuTorch programs (the phone's); False: ONNX only, as the web page needs
 onnx = True  # also export and check ONNX models (fp32 and int8)
-iters = 4  # core iterations r of the checks and the default of run_mobile.py (any r runs)
+iters = 0  # core iterations r of the checks and run_mobile.py's default (any r runs); 0 = the run's sample_iters
 steps = 0  # sampling steps of the pipeline check; 0 = 25 Euler steps, or 2 for a distilled student
 cfg_scale = 4.0
 prompt = ''  # the pipeline check's prompt; '' = the run's first held-out prompt
 export_dir = ''  # '' = OUT_DIR/mobile-<precision>, or out-mobile-<size>-<side>-<precision> for an untrained model
 seed = 0
 # -----------------------------------------------------------------------------
-configure(globals(), positive=('iters',), choices=dict(precision=tuple(PRECISIONS), backend=('xnnpack', 'portable'),
-                                                      model_size=('', *SIZES)))
+configure(globals(), choices=dict(precision=tuple(PRECISIONS), backend=('xnnpack', 'portable'),
+                                 model_size=('', *SIZES)))
 FP32_TOLERANCE = 1e-4  # max |exported - eager| / max |eager|
 formats = (['pte'] if pte else []) + (['onnx'] if onnx and precision != 'fp16' else [])
 if not formats:
@@ -131,12 +131,13 @@ torch.manual_seed(seed)
 if model_size:  # an untrained model: its files, memory and speed are those of a trained one
     model = wake_up(SIZES[model_size](fft_impl='dft')).eval().requires_grad_(False)
     vae = WaveletVAE(blocks_per_stage=2).eval().requires_grad_(False)  # config/pokemon.py's VAE
-    run = dict(image_size=512, sampler='euler', sample_prompts=['a cute round pokemon with big eyes'])
+    run = dict(image_size=512, sampler='euler', sample_iters=4, sample_prompts=['a cute round pokemon with big eyes'])
     side, target = size or 512, export_dir or f'out-mobile-{model_size}-{size or 512}-{precision}'
 else:
     model, run, run_dir = load_generator(out_dir, fft_impl='dft')
     vae = load_vae(run['vae_dir'])
     side, target = size or run['image_size'], export_dir or os.path.join(run_dir, f'mobile-{precision}')
+iters = iters or run['sample_iters']
 try:
     check_image_size(side, side, 16 * model.config.patch_size)
 except ValueError as e:

@@ -1,7 +1,7 @@
 """
 Generate images with a trained IRIS generator and write them as one PNG grid.
 
-    python sample.py --iters 4                       # newest run under out*/, its held-out prompts
+    python sample.py                                 # newest run under out*/, its held-out prompts, its best r
     python sample.py config/shapes.py --prompt "a large red circle in the center on a blue background"
     python sample.py --prompt "a red circle|a blue square" --num_samples 4 --steps 10 --seed 1
     python sample.py --out_dir out-shapes-flow --iters 16 --cfg_scale 6 --output out-shapes-flow/r16.png
@@ -13,9 +13,10 @@ Generate images with a trained IRIS generator and write them as one PNG grid.
     python sample.py config/emoji.py --upscale small.png --prompt "..."        # 2x super-resolution
 
 --iters is the number of Core iterations r (more compute, usually better images; any
-value works, not only those seen in training), or with --exit_tolerance the most it may
-use: each image then stops when an iteration changes the Core's state by less than that
-fraction (model.iterate_core), and the mean it used is printed. --steps is the number of
+value works, not only those seen in training; by default the run's own best, its
+sample_iters), or with --exit_tolerance the most it may use: each image then stops when an
+iteration changes the Core's state by less than that fraction (model.iterate_core), and the
+mean it used is printed. --steps is the number of
 Euler steps, or of consistency steps for a distilled student (whose guidance is baked in:
 --cfg_scale is ignored).
 
@@ -45,7 +46,7 @@ out_dir = ''  # a train_flow.py run; '' = the newest generator checkpoint under 
 prompt = ''  # one prompt, or several separated by '|'; '' = the run's held-out sample prompts
 num_samples = 1  # images per prompt
 steps = 25
-iters = 8
+iters = 0  # Core iterations r; 0 = the run's sample_iters
 exit_tolerance = 0.0  # > 0: adaptive iterations, at most iters
 cfg_scale = 4.0
 shift = 0.0  # > 1 spends more steps at high noise (SD3's resolution shift, flow.shift_time); 0 = the run's own
@@ -65,7 +66,7 @@ text_encoder = ''  # '' = the checkpoint's; a different one is refused
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 # -----------------------------------------------------------------------------
-configure(globals(), positive=('num_samples', 'steps', 'iters'))
+configure(globals(), positive=('num_samples', 'steps'))
 torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0
 
 
@@ -92,6 +93,7 @@ def read_edit(init_image, mask, size):
 if output:
     check_output(output)
 model, run, out_dir = load_generator(out_dir, device)
+iters = iters or run['sample_iters']
 if text_encoder and text_encoder != model.config.text_encoder:
     raise SystemExit(f"error: {out_dir} was trained with text encoder '{model.config.text_encoder}', "
                      f"not '{text_encoder}'; drop --text_encoder or train with it")

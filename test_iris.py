@@ -1647,8 +1647,8 @@ def test_sample_script_edits_images_and_rejects_bad_edit_inputs(tiny_runs):
 @FULL
 def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_runs):
     args = ['train_control.py', os.path.join(HERE, 'config', 'shapes_edges.py'), '--base_dir=out-flow',
-            '--image_size=32', '--num_images=64', '--num_holdout=8', '--batch_size=8', '--max_steps=3',
-            '--eval_interval=2', '--sample_steps=2', '--train_iters=(1, 2)', '--cache_dir=cache', '--out_dir=out-edges']
+            '--num_images=64', '--batch_size=8', '--max_steps=3', '--eval_interval=2', '--sample_steps=2',
+            '--cache_dir=cache', '--out_dir=out-edges']  # the image size, held-out set and r: the base run's
     result = _run(args, tiny_runs)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'training only the edges adapter' in result.stdout and 'cache: edges maps of 64 images' in result.stdout
@@ -1656,6 +1656,10 @@ def test_control_adapter_trains_on_a_frozen_run_and_samples_from_a_picture(tiny_
     base, _ = read_checkpoint(str(tiny_runs / 'out-flow' / 'ckpt.safetensors'), prefixes=('ema.',))
     controlled, meta = read_checkpoint(str(tiny_runs / 'out-edges' / 'ckpt.safetensors'), prefixes=('ema.', 'model.'))
     assert meta['model_config']['control'] == 'edges'
+    base_run = json.loads((tiny_runs / 'out-flow' / 'config.json').read_text())['config']
+    settings = ('dataset', 'data_dir', 'image_size', 'num_holdout', 'train_iters', 'train_iters_mean', 'loss_weighting',
+                'sample_iters')
+    assert {k: meta['config'][k] for k in settings} == {k: base_run[k] for k in settings}
     assert all(torch.equal(controlled[k], v) for k, v in base.items())  # the base stayed frozen
     assert controlled['model.control_adapter.out.weight'].abs().sum() > 0  # the adapter learned
     images, _ = make_shapes(2, 32, seed=3)

@@ -11,9 +11,10 @@ a control map gives (its edges or its silhouette, data.control_map).
 Each step's images bring their own control maps, cached like the latents (cache.py). On
 the shapes data, caption_conflict swaps that share of the captions for ones that name
 another type, size and position than the image's: the map then has to win over the words.
-The VAE, the text encoder and the timestep shift are the base run's. Writes to out_dir what
-train_flow.py writes: ckpt.safetensors + config.json, log.csv and samples_<step>.png, whose
-top half shows the control maps the bottom half was drawn from.
+The VAE, the text encoder and the timestep shift are the base run's, and so are the data,
+r and the loss weighting unless set. Writes to out_dir what train_flow.py writes:
+ckpt.safetensors + config.json, log.csv and samples_<step>.png, whose top half shows the
+control maps the bottom half was drawn from.
 """
 import os
 import time
@@ -42,20 +43,19 @@ caption_conflict = 0.0  # shapes only: the share of captions that name another t
 cache_dir = 'data/cache'
 eval_interval = 500  # sample grid and checkpoint
 log_interval = 10
-# data: the base run's kind of pictures, at its image size
-dataset = 'shapes'
+# data and rectified flow: what is left at '', 0, () or -1 is the base run's
+dataset = ''  # 'shapes', 'scenes' or a Hub data set
 data_dir = ''  # a local imagefolder (images + metadata.jsonl); when set it wins over dataset
-image_size = 64
-num_images = 20000  # shapes only
-num_holdout = 256
-# rectified flow, as the base run trained
-train_iters = (4, 6, 8, 10, 12)  # r is drawn from these each step
-train_iters_mean = 0.0  # > 0: r drawn from Huginn's heavy tail with this mean instead, at most max(train_iters)
-loss_weighting = 'high_noise'  # flow.flow_loss
+image_size = 0
+num_images = 0  # shapes and scenes only
+num_holdout = 0
+train_iters = ()  # r is drawn from these each step
+train_iters_mean = -1.0  # > 0: r drawn from Huginn's heavy tail with this mean instead, at most max(train_iters)
+loss_weighting = ''  # flow.flow_loss
 cfg_dropout = 0.1  # ControlNet trains with many empty captions, so the layout is read from the map
 # the sample grids
 sample_steps = 25
-sample_iters = 8
+sample_iters = 0  # 0 = the base run's
 cfg_scale = 4.0
 # optimisation
 batch_size = 64  # images per optimizer step, over all processes and accumulation steps
@@ -71,14 +71,26 @@ seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precision.resolve_dtype)
 # -----------------------------------------------------------------------------
-config = configure(globals(), positive=('eval_interval', 'log_interval', 'image_size', 'num_images', 'num_holdout',
-                                       'train_iters', 'sample_steps', 'sample_iters', 'batch_size',
+config = configure(globals(), positive=('eval_interval', 'log_interval', 'sample_steps', 'batch_size',
                                        'gradient_accumulation_steps', 'max_steps', 'lr'),
                    choices=dict(init_from=('scratch', 'resume'), control=CONTROLS,
-                                loss_weighting=WEIGHTINGS, dtype=DTYPES),
+                                loss_weighting=('', *WEIGHTINGS), dtype=DTYPES),
                    ranges=dict(caption_conflict=(0, 1)))
 if not base_dir:
     raise SystemExit("error: train_control.py needs --base_dir, the finished train_flow.py run the adapter steers")
+base_state, base_meta = read_ema_checkpoint(base_dir, 'generator', '--base_dir')  # read once
+base = base_meta['config']
+if not (dataset or data_dir):
+    dataset, data_dir = base['dataset'], base['data_dir']
+image_size, num_images = image_size or base['image_size'], num_images or base['num_images']
+num_holdout, sample_iters = num_holdout or base['num_holdout'], sample_iters or base['sample_iters']
+train_iters, loss_weighting = train_iters or tuple(base['train_iters']), loss_weighting or base['loss_weighting']
+train_iters_mean = base.get('train_iters_mean', 0.0) if train_iters_mean < 0 else train_iters_mean
+if any(type(r) is not int or r < 1 for r in train_iters):
+    raise SystemExit(f"error: setting 'train_iters' must hold counts of at least 1, got {train_iters!r}")
+config.update(dataset=dataset, data_dir=data_dir, image_size=image_size, num_images=num_images, num_holdout=num_holdout,
+              sample_iters=sample_iters, train_iters=train_iters, train_iters_mean=train_iters_mean,
+              loss_weighting=loss_weighting)
 if caption_conflict and (dataset != 'shapes' or data_dir):
     raise SystemExit("error: caption_conflict needs the shapes data set, whose captions can be rewritten; "
                      "set --caption_conflict=0")
@@ -91,8 +103,6 @@ torch.manual_seed(seed)
 dtype = resolve_dtype(dtype, device)
 autocast, scaler = mixed_precision(dtype, device)
 
-base_state, base_meta = read_ema_checkpoint(base_dir, 'generator', '--base_dir')  # read once
-base = base_meta['config']
 encoder = load_text_encoder(base['text_encoder'], device)
 vae = load_vae(base['vae_dir'], device)
 data_settings = dict(dataset=dataset, data_dir=data_dir, image_size=image_size, num_images=num_images,

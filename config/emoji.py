@@ -49,15 +49,12 @@ if script == 'train_flow':
     max_steps = 4000
     eval_interval = 1000
     sample_iters = 4
-if script in ('sample', 'export_mobile'):
-    iters = 4  # the generator's sample_iters
 if script == 'eval_real':
     test_dir = 'data/emoji/128/test'  # all four styles: Emoji One is the one training never saw
 
 if script == 'distill':
     out_dir = 'out-emoji-cd'
     teacher_dir = 'out-emoji-flow'
-    iters = 4
     batch_size = 32
     max_steps = 600
     eval_interval = 200

@@ -8,21 +8,14 @@ if script == 'train_flow':  # the adapter trains with its own script
 if script in ('train_control', 'sample', 'eval_real', 'export_mobile'):
     out_dir = 'out-emoji-edges'
 if script == 'train_control':
-    data_dir = 'data/emoji/128-3styles/train'
-    image_size = 128
-    num_holdout = 64
     base_dir = 'out-emoji-flow'
     control = 'edges'
     cfg_dropout = 0.5  # ControlNet's: with half the captions empty, the layout must be read from the control
-    # r and the loss weighting as the base trained (config/emoji.py)
-    train_iters, train_iters_mean = (8,), 2.0
-    loss_weighting = 'none'
     batch_size = 32
     lr = 1e-3
     min_lr = 1e-4
     warmup_steps = 50
     max_steps = 1000
     eval_interval = 250
-    sample_iters = 4
 if script == 'eval_real':
     sections = 'control'

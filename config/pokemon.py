@@ -51,7 +51,6 @@ if script == 'train_flow':
 if script == 'distill':
     out_dir = 'out-pokemon-cd'
     teacher_dir = 'out-pokemon-flow'
-    iters = 4
     batch_size = 32
     max_steps = 1000
     eval_interval = 250

@@ -2,7 +2,7 @@
 # exactly on held-out combinations (eval_scenes.py). The task where more Core iterations should pay.
 #   python train_vae.py config/scenes.py && python train_flow.py config/scenes.py
 #   python eval_scenes.py config/scenes.py --exit_tolerance=0.1
-#   python sample.py config/scenes.py --prompt "a red circle left of a blue square" --iters 8
+#   python sample.py config/scenes.py --prompt "a red circle left of a blue square"
 if script in ('train_vae', 'train_flow'):
     dataset = 'scenes'
     image_size = 96  # -> 6x6x16 latents, at which the analyser reads the VAE's reconstructions
@@ -40,7 +40,6 @@ if script == 'train_flow':
 if script == 'distill':
     out_dir = 'out-scenes-cd'
     teacher_dir = 'out-scenes-flow'
-    iters = 8
     batch_size = 64
     max_steps = 1500
     eval_interval = 500

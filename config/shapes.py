@@ -47,13 +47,9 @@ if script == 'train_flow':
     eval_interval = 500
     sample_iters = 2  # its best r; more draw as well, fewer worse
 
-if script in ('sample', 'export_mobile'):
-    iters = 2  # the generator's sample_iters
-
 if script == 'distill':
     out_dir = 'out-shapes-cd'
     teacher_dir = 'out-shapes-flow'
-    iters = 2
     batch_size = 64
     max_steps = 1500
     eval_interval = 500
