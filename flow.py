@@ -73,13 +73,14 @@ def flow_loss(model, x0, prompt, iters, t, eps, weighting='none', loop_distill=0
 
 
 @torch.no_grad()
-def held_out_loss(model, latents, prompt, iters, batch_size, seed=0, exit_tolerance=0.0, progress=None):
+def held_out_loss(model, latents, prompt, iters, batch_size, seed=0, exit_tolerance=0.0, record_iters=None):
     """SD3's validation loss: the mean flow loss of held-out latents at t = 1/8, 3/8, 5/8, 7/8,
-    with one fixed noise per image, at r = iters (with exit_tolerance and progress as in
+    with one fixed noise per image, at r = iters (with exit_tolerance and record_iters as in
     encode_once). -> the four bands' means. A noise-started Core's s_0 is drawn from `seed`
     too, so that every r is measured on the same draws."""
     def network(x, t, text, mask, iters):
-        return encode_once(model, Prompt(text, mask), exit_tolerance=exit_tolerance, progress=progress)(x, t, iters)
+        velocity = encode_once(model, Prompt(text, mask), exit_tolerance=exit_tolerance, record_iters=record_iters)
+        return velocity(x, t, iters)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
     batches = [slice(i, i + batch_size) for i in range(0, len(latents), batch_size)]
     with own_random_numbers(seed, latents.device):
@@ -100,36 +101,36 @@ def time_grid(steps, shift=1.0, t_start=1.0):
     return shift_time(torch.linspace(t_start, 0.0, steps + 1), shift)
 
 
-def encode_once(model, prompt, hint=None, exit_tolerance=0.0, progress=None):
+def encode_once(model, prompt, hint=None, exit_tolerance=0.0, record_iters=None):
     """model(x, t, text, mask, iters) for a prompt that stays the same through sampling, as
     v(x, t, iters): the prompt is encoded once per sampling call (Iris.encode_prompt: every
     cross-attention's keys and values of the text), not at every step.
     hint: a control map's, from Iris.encode_control, or None. exit_tolerance > 0: adaptive
-    iterations, iters the most (model.iterate_core). progress(used), when given, is called
+    iterations, iters the most (model.iterate_core). record_iters(used), when given, is called
     after every evaluation with the iterations each sample ran (B,)."""
     encoded = model.encode_prompt(prompt.text, prompt.mask)
 
     def velocity(x, t, iters):
         v, used = model.velocity(x, t, encoded, iters, hint, exit_tolerance)
-        if progress is not None:
-            progress(used)
+        if record_iters is not None:
+            record_iters(used)
         return v
     return velocity
 
 
-def guided(model, prompt, null_prompt, cfg_scale, hint=None, exit_tolerance=0.0, progress=None):
+def guided(model, prompt, null_prompt, cfg_scale, hint=None, exit_tolerance=0.0, record_iters=None):
     """-> v(x, t, iters), t a scalar or (B,): classifier-free guidance, v_u + w (v_c - v_u),
     with both branches in one batch and the prompts encoded once. null_prompt is the empty
     caption's (1 row). A control's hint acts on both branches (as in ControlNet), so guidance
-    sharpens the text's share only. exit_tolerance, progress: as in encode_once."""
+    sharpens the text's share only. exit_tolerance, record_iters: as in encode_once."""
     if cfg_scale == 1.0:
-        velocity = encode_once(model, prompt, hint, exit_tolerance, progress)
+        velocity = encode_once(model, prompt, hint, exit_tolerance, record_iters)
         return lambda x, t, iters: velocity(x, t.expand(len(x)), iters)
     length = max(prompt.text.shape[1], null_prompt.text.shape[1])
     prompt, null_prompt = prompt.padded(length), null_prompt.padded(length)
     both = Prompt(torch.cat([prompt.text, null_prompt.text.expand(len(prompt.text), -1, -1)]),
                   torch.cat([prompt.mask, null_prompt.mask.expand(len(prompt.mask), -1)]))
-    velocity = encode_once(model, both, None if hint is None else torch.cat([hint, hint]), exit_tolerance, progress)
+    velocity = encode_once(model, both, None if hint is None else torch.cat([hint, hint]), exit_tolerance, record_iters)
 
     def guided_velocity(x, t, iters):
         t = t.expand(len(x))
@@ -140,7 +141,7 @@ def guided(model, prompt, null_prompt, cfg_scale, hint=None, exit_tolerance=0.0,
 
 @torch.no_grad()
 def euler_sample(model, noise, prompt, null_prompt, steps=25, cfg_scale=4.0, iters=8, shift=1.0, init=None,
-                 strength=1.0, keep=None, hint=None, exit_tolerance=0.0, progress=None):
+                 strength=1.0, keep=None, hint=None, exit_tolerance=0.0, record_iters=None):
     """Integrate dx/dt = v from t = strength (1: pure noise) to t = 0; returns x_0 (B, 16, h, w).
 
     Editing with the same model: img2img (SDEdit, Meng et al. 2021, arXiv 2108.01073)
@@ -148,12 +149,12 @@ def euler_sample(model, noise, prompt, null_prompt, steps=25, cfg_scale=4.0, ite
     (1 or B, 1, h, w) in [0, 1], 1 where init must stay: after every step that region is
     re-imposed from init noised to the current t, with the same noise, blended where
     0 < keep < 1 (the border), and is exactly init at t = 0. hint: a control map's, from
-    Iris.encode_control, or None. exit_tolerance, progress: as in encode_once."""
+    Iris.encode_control, or None. exit_tolerance, record_iters: as in encode_once."""
     times = time_grid(steps, shift, strength).to(noise.device)
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
-    velocity = guided(model, prompt, null_prompt, cfg_scale, hint, exit_tolerance, progress)
+    velocity = guided(model, prompt, null_prompt, cfg_scale, hint, exit_tolerance, record_iters)
     for t, t_next in zip(times[:-1], times[1:]):
         x = x - (t - t_next) * velocity(x, t, iters)
         if keep is not None:
@@ -187,7 +188,7 @@ def consistency_loss(student, target, teacher, x0, prompt, null_prompt, t_low, t
 
 @torch.no_grad()
 def consistency_sample(model, noise, prompt, steps=2, iters=8, generator=None, init=None, strength=1.0, keep=None,
-                       hint=None, exit_tolerance=0.0, progress=None):
+                       hint=None, exit_tolerance=0.0, record_iters=None):
     """Multistep consistency sampling (CM, Algorithm 1): predict x_0, re-noise it to the
     next time of the grid, predict again. The guidance is baked into the student.
     init, strength and keep edit an image as in euler_sample; keep acts on each x_0."""
@@ -195,7 +196,7 @@ def consistency_sample(model, noise, prompt, steps=2, iters=8, generator=None, i
     if init is not None and strength == 0:
         return init.expand_as(noise)
     x = noise if init is None else noised(init, noise, times[0])
-    velocity = encode_once(model, prompt, hint, exit_tolerance, progress)
+    velocity = encode_once(model, prompt, hint, exit_tolerance, record_iters)
     for t, t_next in zip(times[:-1], times[1:]):
         x0 = consistency_fn(velocity, x, t.expand(len(x)), iters)
         if keep is not None:
@@ -207,16 +208,17 @@ def consistency_sample(model, noise, prompt, steps=2, iters=8, generator=None, i
 @torch.no_grad()
 def text_to_image(model, vae, encoder, prompts, noise, steps=25, cfg_scale=4.0, iters=8, shift=1.0, sampler='euler',
                   generator=None, init=None, strength=1.0, keep=None, control_map=None, control_strength=1.0,
-                  exit_tolerance=0.0, progress=None):
+                  exit_tolerance=0.0, record_iters=None):
     """Prompts -> uint8 images (B, 3, H, W): encode the text, sample the latent, decode.
     sampler: 'euler' for a train_flow.py model, 'consistency' for a distill.py one (whose
     re-noising draws from generator). init, strength, keep: editing, see euler_sample.
     control_map: control maps (B, 1, H, W) for a model with a ControlAdapter, whose hint is
-    scaled by control_strength (0: the base model, 1: as trained). exit_tolerance, progress:
+    scaled by control_strength (0: the base model, 1: as trained). exit_tolerance, record_iters:
     as in encode_once."""
     prompt = Prompt(*encoder(prompts))
     hint = None if control_map is None else model.encode_control(control_map.to(noise.device), control_strength)
-    edit = dict(init=init, strength=strength, keep=keep, hint=hint, exit_tolerance=exit_tolerance, progress=progress)
+    edit = dict(init=init, strength=strength, keep=keep, hint=hint, exit_tolerance=exit_tolerance,
+                record_iters=record_iters)
     if sampler == 'consistency':
         z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, **edit)
     else:

@@ -155,7 +155,7 @@ def generate(get_part, prompts, noise, steps, cfg_scale, iters, shift, sampler, 
     model = get_part('generator')
     hint = None if control_map is None else model.encode_control(control_map)
     used = []
-    iterating = dict(hint=hint, exit_tolerance=exit_tolerance, progress=used.append)
+    iterating = dict(hint=hint, exit_tolerance=exit_tolerance, record_iters=used.append)
     if sampler == 'consistency':
         z = consistency_sample(model, noise, prompt, steps=steps, iters=iters, generator=generator, **iterating)
     else:

@@ -168,7 +168,7 @@ def count_iterations(iterations):  # (B,); the batch runs until its last sample 
     bar.update(int(iterations.max()))
 
 
-sampling.update(exit_tolerance=exit_tolerance, progress=count_iterations)
+sampling.update(exit_tolerance=exit_tolerance, record_iters=count_iterations)
 with autocast:
     if upscale:
         images = super_resolve(model, vae, encoder, small=small.expand(len(prompts), -1, -1, -1), prompts=prompts,

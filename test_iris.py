@@ -1458,23 +1458,33 @@ def test_eval_shapes_measures_each_r_and_adaptive_iterations(vae_64, tmp_path):
 
 
 @FULL
-def test_eval_scenes_scores_each_task_at_each_r_and_adaptive_iterations(tiny_runs, vae_64, tmp_path):
+def test_eval_scenes_scores_seen_and_held_out_captions_at_each_r_adaptively_and_over_guidance(tiny_runs, vae_64,
+                                                                                               tmp_path):
     result = _run(['train_flow.py', SHAPES_CONFIG, *TINY_FLOW, '--dataset=scenes', '--image_size=64', '--max_steps=2',
                    f'--vae_dir={vae_64}', '--iteration_embedding=none', '--train_iters=(4,)', '--train_iters_mean=2.0'],
                   tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     result = _run(['eval_scenes.py', '--out_dir=out-flow', '--num_prompts=12', '--iters_list=(1, 2)', '--steps=2',
-                   '--exit_tolerance=1e30', '--batch_size=8'], tmp_path)
+                   '--exit_tolerance=1e30', '--cfg_list=(1.5, 9.0)', '--steps_list=(1,)', '--batch_size=8'], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = {line.split(' | ')[0].lstrip('| '): line.rstrip(' |').split(' | ')[1:] for line in result.stdout.splitlines()
-            if line.startswith('| ')}
-    assert rows['real held-out scenes'][:7] == ['100.0'] * 7, result.stdout
-    names = [name for name in rows if name.startswith(('r = ', 'auto'))]
-    assert names == ['r = 1, 2 steps, cfg 4.0', 'r = 2, 2 steps, cfg 4.0',
-                     'auto (tolerance 1e+30, at most 2), 2 steps, cfg 4.0'], result.stdout
-    # a tolerance nothing can miss stops every sample after one iteration: r = 1's images exactly
-    assert rows[names[2]][:8] == rows[names[0]][:7] + ['1.0']
-    assert Image.open(tmp_path / 'out-flow' / 'eval_iters.png').size == (8 * 64, 2 * 64)
+    rows = json.loads((tmp_path / 'out-flow' / 'eval_scenes.json').read_text())
+    for split in ('held-out', 'seen'):
+        named = {row['images']: row for row in rows if row['split'] == split}
+        assert all(named['real scenes'][task] == 1.0 for task in TASKS), named['real scenes']
+        sampled = [name for name in named if name.startswith(('r = ', 'auto'))]
+        assert sampled == ['r = 1, 2 steps, cfg 4', 'r = 2, 2 steps, cfg 4', 'auto (tolerance 1e+30, at most 2), '
+                           '2 steps, cfg 4', 'r = 2, 2 steps, cfg 1.5', 'r = 2, 2 steps, cfg 9',
+                           'r = 2, 1 steps, cfg 4'], sampled  # the sweeps at the run's sample_iters
+        # a tolerance nothing can miss stops every sample after one iteration: r = 1's images exactly
+        auto, once = named[sampled[2]], named[sampled[0]]
+        assert auto['mean r'] == 1.0 and all(auto[k] == once[k] for k in (*TASKS, 'overall'))
+        assert Image.open(tmp_path / 'out-flow' / f'eval_iters_{split}.png').size == (8 * 64, 2 * 64)
+    losses = next(row for row in rows if row['images'].startswith('held-out flow loss'))
+    assert all(math.isfinite(losses[f'r = {r}']) for r in (1, 2))
+    # the seen captions follow the training rule, the held-out ones are combinations it never trained on
+    assert not any(held_out(scene_attributes(2, i)) for i in range(12))
+    assert all(scene['task'] == 'single object' or held_out(scene) for scene in
+               (scene_attributes(1, i, test=True) for i in range(12)))
     result = _run(['eval_scenes.py', f'--out_dir={tiny_runs / "out-flow"}'], tmp_path)  # a shapes run
     assert result.returncode != 0 and 'was not trained on the scenes data' in result.stderr, result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
