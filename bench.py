@@ -2,10 +2,11 @@
 Measures what the README claims about the generator on this machine, as tables:
 
     python bench.py                          # the default sections, in minutes
-    python bench.py --sections=mixer,scan    # of: params, mixer, scan, step, latency, flops, memory, kernels,
-                                             #     compile, runtime, browser
+    python bench.py --sections=mixer,scan    # of: params, mixer, scan, step, latency, flops, train, memory,
+                                             #     kernels, compile, runtime, browser
     python bench.py --threads=1
-    python bench.py --sections=memory --config=config/pokemon_long.py
+    python bench.py config/shapes.py         # the quickstart's own models: train, memory and kernels
+    python bench.py --sections=memory config/pokemon.py config/pokemon_long.py   # config files apply in order
     python bench.py --sections=browser --export_dirs=out-shapes-flow/mobile-fp32
 
   params   parameters per component of iris_tiny / small / base
@@ -19,15 +20,18 @@ Measures what the README claims about the generator on this machine, as tables:
   latency  one generator forward (batch 1, 77 text tokens) at 256 and 512 px for r = 4, 8,
            16, with the process's peak RSS, and the VAE decoder
   flops    this machine's fp32 matmul peak, and the FLOP/s the generator reaches
+  train    (the default with a config file) ms per training step of the config's VAE and generator
+           as their scripts train them (their batch, r, optimizer: AdamW or Muon; fp32 on this CPU),
+           the optimizer's step alone, and the minutes max_steps of them take
   memory   (not in the default; minutes, 25 on a CPU without native bf16) one training step
-           of each stage of --config, as a GPU would run it (autocast in --dtype): the memory
+           of each stage of the config, as a GPU would run it (autocast in --dtype): the memory
            it holds (weights, gradients, AdamW, EMA, the activations autograd saves), its
            FLOPs and kernels, and from those an estimate of its time on a T4 (assumptions
            printed with it)
-  kernels  (not in the default; 3 minutes) the kernels one training step of --config's generator
+  kernels  (not in the default; 3 minutes) the kernels one training step of the config's generator
            launches, GRFM against attention in its place
   compile  (not in the default; 6 minutes with inductor's cache cold) train_flow.py's step on
-           --config, eager and with compile=True (each Core layer compiled), with either FFT:
+           the config, eager and with compile=True (each Core layer compiled), with either FFT:
            time to compile, ms and kernels per step, graphs compiled over train_iters, and the
            graph breaks in a Core layer (torch._dynamo.explain)
   runtime  (not in the default; needs requirements-export.txt) the ExecuTorch kernels that
@@ -36,7 +40,9 @@ Measures what the README claims about the generator on this machine, as tables:
            (WASM, --threads threads) on each of --export_dirs: the first image (downloads and
            loads every file) and the next, the tab's peak memory and the download, against
            run_mobile.py --format=onnx on the same files; --screenshot saves the page
-Timings are medians of several runs after a warm-up. No test asserts on them.
+The config: the config files on the command line (as the training scripts read them, over
+their defaults: configurator.script_settings), config/pokemon.py without one. Timings are
+medians of several runs after a warm-up. No test asserts on them.
 """
 import copy
 import os
@@ -53,22 +59,21 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import browser
-from configurator import configure, read_config_file
-from model import (SIZES, CoreLayer, FourierMixer, IrisConfig, SelfAttentionMixer, count_parameters, iris_tiny,
-                   linear_scan, sequential_scan, wake_up)
+from configurator import config_files, configure, script_settings
 from mobile import initial_noise, peak_rss_mb, read_manifest, xnnpack_partitioner
-from text import Prompt, load_text_encoder
+from model import (SIZES, CoreLayer, FourierMixer, IrisConfig, SelfAttentionMixer, build_generator, count_parameters,
+                   iris_tiny, linear_scan, sequential_scan, wake_up)
 from precision import mixed_precision
-from training import count_kernels, generator_step
+from text import Prompt, load_text_encoder
+from training import count_kernels, generator_step, make_optimizer, optimizer_step
 from vae import WaveletVAE, vae_loss
 
 # -----------------------------------------------------------------------------
-sections = "params,mixer,scan,step,latency,flops"
+sections = ""  # "" = params,mixer,scan,step,latency,flops; with a config file, train,memory,kernels
 threads = 2
 dim = 384            # width of the mixer comparison (iris_tiny's)
 repeats = 5
 seed = 0
-config = "config/pokemon.py"  # the run the memory section measures (several files: comma-separated, in order)
 # the memory section's autocast. A T4 trains in fp16, but CPU autocast casts the same ops for bf16
 # and fp16 (one list), both 2 bytes: bf16 measures fp16's bytes, FLOPs and ops here, and fp16
 # convolutions run ~150x slower than bf16 on this CPU
@@ -77,6 +82,8 @@ export_dirs = ""     # the browser section's export_mobile.py folders, comma-sep
 screenshot = ""      # the browser section: a PNG of the page after the first export's image
 # -----------------------------------------------------------------------------
 configure(globals(), positive=('threads', 'dim', 'repeats'), choices=dict(dtype=("bfloat16", "float16", "float32")))
+configs = config_files() or ["config/pokemon.py"]  # what the train, memory, kernels and compile sections measure
+sections = sections or ("train,memory,kernels" if config_files() else "params,mixer,scan,step,latency,flops")
 torch.set_num_threads(threads)
 torch.manual_seed(seed)
 
@@ -256,28 +263,13 @@ def t4_seconds(m):
     return m["flops"] / T4_FLOPS + 3 * m["activations"] / T4_BANDWIDTH + m["kernels"] * T4_SECONDS_PER_KERNEL
 
 
-def config_settings(script):
-    """What --config's files set for a script, applied in order as the configurator would."""
-    settings = {}
-    for path in config.split(","):
-        settings |= read_config_file(path, script)
-    return settings
-
-
-def config_setting(settings, key, script):
-    if key not in settings:
-        raise SystemExit(f"error: {config} sets no '{key}' for {script}.py; the memory section needs it there")
-    return settings[key]
-
-
 def bench_memory():
-    print(f"## One training step of {config} in {dtype} autocast, measured on this CPU\n")
+    print(f"## One training step of {' '.join(configs)} in {dtype} autocast, measured on this CPU\n")
     autocast, _ = mixed_precision(dtype, "cpu")
     rows, total_minutes = [], 0.0
-    vae_settings = config_settings("train_vae")
-    size, batch = (config_setting(vae_settings, k, "train_vae") for k in ("image_size", "batch_size"))
-    vae = WaveletVAE(config_setting(vae_settings, "channels", "train_vae"), 16,
-                     config_setting(vae_settings, "blocks_per_stage", "train_vae"))
+    vae_settings = script_settings("train_vae", configs)
+    size, batch = vae_settings["crop_size"] or vae_settings["image_size"], vae_settings["batch_size"]
+    vae = WaveletVAE(vae_settings["channels"], 16, vae_settings["blocks_per_stage"])
     x = torch.rand(batch, 3, size, size) * 2 - 1
 
     def vae_step():
@@ -285,14 +277,13 @@ def bench_memory():
             wavelet_hat, mean, logvar = vae(x)
         vae_loss(wavelet_hat.float(), x, mean.float(), logvar.float())[0].backward()
     measured = [("train_vae", vae, measure_training_step(vae, vae_step),
-                 config_setting(vae_settings, "max_steps", "train_vae"), f"{batch} x {size}px")]
+                 vae_settings["max_steps"], f"{batch} x {size}px")]
 
-    flow_settings = config_settings("train_flow")
-    size, batch, patch, train_iters, backprop_iters = (config_setting(flow_settings, k, "train_flow") for k in (
-        "image_size", "batch_size", "patch_size", "train_iters", "backprop_iters"))
-    encoder = load_text_encoder(flow_settings.get("text_encoder", "minilm"))
-    model = SIZES[config_setting(flow_settings, "model_size", "train_flow")](patch_size=patch, text_dim=encoder.width,
-                                                                            backprop_iters=backprop_iters)
+    flow_settings = script_settings("train_flow", configs)
+    size, batch, patch, train_iters = (flow_settings[k] for k in ("image_size", "batch_size", "patch_size",
+                                                                   "train_iters"))
+    encoder = load_text_encoder(flow_settings["text_encoder"])
+    model = build_generator(flow_settings, encoder.width)
     flow_step = flow_training_step(model, batch, size, patch, dtype, encoder.width, 77)  # the longest captions
     # memory at the largest r (flat in r with backprop_iters); FLOPs and kernels grow linearly
     # in r, so the step at the mean r drawn is the line through the smallest and the largest
@@ -300,7 +291,7 @@ def bench_memory():
     share = (sum(train_iters) / len(train_iters) - min(train_iters)) / max(1, max(train_iters) - min(train_iters))
     flow = dict(high, **{k: low[k] + share * (high[k] - low[k]) for k in ("flops", "kernels")})
     flow["frozen"] = 4 * sum(p.numel() for m in (vae, encoder) for p in m.parameters())  # VAE and text encoder
-    measured.append(("train_flow", model, flow, config_setting(flow_settings, "max_steps", "train_flow"),
+    measured.append(("train_flow", model, flow, flow_settings["max_steps"],
                      f"{batch} x {(size // 16 // patch) ** 2} tokens, r={min(train_iters)}..{max(train_iters)}"))
     for script, module, m, max_steps, shape in measured:
         held = sum(v for k, v in m.items() if k not in ("flops", "kernels"))
@@ -317,35 +308,67 @@ def bench_memory():
           f"CUDA's own\n~0.4 GiB, the allocator's slack, sample grids and checkpoints. A T4 has 15 GiB.\n")
 
 
-def flow_training_step(model, batch, size, patch, dtype, text_width=384, text_length=12):
+def bench_train():
+    print(f"## Training steps of {' '.join(configs)} as train_vae.py and train_flow.py take them, fp32 on this CPU\n")
+    _, scaler = mixed_precision("float32", "cpu")
+    settings = script_settings("train_vae", configs)
+    side, batch = settings["crop_size"] or settings["image_size"], settings["batch_size"]
+    vae = WaveletVAE(settings["channels"], 16, settings["blocks_per_stage"]).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(vae, 1e-6, 0.0, settings["muon"], ends=(vae.encoder[0], vae.decoder[-1]))
+    x = torch.rand(batch, 3, side, side) * 2 - 1
+
+    def vae_step():
+        wavelet_hat, mean, logvar = vae(x)
+        vae_loss(wavelet_hat, x, mean, logvar)[0].backward()
+        optimizer_step(vae, optimizer, scaler, settings["grad_clip"])
+    rows = [training_row("train_vae", settings, f"{batch} x {side} px", vae_step, optimizer)]
+    settings = script_settings("train_flow", configs)
+    side, batch, patch = settings["image_size"], settings["batch_size"], settings["patch_size"]
+    model = build_generator(settings, 384)
+    optimizer = make_optimizer(model, 1e-6, 0.0, settings["muon"], ends=(model.patch_embed, model.unpatchify))
+    # r: the mean of the draws (training.draw_iters), the median of train_iters when drawn uniformly
+    r = round(settings["train_iters_mean"]) or sorted(settings["train_iters"])[len(settings["train_iters"]) // 2]
+    flow_step = flow_training_step(model, batch, side, patch, "float32", optimizer=optimizer)
+    rows.append(training_row("train_flow", settings, f"{batch} x {(side // 16 // patch) ** 2} tokens, r = {r}",
+                             lambda: flow_step(r), optimizer))
+    table(["script", "batch", "optimizer", "ms / step", "of it the optimizer's step", "max_steps",
+           "minutes of steps"], rows)
+    print("Data, evaluations, sample grids and checkpoints come on top (train_flow.py: drawing and encoding the data\n"
+          "set once, docs/speedrun.md).\n")
+
+
+def training_row(script, settings, batch, step, optimizer):
+    seconds = median_time(step)
+    for p in (p for group in optimizer.param_groups for p in group["params"]):
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer_seconds = median_time(optimizer.step)
+    return [script, batch, "Muon + AdamW" if settings["muon"] else "AdamW", f"{1e3 * seconds:.0f}",
+            f"{1e3 * optimizer_seconds:.0f} ms", settings["max_steps"], f"{settings['max_steps'] * seconds / 60:.1f}"]
+
+
+def flow_training_step(model, batch, size, patch, dtype, text_width=384, text_length=12, optimizer=None):
     """-> step(iters): train_flow.py's step (training.generator_step) of `model`, autocast in
-    dtype and fused AdamW, on random latents and captions (a shapes caption's length)."""
+    dtype and `optimizer` (fused AdamW if None), on random latents and captions (a shapes
+    caption's length)."""
     z, t = torch.randn(batch, 16, size // 16, size // 16), torch.rand(batch)
     prompt = Prompt(torch.randn(batch, text_length, text_width), torch.ones(batch, text_length, dtype=torch.bool))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast, scaler = mixed_precision(dtype, "cpu")
     return lambda iters: generator_step(model, optimizer, scaler, autocast, z, prompt, t, torch.randn_like(z), iters,
                                         [torch.arange(batch)])
 
 
-def flow_settings_of(path):
-    settings = read_config_file(path, "train_flow")
-    keys = ("model_size", "image_size", "batch_size", "patch_size", "train_iters", "backprop_iters")
-    missing = [k for k in keys if k not in settings]
-    if missing:
-        raise SystemExit(f"error: {path} sets no {', '.join(missing)} for train_flow.py; this section needs them")
-    return [settings[k] for k in keys]
-
-
 def bench_kernels():
-    model_size, size, _, patch, train_iters, backprop_iters = flow_settings_of(config.split(",")[0])
+    settings = script_settings("train_flow", configs)
+    size, patch, train_iters = settings["image_size"], settings["patch_size"], settings["train_iters"]
     r = train_iters[len(train_iters) // 2]
-    print(f"## Kernels in one train_flow.py step of {config}: {model_size}, {(size // 16 // patch) ** 2} tokens, "
-          f"r = {r}, backprop {backprop_iters}, forward + backward + AdamW, {dtype} autocast\n")
+    print(f"## Kernels in one train_flow.py step of {' '.join(configs)}: {settings['model_size']}, "
+          f"{(size // 16 // patch) ** 2} tokens, r = {r}, backprop {settings['backprop_iters']}, forward + backward + "
+          f"AdamW, {dtype} autocast\n")
     rows = []
     for mixer in ("grfm", "attention"):
         torch.manual_seed(seed)
-        model = SIZES[model_size](patch_size=patch, mixer=mixer, backprop_iters=backprop_iters)
+        model = build_generator(settings | dict(mixer=mixer), 384)
         step = flow_training_step(model, 2, size, patch, dtype)  # the count does not depend on the batch
         step(r)  # the first step creates AdamW's state
         rows.append([mixer, count_kernels(lambda: step(r))])
@@ -355,15 +378,16 @@ def bench_kernels():
 
 
 def bench_compile():
-    model_size, size, _, patch, train_iters, backprop_iters = flow_settings_of(config.split(",")[0])
+    settings = script_settings("train_flow", configs)
+    size, patch, train_iters = settings["image_size"], settings["patch_size"], settings["train_iters"]
     batch = 4  # not the config's: compiling does not depend on it, and a CPU runs the config's slowly
-    print(f"## train_flow.py's step on {config} with compile=True (each Core layer, inductor), fp32, batch "
+    print(f"## train_flow.py's step on {' '.join(configs)} with compile=True (each Core layer, inductor), fp32, batch "
           f"{batch}, r in {train_iters}\n")
     torch._inductor.config.cpp.enable_kernel_profile = True  # fused kernels show in the profiler (count_kernels)
     rows = []
     for compiled, fft_impl in ((False, "torch"), (True, "torch"), (False, "dft"), (True, "dft")):
         torch.manual_seed(seed)
-        model = SIZES[model_size](patch_size=patch, backprop_iters=backprop_iters, fft_impl=fft_impl)
+        model = build_generator(settings, 384, fft_impl=fft_impl)
         if compiled:
             model.compile_core()
         step = flow_training_step(model, batch, size, patch, "float32")
@@ -377,7 +401,7 @@ def bench_compile():
         rows.append(["compiled" if compiled else "eager", fft_impl, f"{first:.0f}",
                      f"{1e3 * median_time(lambda: step(r), repeats=3):.0f}", count_kernels(lambda: step(r)),
                      graphs if compiled else "-"])
-    layer, side = SIZES[model_size](patch_size=patch).core[0], size // 16 // patch
+    layer, side = build_generator(settings, 384).core[0], size // 16 // patch
     width = layer.norm1.normalized_shape[0]
     text_kv = layer.cross_attention.key_values(torch.randn(2, 12, width))
     explained = torch._dynamo.explain(layer)(torch.randn(2, side * side, width), torch.randn(2, 7 * width),
@@ -470,8 +494,8 @@ def bench_browser():
 
 
 benches = {"params": bench_params, "mixer": bench_mixer, "scan": bench_scan, "step": bench_step,
-           "latency": bench_latency, "flops": bench_flops, "memory": bench_memory, "kernels": bench_kernels,
-           "compile": bench_compile, "runtime": bench_runtime, "browser": bench_browser}
+           "latency": bench_latency, "flops": bench_flops, "train": bench_train, "memory": bench_memory,
+           "kernels": bench_kernels, "compile": bench_compile, "runtime": bench_runtime, "browser": bench_browser}
 unknown = set(sections.split(",")) - set(benches)
 if unknown:
     raise SystemExit(f"error: unknown bench.py section(s) {', '.join(sorted(unknown))}; "

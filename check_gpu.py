@@ -3,12 +3,13 @@ The GPU check: what a first run of the Pokemon quickstart does on a GPU, in a fe
 
     python check_gpu.py --data_dir=PATH        # any local imagefolder (images + metadata.jsonl)
     python check_gpu.py --data_dir=PATH --dtypes="('bfloat16',)"
+    python check_gpu.py config/emoji.py --data_dir=PATH    # another config's models (config/pokemon.py's by default)
 
 For each dtype (fp16 with its GradScaler, bf16) it runs, as a user runs them, from an empty
-cache: train_vae.py and train_flow.py on config/pokemon.py's sizes for a few dozen steps, a
-resume of train_flow.py, sample.py, distill.py and sample.py on the student. Then it times one
-generator training step in-process, GRFM against attention in the Core: ms per step, the
-kernels one step launches (torch.profiler) and the peak GPU memory. It stops at the first
+cache: train_vae.py and train_flow.py on the config's models for a few dozen steps, a resume
+of train_flow.py, sample.py, distill.py and sample.py on the student. Then it times one of the
+config's generator training steps in-process, GRFM against attention in the Core: ms per step,
+the kernels one step launches (torch.profiler) and the peak GPU memory. It stops at the first
 error with that command's output. Runs go to out_dir/<dtype>, emptied first.
 On a CPU (--device=cpu) the same lines run, slowly: a smoke test of this script.
 """
@@ -20,10 +21,10 @@ import time
 
 import torch
 
-from configurator import configure
-from model import SIZES
-from text import Prompt
+from configurator import config_files, configure, script_settings
+from model import build_generator
 from precision import mixed_precision
+from text import Prompt
 from training import count_kernels, generator_step
 
 # -----------------------------------------------------------------------------
@@ -34,10 +35,10 @@ vae_max_steps = 40
 flow_max_steps = 30
 distill_max_steps = 10
 overrides = ''  # more --key=value for train_vae.py and train_flow.py, separated by spaces (a small CPU smoke test)
-timed_batch_size = 32  # the timed generator step's batch (config/pokemon.py's)
+timed_batch_size = 0  # the timed generator step's batch; 0 = the config's
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 # -----------------------------------------------------------------------------
-configure(globals(), positive=('vae_max_steps', 'flow_max_steps', 'distill_max_steps', 'timed_batch_size'))
+configure(globals(), positive=('vae_max_steps', 'flow_max_steps', 'distill_max_steps'))
 if not dtypes or not set(dtypes) <= {'float32', 'bfloat16', 'float16'}:
     raise SystemExit(f"error: dtypes must name some of 'float16', 'bfloat16', 'float32', got {dtypes}")
 if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
@@ -45,12 +46,13 @@ if not os.path.isfile(os.path.join(data_dir, 'metadata.jsonl')):
                      "any few dozen captioned images will do")
 GPU = device.startswith('cuda')
 HERE = os.path.dirname(os.path.abspath(__file__))
-POKEMON = os.path.join(HERE, 'config', 'pokemon.py')
+CONFIGS = config_files() or [os.path.join(HERE, 'config', 'pokemon.py')]  # the config files on the command line
+FLOW = script_settings('train_flow', CONFIGS)  # the generator they train
 
 
-def run(script, *args):
+def run_script(script, *args):
     """Run one of the repo's scripts as a user would; stop with its output if it fails."""
-    command = [sys.executable, os.path.join(HERE, script), POKEMON, *args, f'--device={device}']
+    command = [sys.executable, os.path.join(HERE, script), *CONFIGS, *args, f'--device={device}']
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -59,15 +61,16 @@ def run(script, *args):
     print(f"  ok  {time.perf_counter() - start:6.1f} s  {script} {' '.join(args)}", flush=True)
 
 
-def measure_generator_step(mixer, dtype, batch, r=6):
-    """One train_flow.py step (training.generator_step) of config/pokemon.py's generator (Small,
-    64 tokens, backprop 4) -> (ms per step, kernels per step (training.count_kernels), peak
-    GiB): the allocator's peak on a GPU, none on a CPU."""
+def measure_generator_step(mixer, dtype, batch, r):
+    """One train_flow.py step (training.generator_step) of the config's generator with `mixer`
+    in its Core -> (ms per step, kernels per step (training.count_kernels), peak GiB): the
+    allocator's peak on a GPU, none on a CPU."""
     torch.manual_seed(0)
-    model = SIZES['small'](patch_size=2, mixer=mixer, backprop_iters=4).to(device)
+    model = build_generator(FLOW | dict(mixer=mixer), 384).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast, scaler = mixed_precision(dtype, device)
-    z, t = torch.randn(batch, 16, 16, 16), torch.rand(batch)  # on the CPU: the step moves its batch
+    side = FLOW['image_size'] // 16
+    z, t = torch.randn(batch, 16, side, side), torch.rand(batch)  # on the CPU: the step moves its batch
     prompt = Prompt(torch.randn(batch, 20, 384), torch.ones(batch, 20, dtype=torch.bool))
 
     def step():
@@ -100,19 +103,21 @@ for dtype in dtypes:
     shutil.rmtree(runs, ignore_errors=True)  # a fresh start, the cache too
     common = [f'--data_dir={data_dir}', f'--dtype={dtype}']
     print(f"{dtype}:")
-    run('train_vae.py', *common, f'--out_dir={runs}/vae', f'--max_steps={vae_max_steps}',
+    run_script('train_vae.py', *common, f'--out_dir={runs}/vae', f'--max_steps={vae_max_steps}',
         f'--eval_interval={vae_max_steps}',
         *overrides.split())
     flow = [*common, *overrides.split(), f'--vae_dir={runs}/vae', f'--cache_dir={runs}/cache', f'--out_dir={runs}/flow',
             f'--eval_interval={half}', '--sample_steps=4']
-    run('train_flow.py', *flow, f'--max_steps={half}')  # an empty cache: every user's first run
-    run('train_flow.py', *flow, f'--max_steps={flow_max_steps}', '--init_from=resume')
-    run('sample.py', f'--out_dir={runs}/flow', '--steps=4', f'--output={runs}/flow.png', f'--dtype={dtype}')
-    run('distill.py', f'--teacher_dir={runs}/flow', f'--cache_dir={runs}/cache', f'--out_dir={runs}/cd',
+    run_script('train_flow.py', *flow, f'--max_steps={half}')  # an empty cache: every user's first run
+    run_script('train_flow.py', *flow, f'--max_steps={flow_max_steps}', '--init_from=resume')
+    run_script('sample.py', f'--out_dir={runs}/flow', '--steps=4', f'--output={runs}/flow.png', f'--dtype={dtype}')
+    run_script('distill.py', f'--teacher_dir={runs}/flow', f'--cache_dir={runs}/cache', f'--out_dir={runs}/cd',
         f'--max_steps={distill_max_steps}', f'--eval_interval={distill_max_steps}', f'--dtype={dtype}')
-    run('sample.py', f'--out_dir={runs}/cd', '--steps=2', f'--output={runs}/cd.png', f'--dtype={dtype}')
+    run_script('sample.py', f'--out_dir={runs}/cd', '--steps=2', f'--output={runs}/cd.png', f'--dtype={dtype}')
+    batch, r = timed_batch_size or FLOW['batch_size'], sorted(FLOW['train_iters'])[len(FLOW['train_iters']) // 2]
+    tokens = (FLOW['image_size'] // 16 // FLOW['patch_size']) ** 2
     for mixer in ('grfm', 'attention'):
-        ms, kernels, peak = measure_generator_step(mixer, dtype, timed_batch_size)
-        print(f"  generator step, {mixer:9s}: {ms:7.1f} ms, {kernels} kernels, {peak} peak "
-              f"(Small, 64 tokens, batch {timed_batch_size}, r = 6, backprop 4)", flush=True)
+        ms, kernels, peak = measure_generator_step(mixer, dtype, batch, r)
+        print(f"  generator step, {mixer:9s}: {ms:7.1f} ms, {kernels} kernels, {peak} peak ({FLOW['model_size']}, "
+              f"{tokens} tokens, batch {batch}, r = {r}, backprop {FLOW['backprop_iters']})", flush=True)
 print("GPU check passed")

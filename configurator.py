@@ -36,6 +36,7 @@ import types
 import warnings
 
 SETTING_TYPES = (bool, int, float, str, tuple, list)
+HERE = os.path.dirname(os.path.abspath(__file__))
 _show_warning = warnings.showwarning
 
 
@@ -123,6 +124,23 @@ def _check_declared(settings, positive, choices, ranges):
             raise SystemExit(f"error: setting '{key}' must be from {low} to {high}, got {settings[key]!r}")
 
 
+def _arguments(argv):
+    """A command line -> ('file', path) for each config file and ('setting', key, text) for each
+    --key=value or --key value, in order."""
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if not arg.startswith('--'):
+            yield 'file', arg
+            continue
+        key, sep, text = arg[2:].partition('=')
+        if not sep:
+            if not argv or argv[0].startswith('--'):
+                raise SystemExit(f"error: '{arg}' has no value; write --{key}=VALUE")
+            text = argv.pop(0)
+        yield 'setting', key, text
+
+
 def configure(script_globals, argv=None, positive=(), choices=None, ranges=None):
     """Apply config files and --key=value overrides to script_globals; return the settings dict.
     Once every override is in, checks positive: the settings that must be above zero (steps,
@@ -130,23 +148,43 @@ def configure(script_globals, argv=None, positive=(), choices=None, ranges=None)
     (lowest, highest)}."""
     # from here on the script reports what its user can fix in one line, not a traceback
     sys.excepthook, warnings.showwarning = _error_line, _warning_line
-    argv = list(sys.argv[1:] if argv is None else argv)
     script = os.path.splitext(os.path.basename(script_globals.get('__file__', 'script')))[0]
     defaults = _settings(script_globals)
-    while argv:
-        arg = argv.pop(0)
-        if arg.startswith('--'):
-            key, sep, text = arg[2:].partition('=')
-            if not sep:
-                if not argv or argv[0].startswith('--'):
-                    raise SystemExit(f"error: '{arg}' has no value; write --{key}=VALUE")
-                text = argv.pop(0)
+    for kind, *what in _arguments(sys.argv[1:] if argv is None else argv):
+        if kind == 'setting':
+            key, text = what
             script_globals[key] = _checked(key, _parse(text), defaults, f"--{key}", script)
         else:
-            for key, value in read_config_file(arg, script).items():
-                script_globals[key] = _checked(key, value, defaults, arg, script)
+            for key, value in read_config_file(what[0], script).items():
+                script_globals[key] = _checked(key, value, defaults, what[0], script)
     _check_declared(script_globals, positive, choices or {}, ranges or {})
     return _settings(script_globals)
+
+
+def config_files(argv=None):
+    """The config files a command line names (its bare arguments), in order."""
+    return [what[0] for kind, *what in _arguments(sys.argv[1:] if argv is None else argv) if kind == 'file']
+
+
+def script_settings(script, paths):
+    """Another script's settings as the config files `paths` set them for it, in order, over its
+    own defaults (the literal values its settings block assigns before its configure() call,
+    read without running it): how bench.py and check_gpu.py build the models a config trains."""
+    with open(os.path.join(HERE, f'{script}.py')) as f:
+        body = ast.parse(f.read()).body
+    settings = {}
+    for node in body:
+        value = getattr(node, 'value', None)
+        if isinstance(value, ast.Call) and getattr(value.func, 'id', '') == 'configure':  # the block ends there
+            break
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                settings[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:  # device = 'cuda' if ... : not a literal, and no model setting
+                pass
+    for path in paths:
+        settings |= read_config_file(path, script)
+    return settings
 
 
 def read_config_file(path, script):

@@ -27,13 +27,13 @@ import torch
 from tqdm import tqdm
 
 from cache import load_training_set
+from checkpoint import load_checkpoint, load_generator, lock_out_dir, save_checkpoint
 from configurator import configure
 from data import save_grid
 from flow import consistency_loss, own_random_numbers, text_to_image, time_grid
-from text import Prompt, load_text_encoder
-from checkpoint import load_checkpoint, load_generator, lock_out_dir, save_checkpoint
 from precision import DTYPES, mixed_precision, resolve_dtype
-from training import (all_sum, backward, ema_update, LossLog, lr_at, make_ema, micro_batches, optimizer_step,
+from text import Prompt, load_text_encoder
+from training import (LossLog, all_sum, backward, ema_update, lr_at, make_ema, micro_batches, optimizer_step,
                       setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import load_vae
 

@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from cache import encode_images
+from checkpoint import load_generator
 from configurator import configure
 from data import control_map, load_imagefolder, map_image, save_grid, to_float, to_uint8
 from flow import held_out_loss, keep_input, text_to_image, upscale
 from metrics import accuracy, control_f1, frechet_distance, nearest_distance, read, sharpness, ssim, train_classifier
-from text import load_text_encoder
-from checkpoint import load_generator
 from precision import mixed_precision, resolve_dtype
+from text import load_text_encoder
 from vae import load_vae, psnr, reconstruct
 
 # -----------------------------------------------------------------------------

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from cache import encode_images
+from checkpoint import load_generator
 from configurator import configure
 from data import (COLOURS, POSITIONS, RADII, SHAPES, control_map, make_shapes, map_image, save_grid,
                   shape_attributes, shape_caption)
 from flow import held_out_loss, text_to_image
 from metrics import ATTRIBUTES, adherence, analyse, control_f1
-from text import load_text_encoder
-from checkpoint import load_generator
 from precision import mixed_precision, resolve_dtype
+from text import load_text_encoder
 from vae import latent_keep_mask, load_vae, reconstruct
 
 # -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from checkpoint import load_generator
 from configurator import configure
 from data import control_map, make_shapes, save_grid, to_uint8
 from mobile import (PRECISIONS, Method, as_tuple, export_onnx, export_pte, exported_parts, generate, generator_methods,
@@ -38,7 +39,6 @@ from mobile import (PRECISIONS, Method, as_tuple, export_onnx, export_pte, expor
                     save_manifest, save_tokenizer)
 from model import SIZES, wake_up
 from text import MAX_TOKENS, load_text_encoder
-from checkpoint import load_generator
 from vae import WaveletVAE, check_image_size, load_vae, psnr
 
 # -----------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def input_names(methods):
 
 
 def load_part(export_dir, part, fmt, dtype, inputs):
-    """-> run(method, **tensors) -> list of float32 tensors, over ExecuTorch or ONNX Runtime.
+    """-> execute(method, **tensors) -> list of float32 tensors, over ExecuTorch or ONNX Runtime.
     inputs: {method: input names} (input_names, as the manifest records them): each tensor
     goes in by its name. Inputs are cast to the export's float dtype (fp16 exports take fp16)."""
     if fmt == 'pte':
@@ -79,29 +79,29 @@ def load_part(export_dir, part, fmt, dtype, inputs):
             feeds = {spec.name: named[spec.name].numpy() for spec in session.get_inputs()}
             return [torch.from_numpy(y) for y in session.run(None, feeds)]
 
-    def run(method, **tensors):
+    def execute(method, **tensors):
         names = inputs[method]
         if set(tensors) != set(names):
             raise ValueError(f"{part}.{method} takes {', '.join(names)}, not {', '.join(tensors)}")
         return [y.float() for y in call(method, {name: (tensors[name].to(dtype) if tensors[name].is_floating_point()
                                                         else tensors[name]).contiguous() for name in names})]
-    return run
+    return execute
 
 
 class MobileTextEncoder:
     """prompts -> text.Prompt (B, L, W), (B, L): the tokenizer.json export_mobile.py saved
     (pads and truncates to the exported length) and the text encoder, one prompt at a time."""
 
-    def __init__(self, run, tokenizer_path):
+    def __init__(self, execute, tokenizer_path):
         from tokenizers import Tokenizer
-        self.run, self.tokenizer = run, Tokenizer.from_file(tokenizer_path)
+        self.execute, self.tokenizer = execute, Tokenizer.from_file(tokenizer_path)
 
     def __call__(self, prompts):
         tokens, masks = [], []
         for encoding in self.tokenizer.encode_batch(list(prompts)):
             ids = torch.tensor([encoding.ids], dtype=torch.long)
             mask = torch.tensor([encoding.attention_mask], dtype=torch.long)
-            tokens.append(self.run('forward', input_ids=ids, attention_mask=mask)[0])
+            tokens.append(self.execute('forward', input_ids=ids, attention_mask=mask)[0])
             masks.append(mask.bool())
         return Prompt(torch.cat(tokens), torch.cat(masks))
 
@@ -113,30 +113,30 @@ class MobileGenerator:
     Core starts, as the run's IrisConfig says: the Prelude's e, or noise drawn as Iris.velocity
     draws it (torch's global generator), so that the same seed draws the same image."""
 
-    def __init__(self, run, batch, state_init):
-        self.run, self.batch, self.state_init = run, batch, state_init
+    def __init__(self, execute, batch, state_init):
+        self.execute, self.batch, self.state_init = execute, batch, state_init
 
     def encode_prompt(self, text, mask):
-        return (*self.run('prompt', text=text, mask=mask), mask)
+        return (*self.execute('prompt', text=text, mask=mask), mask)
 
     def encode_control(self, control_map, strength=1.0):
-        return strength * self.run('control', control_map=control_map)[0]
+        return strength * self.execute('control', control_map=control_map)[0]
 
     def velocity(self, z, t, encoded_prompt, iters, hint=None, exit_tolerance=0.0):
         if len(z) != self.batch:
             raise UsageError(f"this generator was exported for batch {self.batch}, not {len(z)}; "
                              f"re-export it or use its sampler and guidance settings")
         text_kv, text_cond, mask = encoded_prompt
-        e, c_base = self.run('prelude', z=z, t=t, text_cond=text_cond)
+        e, c_base = self.execute('prelude', z=z, t=t, text_cond=text_cond)
 
         def iteration(i, s):
             if hint is not None:
-                s = s + self.run('inject', hint=hint, s=s, c_base=c_base)[0]
-            return self.run('core', s=s, e=e, c_base=c_base, progress=torch.full((len(z),), i / iters),
+                s = s + self.execute('inject', hint=hint, s=s, c_base=c_base)[0]
+            return self.execute('core', s=s, e=e, c_base=c_base, progress=torch.full((len(z),), i / iters),
                             text_kv=text_kv, mask=mask)[0]
         start = e if self.state_init == 'prelude' else torch.randn(e.shape)  # s_0
         s, used = iterate_core(iteration, start, iters, exit_tolerance)
-        return self.run('coda', s=s, c_base=c_base)[0], used
+        return self.execute('coda', s=s, c_base=c_base)[0], used
 
     def __call__(self, z, t, text, mask, iters):
         return self.velocity(z, t, self.encode_prompt(text, mask), iters)[0]
@@ -182,12 +182,12 @@ def exported_parts(export_dir, manifest, fmt):
                          f"export_mobile.py); re-export the run with python export_mobile.py --out_dir=<run>")
 
     def get_part(name):
-        run = load_part(export_dir, name, fmt, dtype, manifest['inputs'][name])
+        execute = load_part(export_dir, name, fmt, dtype, manifest['inputs'][name])
         if name == 'text_encoder':
-            return MobileTextEncoder(run, os.path.join(export_dir, 'tokenizer.json'))
+            return MobileTextEncoder(execute, os.path.join(export_dir, 'tokenizer.json'))
         if name == 'generator':
-            return MobileGenerator(run, manifest['generator_batch'], manifest['state_init'])
-        return lambda z: run('forward', z=z)[0]
+            return MobileGenerator(execute, manifest['generator_batch'], manifest['state_init'])
+        return lambda z: execute('forward', z=z)[0]
     return get_part
 
 

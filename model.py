@@ -867,3 +867,12 @@ def iris_base(**overrides):
 
 
 SIZES = {"tiny": iris_tiny, "small": iris_small, "base": iris_base}
+
+
+def build_generator(settings, text_dim, **overrides):
+    """The generator train_flow.py trains for its settings (a dict of them): model_size's, with
+    dim, heads and core_layers overriding it where non-zero. bench.py and check_gpu.py build a
+    config's generator with it too; overrides: more IrisConfig fields (fft_impl="dft")."""
+    sizes = {k: settings[k] for k in ("dim", "heads", "core_layers") if settings[k]}
+    return SIZES[settings["model_size"]](**sizes, text_dim=text_dim, **{k: settings[k] for k in (
+        "patch_size", "mixer", "text_encoder", "backprop_iters", "iteration_embedding", "state_init")}, **overrides)

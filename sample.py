@@ -33,12 +33,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from checkpoint import load_generator
 from configurator import UsageWarning, configure
 from data import MAX_PIXELS, check_output, control_map, image_tensor, map_image, open_image, save_grid, to_float
 from flow import text_to_image, upscale as super_resolve
-from text import load_text_encoder
-from checkpoint import load_generator
 from precision import mixed_precision, resolve_dtype
+from text import load_text_encoder
 from vae import check_image_size, latent_keep_mask, load_vae
 
 # -----------------------------------------------------------------------------

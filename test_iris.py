@@ -36,25 +36,25 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import browser
 import cache
+import checkpoint
 import internals
+import metrics
+import precision
+import training
 from cache import encode_images, load_training_set
-from configurator import UsageError, configure, read_config_file
+from checkpoint import load_checkpoint, load_generator, read_checkpoint, save_checkpoint
+from configurator import UsageError, config_files, configure, read_config_file, script_settings
 from data import (POSITIONS, TASKS, conflicting_shape_captions, control_map, drawn_clearly, held_out, image_tensor,
                   load_data, load_hub, load_imagefolder, make_scenes, make_shapes, open_image, scene_attributes,
                   scene_caption, shape_attributes, to_float, to_uint8)
-import metrics
-from metrics import adherence, analyse, control_f1, frechet_distance, geneval, read_scene, scene_correct, ssim
 from flow import (consistency_fn, consistency_loss, consistency_sample, encode_once, euler_sample, flow_loss, guided,
                   shift_time, time_grid, upscale)
+from metrics import adherence, analyse, control_f1, frechet_distance, geneval, read_scene, scene_correct, ssim
 from model import (CHUNK, SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SelfAttentionMixer,
-                   SpatialMixer, count_parameters, irfft2_dft, iterate_core, linear_scan, rfft2_dft,
+                   SpatialMixer, build_generator, count_parameters, irfft2_dft, iterate_core, linear_scan, rfft2_dft,
                    sequential_scan, wake_up, window_attention)
-from text import Prompt, load_text_encoder
-import checkpoint
-import precision
-import training
-from checkpoint import load_checkpoint, load_generator, read_checkpoint, save_checkpoint
 from precision import mixed_precision
+from text import Prompt, load_text_encoder
 from training import draw_iters, ema_update, make_ema, optimizer_step
 from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
 from wavelet import dwt, idwt, impose_lowpass
@@ -1832,6 +1832,34 @@ def test_config_checks_declared_choices_and_ranges_once_every_override_is_in(tmp
         assert len(str(e.value)) < 200
 
 
+def test_a_config_files_settings_for_another_script_build_the_model_that_script_trains(tiny_runs):
+    assert config_files(['config/a.py', '--lr', '1', '--seed=2', 'b.py']) == ['config/a.py', 'b.py']
+    defaults = script_settings('train_flow', [])
+    assert (defaults['model_size'], defaults['patch_size'], defaults['muon']) == ('tiny', 2, False)
+    assert 'device' not in defaults and 'master' not in defaults  # not a literal; assigned after configure()
+    quickstart = script_settings('train_flow', [SHAPES_CONFIG])
+    assert (quickstart['muon'], quickstart['max_steps'], quickstart['train_iters']) == (True, 1300, (8,))
+    model = build_generator(quickstart, 384)
+    assert (model.config.dim, model.config.core_layers, model.config.mixer, model.config.state_init) == (
+        128, 2, 'attention', 'noise')
+    # a run trained with the tiny settings: the same settings build a model of its every tensor's shape
+    trained = json.loads((tiny_runs / 'out-flow' / 'config.json').read_text())['config']
+    state, _ = read_checkpoint(str(tiny_runs / 'out-flow' / 'ckpt.safetensors'), prefixes=('ema.',))
+    rebuilt = build_generator(trained, 384).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k[4:]: v.shape for k, v in state.items()}
+
+
+@FULL
+def test_bench_measures_the_models_of_the_config_file_it_is_given(tmp_path):
+    result = _run(['bench.py', SHAPES_CONFIG, '--sections=train', '--repeats=1'], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    vae, flow = (' '.join(line.split()) for line in result.stdout.splitlines()
+                 if line.strip().startswith(('train_vae', 'train_flow')))
+    # config/shapes.py's batches, r, optimizer and steps, none of them train_vae.py's or train_flow.py's defaults
+    assert vae.startswith('train_vae 32 x 64 px Muon + AdamW ') and ' ms 600 ' in vae, result.stdout
+    assert flow.startswith('train_flow 64 x 16 tokens, r = 2 Muon + AdamW ') and ' ms 1300 ' in flow, result.stdout
+
+
 def test_config_values_are_literals_only_when_they_look_like_one():
     g = {'__file__': '/somewhere/sample.py', 'prompt': '', 'strength': -1.0, 'size': 0}
     long_prompt = 'a red apple on a plate, ' * 2000  # 48k characters: once a MemoryError in the parser
@@ -1981,8 +2009,8 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
     noise_started = copy.deepcopy(model)  # the same weights, the Core started from Huginn's noise
     noise_started.config.state_init = 'noise'
     for fmt in formats:
-        run = load_part(str(tmp_path), 'generator', fmt, torch.float32, mobile.input_names(methods))
-        exported = MobileGenerator(run, batch=2, state_init='prelude')
+        execute = load_part(str(tmp_path), 'generator', fmt, torch.float32, mobile.input_names(methods))
+        exported = MobileGenerator(execute, batch=2, state_init='prelude')
         for iters in (1, 3):  # the core is exported once; r is chosen when it runs
             with torch.no_grad():
                 reference = model(z, t, text, mask, iters)
@@ -1992,7 +2020,7 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
             torch.manual_seed(7)
             reference = noise_started(z, t, text, mask, 2)
             torch.manual_seed(7)
-            drawn = MobileGenerator(run, batch=2, state_init='noise')(z, t, text, mask, 2)
+            drawn = MobileGenerator(execute, batch=2, state_init='noise')(z, t, text, mask, 2)
         assert (drawn - reference).abs().max() / reference.abs().max() < 1e-4, fmt
         assert not torch.allclose(drawn, exported(z, t, text, mask, 2), atol=1e-3), "s_0 = noise should matter"
         with torch.no_grad():  # adaptive iterations, as the app runs them
@@ -2127,8 +2155,8 @@ def test_saved_tokenizer_pads_to_the_exported_length_like_the_encoder(tmp_path):
     encoder = load_text_encoder('minilm')
     mobile.save_tokenizer(encoder, str(tmp_path / 'tokenizer.json'))
     prompts = ['a large red circle in the center on a blue background', '']
-    run = lambda method, **inputs: [encoder.model(**inputs).last_hidden_state]  # noqa: E731
-    tokens, mask = MobileTextEncoder(run, str(tmp_path / 'tokenizer.json'))(prompts)
+    execute = lambda method, **inputs: [encoder.model(**inputs).last_hidden_state]  # noqa: E731
+    tokens, mask = MobileTextEncoder(execute, str(tmp_path / 'tokenizer.json'))(prompts)
     reference, reference_mask = encoder(prompts)
     assert tokens.shape[1] == 77 and mask.shape == (2, 77)
     length = reference.shape[1]

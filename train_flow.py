@@ -26,14 +26,14 @@ import torch
 from tqdm import tqdm
 
 from cache import load_training_set
+from checkpoint import check_init_from, load_checkpoint, lock_out_dir, save_checkpoint, start_from_run
 from configurator import configure
 from data import save_grid
 from flow import WEIGHTINGS, own_random_numbers, shift_time, text_to_image
-from model import CHOICES, SIZES, count_parameters
-from text import Prompt, load_text_encoder
-from checkpoint import check_init_from, load_checkpoint, lock_out_dir, save_checkpoint, start_from_run
+from model import CHOICES, SIZES, build_generator, count_parameters
 from precision import DTYPES, mixed_precision, resolve_dtype
-from training import (all_sum, caption_batch, draw_iters, ema_update, generator_step, LossBands, LossLog, lr_at,
+from text import Prompt, load_text_encoder
+from training import (LossBands, LossLog, all_sum, caption_batch, draw_iters, ema_update, generator_step, lr_at,
                       make_ema, make_optimizer, micro_batches, setup_distributed, stop_if_diverged, wrap_distributed)
 from vae import check_image_size, load_vae
 
@@ -126,15 +126,13 @@ sample_prompts = data['holdout_captions'][:8]
 sample_noise = torch.randn(len(sample_prompts), *latents.shape[1:], generator=torch.Generator().manual_seed(seed))
 sample_noise = sample_noise.to(device)
 
-sizes = {k: v for k, v in dict(dim=dim, heads=heads, core_layers=core_layers).items() if v}
-model = SIZES[model_size](**sizes, patch_size=patch_size, mixer=mixer, text_dim=encoder.width,
-                          text_encoder=text_encoder, backprop_iters=backprop_iters,
-                          iteration_embedding=iteration_embedding, state_init=state_init)
+model = build_generator(config, encoder.width)
 start_run = start_from_run(init_from, model, 'generator') if init_from not in ('scratch', 'resume') else None
 model = model.to(device)
 ema = make_ema(model)
 if master:
     counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in count_parameters(model).items())
+    sizes = {k: config[k] for k in ('dim', 'heads', 'core_layers') if config[k]}  # what overrides model_size's
     print(f"generator {model_size} {sizes or ''}: {counts}; {dtype} on {device}")
 optimizer = make_optimizer(model, lr, weight_decay, muon, ends=(model.patch_embed, model.unpatchify))
 data_generator = torch.Generator().manual_seed(seed)

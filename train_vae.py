@@ -22,11 +22,11 @@ import time
 import torch
 from tqdm import tqdm
 
+from checkpoint import check_init_from, load_checkpoint, lock_out_dir, save_checkpoint, start_from_run
 from configurator import configure
 from data import load_data, save_grid, to_float
-from checkpoint import check_init_from, load_checkpoint, lock_out_dir, save_checkpoint, start_from_run
 from precision import DTYPES, mixed_precision, resolve_dtype
-from training import (all_sum, backward, ema_update, LossLog, lr_at, make_ema, make_optimizer, micro_batches,
+from training import (LossLog, all_sum, backward, ema_update, lr_at, make_ema, make_optimizer, micro_batches,
                       optimizer_step, setup_distributed, stop_if_diverged, sync_gradients, wrap_distributed)
 from vae import WaveletVAE, check_image_size, psnr, reconstruct, vae_loss
 
