@@ -10,6 +10,7 @@ import concurrent.futures
 import copy
 import errno
 import glob
+import inspect
 import itertools
 import json
 import logging
@@ -36,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import browser
 import cache
+import data
 import checkpoint
 import internals
 import metrics
@@ -789,7 +791,16 @@ def test_training_set_cache_is_built_once_and_keyed(tmp_path, monkeypatch):
     for k in ('latents', 'caption_ids', 'tokens', 'mask'):  # a first (GPU) run gets what a later one reads
         assert (first[k].dtype, first[k].device.type) == (second[k].dtype, 'cpu') and torch.equal(first[k], second[k])
     assert second['holdout_captions'] == first['holdout_captions']
+    source = inspect.getsource(data)
+    # the code that draws the shapes is part of the key; what reads image folders is not
+    monkeypatch.setattr(cache.inspect, 'getsource', lambda module: source.replace('# real images: ', '# real images: x'))
+    load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
+    monkeypatch.setattr(cache.inspect, 'getsource', lambda module: source.replace('def draw_shape', 'def draw_shape_'))
+    with pytest.raises(pytest.fail.Exception):
+        load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
+    monkeypatch.undo()
     (vae_dir / 'ckpt.safetensors').write_bytes(b'another VAE')
+    monkeypatch.setattr(cache, 'load_data', lambda **kw: pytest.fail('a cache hit must not load the data again'))
     with pytest.raises(pytest.fail.Exception):
         load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
     assert len(os.listdir(tmp_path / 'cache')) == 1
