@@ -10,8 +10,10 @@ read back what was drawn with a deterministic analyser (no learned model to trus
 
 The analyser (metrics.py) reads background and shape colour, shape type, position and size
 back from the pixels. Before it scores any sample it is scored on real data-set images, and
-the eval stops if it reads fewer than 98% of those right.
+the eval stops if it reads fewer than 98% of those right. Every row is also written to
+out_dir/eval_shapes.json, one dict per row.
 """
+import json
 import os
 import time
 
@@ -49,9 +51,20 @@ configure(globals(), positive=('num_prompts', 'iters_list', 'loss_iters', 'steps
 torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0
 
 
-def row(name, scores, seconds=None):
+rows = []  # every table row as a dict, written to out_dir/eval_shapes.json at the end
+
+
+def record(table, name, values, line):
+    """Keep one row of `table` and print it: line, or the adherence cells of `values`."""
+    rows.append(dict(table=table, name=name, **values))
+    print(line)
+
+
+def adherence_row(name, scores, seconds=None):
     cells = [f"{100 * scores[k]:.1f}" for k in (*ATTRIBUTES, 'all 4', 'all 5')]
-    return f"| {name} | " + " | ".join(cells) + f" | {'' if seconds is None else f'{seconds:.3f}'} |"
+    more = {} if seconds is None else {'s / image': seconds}
+    record('adherence', name, scores | more,
+           f"| {name} | " + " | ".join(cells) + f" | {'' if seconds is None else f'{seconds:.3f}'} |")
 
 
 @torch.no_grad()
@@ -134,8 +147,13 @@ def eval_control(model, vae, encoder, attributes, captions, real, noise, steps, 
         captions_layout = np.mean([layout(f, a) for f, a in zip(found, attributes)])
         f1 = control_f1(control_map(images, kind), maps).mean()
         cells = "".join(f"{100 * x:.1f} | " for x in (*follows_each, follows, colours, captions_layout))
-        print(f"| strength {strength:g}{' (the base generator)' if strength == 0 else ''} | {cells}{f1:.3f} |")
-    print(f"| the control images after a VAE round trip (the F1 ceiling) | | | | | | {ceiling:.3f} |")
+        values = dict(zip(("control's type", "control's position", "control's type and position", "caption's colours",
+                           "caption's type and position"), map(float, (*follows_each, follows, colours,
+                                                                        captions_layout))), f1=float(f1))
+        record('control', f"strength {strength:g}", values,
+               f"| strength {strength:g}{' (the base generator)' if strength == 0 else ''} | {cells}{f1:.3f} |")
+    record('control', 'VAE round trip', dict(f1=float(ceiling)),
+           f"| the control images after a VAE round trip (the F1 ceiling) | | | | | | {ceiling:.3f} |")
     save_grid(torch.cat([sources[:8], map_image(maps[:8]), images[:8]]),
               os.path.join(out_dir, 'eval_control.png'))
     print(f"grid: {out_dir}/eval_control.png, rows: the control's source image, its {kind}, the result for the caption "
@@ -148,7 +166,7 @@ print("| images | " + " | ".join(ATTRIBUTES) + " | all 4 | all 5 | s / image |\n
 if validate_only:
     for size in (64, 128):
         real = make_shapes(1024, size, seed=2)[0]
-        print(row(f"real, {size} px", adherence(real, [shape_attributes(2, i) for i in range(1024)])))
+        adherence_row(f"real, {size} px", adherence(real, [shape_attributes(2, i) for i in range(1024)]))
     raise SystemExit
 model, run, out_dir = load_generator(out_dir, device)
 shift = shift or run.get('shift', 1.0)
@@ -158,12 +176,12 @@ attributes = [shape_attributes(1, i) for i in range(num_prompts)]  # train_flow.
 captions = [shape_caption(a) for a in attributes]
 real = make_shapes(num_prompts, run['image_size'], seed=1)[0]
 check = adherence(real, attributes)
-print(row('real held-out images', check))
+adherence_row('real held-out images', check)
 if check['all 5'] < 0.98:
     raise SystemExit(f"error: the analyser reads only {100 * check['all 5']:.1f}% of real images right; "
                      f"it cannot be trusted on samples at {run['image_size']} px")
 vae = load_vae(run['vae_dir'], device)
-print(row('their VAE reconstructions', adherence(reconstruct(vae, real), attributes)))
+adherence_row('their VAE reconstructions', adherence(reconstruct(vae, real), attributes))
 encoder = load_text_encoder(model.config.text_encoder, device)
 latents = encode_images(vae, real, batch_size).to(device)  # as cache.py encodes the training set
 with mixed_precision(resolve_dtype(dtype, device), device)[0]:
@@ -175,7 +193,9 @@ with mixed_precision(resolve_dtype(dtype, device), device)[0]:
         bands = held_out_loss(model, latents, prompt, r, batch_size, seed, tolerance, used.append)
         used = torch.cat(used).mean().item()
         name = f"auto (tolerance {tolerance:g}, at most {r})" if tolerance else f"r = {r}"
-        print(f"| {name} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} | {used:.1f} |")
+        values = dict(zip(('t = 0.125', 't = 0.375', 't = 0.625', 't = 0.875'), map(float, bands)))
+        record('held-out flow loss', name, values | {'mean': float(np.mean(bands)), 'mean r': used},
+               f"| {name} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} | {used:.1f} |")
 print()
 noise = torch.randn(num_prompts, model.config.latent_channels, run['image_size'] // 16, run['image_size'] // 16,
                     generator=torch.Generator().manual_seed(seed)).to(device)
@@ -187,7 +207,7 @@ for steps, iters in settings:
     images = generate(model, vae, encoder, captions, noise, steps, iters, sampler)
     name = f"{steps} {sampler} steps, r = {iters}"
     name += '' if sampler == 'consistency' else f", cfg {cfg_scale}, shift {shift}"
-    print(row(name, adherence(images, attributes), (time.time() - start) / num_prompts))
+    adherence_row(name, adherence(images, attributes), (time.time() - start) / num_prompts)
     if (steps, iters) == settings[0]:
         save_grid(images[:32], os.path.join(out_dir, 'eval_samples.png'))
     if len(by_iters) < len(iters_list):  # settings start with the r sweep
@@ -199,6 +219,10 @@ if model.config.control:
 if inpaint:
     steps, iters = steps_list[-1], run['sample_iters']
     scores, kept_psnr = eval_inpainting(model, run, vae, encoder, attributes, real, steps, iters, sampler)
-    print(row(f"inpainting a new colour and type, {steps} steps, r = {iters}", scores))
-    print(f"\ninpainting: PSNR of the region outside the hole against the original: {kept_psnr:.2f} dB "
-          f"(grid: {out_dir}/eval_inpainting.png, rows: original, hole, result)")
+    adherence_row(f"inpainting a new colour and type, {steps} steps, r = {iters}", scores)
+    record('inpainting', 'PSNR outside the hole', dict(psnr=kept_psnr),
+           f"\ninpainting: PSNR of the region outside the hole against the original: {kept_psnr:.2f} dB "
+           f"(grid: {out_dir}/eval_inpainting.png, rows: original, hole, result)")
+with open(os.path.join(out_dir, 'eval_shapes.json'), 'w') as f:
+    json.dump(rows, f, indent=1)
+print(f"rows: {out_dir}/eval_shapes.json")

@@ -793,7 +793,8 @@ def test_training_set_cache_is_built_once_and_keyed(tmp_path, monkeypatch):
     assert second['holdout_captions'] == first['holdout_captions']
     source = inspect.getsource(data)
     # the code that draws the shapes is part of the key; what reads image folders is not
-    monkeypatch.setattr(cache.inspect, 'getsource', lambda module: source.replace('# real images: ', '# real images: x'))
+    folders = source.replace('def load_imagefolder', 'def load_imagefolder_')
+    monkeypatch.setattr(cache.inspect, 'getsource', lambda module: folders)
     load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
     monkeypatch.setattr(cache.inspect, 'getsource', lambda module: source.replace('def draw_shape', 'def draw_shape_'))
     with pytest.raises(pytest.fail.Exception):
@@ -1460,11 +1461,16 @@ def test_eval_shapes_measures_each_r_and_adaptive_iterations(vae_64, tmp_path):
                    '--steps_list=(2,)', '--loss_iters=(1, 2)', '--exit_tolerance=1e30', '--inpaint=False',
                    '--batch_size=8'], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    losses = {line.split(' | ')[0].lstrip('| '): [float(x) for x in line.rstrip(' |').split(' | ')[1:]]
-              for line in result.stdout.splitlines() if line.startswith(('| r = ', '| auto'))}
+    rows = json.loads((tmp_path / 'out-flow' / 'eval_shapes.json').read_text())
+    losses = {row['name']: row for row in rows if row['table'] == 'held-out flow loss'}
     assert set(losses) == {'r = 1', 'r = 2', 'auto (tolerance 1e+30, at most 2)'}, result.stdout
     # a tolerance nothing can miss stops every sample after one iteration: r = 1 exactly
-    assert losses['auto (tolerance 1e+30, at most 2)'] == losses['r = 1']
+    auto = 'auto (tolerance 1e+30, at most 2)'
+    assert losses[auto] == losses['r = 1'] | {'name': auto}
+    adherence = {row['name']: row for row in rows if row['table'] == 'adherence'}
+    assert adherence['real held-out images']['all 5'] >= 0.98 and 0 <= adherence['their VAE reconstructions']['all 4']
+    assert [name for name in adherence if 'steps' in name] == ['2 euler steps, r = 1, cfg 4.0, shift 1.0',
+                                                              '2 euler steps, r = 2, cfg 4.0, shift 1.0']
     assert Image.open(tmp_path / 'out-flow' / 'eval_iters.png').size == (8 * 64, 2 * 64)
 
 
