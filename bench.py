@@ -263,13 +263,20 @@ def t4_seconds(m):
     return m["flops"] / T4_FLOPS + 3 * m["activations"] / T4_BANDWIDTH + m["kernels"] * T4_SECONDS_PER_KERNEL
 
 
+def config_vae():
+    """The VAE train_vae.py trains for the config, and the side of the images a step takes
+    (its crops, if it trains on crops)."""
+    settings = script_settings("train_vae", configs)
+    vae = WaveletVAE(settings["channels"], settings["latent_channels"], settings["blocks_per_stage"])
+    return vae, settings["crop_size"] or settings["image_size"], settings
+
+
 def bench_memory():
     print(f"## One training step of {' '.join(configs)} in {dtype} autocast, measured on this CPU\n")
     autocast, _ = mixed_precision(dtype, "cpu")
     rows, total_minutes = [], 0.0
-    vae_settings = script_settings("train_vae", configs)
-    size, batch = vae_settings["crop_size"] or vae_settings["image_size"], vae_settings["batch_size"]
-    vae = WaveletVAE(vae_settings["channels"], 16, vae_settings["blocks_per_stage"])
+    vae, size, vae_settings = config_vae()
+    batch = vae_settings["batch_size"]
     x = torch.rand(batch, 3, size, size) * 2 - 1
 
     def vae_step():
@@ -311,9 +318,8 @@ def bench_memory():
 def bench_train():
     print(f"## Training steps of {' '.join(configs)} as train_vae.py and train_flow.py take them, fp32 on this CPU\n")
     _, scaler = mixed_precision("float32", "cpu")
-    settings = script_settings("train_vae", configs)
-    side, batch = settings["crop_size"] or settings["image_size"], settings["batch_size"]
-    vae = WaveletVAE(settings["channels"], 16, settings["blocks_per_stage"]).to(memory_format=torch.channels_last)
+    vae, side, settings = config_vae()
+    vae, batch = vae.to(memory_format=torch.channels_last), settings["batch_size"]
     optimizer = make_optimizer(vae, 1e-6, 0.0, settings["muon"], ends=(vae.encoder[0], vae.decoder[-1]))
     x = torch.rand(batch, 3, side, side) * 2 - 1
 
