@@ -12,7 +12,7 @@ if script == 'train_control':
     base_dir = 'out-shapes-flow'
     control = 'edges'
     caption_conflict = 0.9  # most captions name another type, size and place than the map: the map must win
-    num_images = 20000  # the data and r are the base run's, but for this: the 93% (docs/results.md) trained on 20,000
+    num_images = 20000  # the data and r are the base run's but for this: its docs/results.md rows trained on 20,000
     cfg_dropout = 0.1
     batch_size = 64
     lr = 2e-3
