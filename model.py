@@ -64,6 +64,7 @@ class IrisConfig:
     control: str = ""            # "" (no adapter) or the signal a ControlAdapter reads (data.CONTROLS)
     iteration_embedding: str = "progress"  # what the Core is told of its iteration: i / r, or nothing (Huginn)
     state_init: str = "prelude"  # the Core's start s_0: the Prelude's e, or noise (Huginn's s_0 ~ N(0, I))
+    text_layers: int = 0         # trainable transformer layers over the frozen encoder's tokens (0 = none)
 
 
 # The values each choice of IrisConfig may take, the first its default; train_flow.py's
@@ -437,6 +438,24 @@ class CoreLayer(nn.Module):
         return x + gate3 * self.ffn(modulate(self.norm3(x), shift3, scale3))
 
 
+class TextLayer(nn.Module):
+    """norm -> self-attention over the prompt's tokens, then norm -> FFN (a pre-norm
+    transformer layer): the optional text stage, where a frozen encoder's tokens, which
+    barely tell "a red circle and a blue square" from its colours swapped, can be re-read
+    into the features that bind a colour to its shape and a shape to its side."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = FeedForward(dim, mlp_ratio)
+
+    def forward(self, x, mask):
+        x = x + self.attention(self.norm1(x), mask=mask)
+        return x + self.ffn(self.norm2(x))
+
+
 class CodaBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -506,6 +525,11 @@ class Iris(nn.Module):
         # i / r in [0, 1)
         self.progress_embed = ScalarEmbedder(D, scale=1000.0) if config.iteration_embedding == "progress" else None
         self.text_pool = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        # the text stage (text_layers > 0): each token's place in the prompt, learned from zero
+        # for the 77 a text encoder gives at most (text.MAX_TOKENS), then the layers
+        self.text_positions = nn.Parameter(torch.zeros(77, D)) if config.text_layers else None
+        self.text_layers = nn.ModuleList([TextLayer(D, config.heads, config.mlp_ratio)
+                                          for _ in range(config.text_layers)])
         self.prelude = nn.ModuleList([PreludeBlock(D, config.mlp_ratio) for _ in range(config.prelude_blocks)])
         self.injection = nn.Linear(2 * D, D)  # Huginn's adapter: [s_i, e] -> D
         self.core = nn.ModuleList([CoreLayer(config) for _ in range(config.core_layers)])
@@ -551,6 +575,10 @@ class Iris(nn.Module):
             raise ValueError("a prompt has no unmasked text token; "
                              "encode '' (not nothing) for the unconditional branch")
         context = self.text_proj(text)
+        if self.text_layers:
+            context = context + self.text_positions[:context.shape[1]]
+            for layer in self.text_layers:
+                context = layer(context, text_mask[:, None, None, :])
         keep = text_mask[:, :, None].to(context.dtype)
         text_cond = self.text_pool((context * keep).sum(1) / keep.sum(1).clamp_min(1))
         text_kv = torch.stack([layer.cross_attention.key_values(context) for layer in self.core])
@@ -699,14 +727,16 @@ def iterate_core(iteration, s, iters, exit_tolerance=0.0):
 def count_parameters(model):
     """Parameters per component, in the order data flows through them."""
     groups = {
-        "embed": [model.patch_embed, model.text_proj, model.time_embed, model.progress_embed, model.text_pool],
+        "embed": [model.patch_embed, model.time_embed, model.progress_embed],
+        "text": [model.text_proj, model.text_positions, model.text_layers, model.text_pool],
         "prelude": [model.prelude],
         "core": [model.injection, model.core],
         "coda": [model.coda, model.final_modulation, model.unpatchify],
     }
     if model.control_adapter is not None:
         groups["control"] = [model.control_adapter]
-    counts = {name: sum(p.numel() for m in modules if m is not None for p in m.parameters())
+    counts = {name: sum(p.numel() for m in modules if m is not None
+                        for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()))
               for name, modules in groups.items()}
     counts["total"] = sum(p.numel() for p in model.parameters())
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
@@ -875,4 +905,5 @@ def build_generator(settings, text_dim, **overrides):
     config's generator with it too; overrides: more IrisConfig fields (fft_impl="dft")."""
     sizes = {k: settings[k] for k in ("dim", "heads", "core_layers") if settings[k]}
     return SIZES[settings["model_size"]](**sizes, text_dim=text_dim, **{k: settings[k] for k in (
-        "patch_size", "mixer", "text_encoder", "backprop_iters", "iteration_embedding", "state_init")}, **overrides)
+        "patch_size", "mixer", "text_encoder", "backprop_iters", "iteration_embedding", "state_init",
+        "text_layers")}, **overrides)

@@ -400,6 +400,27 @@ def test_text_keys_and_values_are_projected_once_per_forward_not_per_iteration()
     assert len(calls) == model.config.core_layers
 
 
+def test_the_text_stage_reads_word_order_and_ignores_padding():
+    """Without a text stage, swapping two prompt tokens only swaps their keys and values and
+    leaves the pooled conditioning as it was: the order reaches the Core only through the
+    encoder's own features. The stage's positions and self-attention make both depend on it;
+    padded tokens change nothing either way."""
+    z, t, text, mask = _inputs()  # the second prompt's tokens from the third on are padding
+    order = [1, 0, 2, 3, 4]
+    for text_layers in (0, 2):
+        model = _wake_up(Iris(_tiny_config(text_layers=text_layers))).eval()
+        kv, cond, _ = model.encode_prompt(text, mask)
+        kv_swapped, cond_swapped, _ = model.encode_prompt(text[:, order], mask)
+        bag_of_words = torch.allclose(cond, cond_swapped, atol=1e-6) and torch.allclose(kv[..., order, :], kv_swapped,
+                                                                                        atol=1e-6)
+        assert bag_of_words == (text_layers == 0), text_layers
+        padded = text.clone()
+        padded[1, 2:] = torch.randn(3, text.shape[-1])
+        kv_padded, cond_padded, _ = model.encode_prompt(padded, mask)
+        torch.testing.assert_close(cond_padded, cond)
+        torch.testing.assert_close(kv_padded[:, :, 1, :, :2], kv[:, :, 1, :, :2])
+
+
 def test_a_new_control_adapter_leaves_the_output_bit_identical_and_is_what_trains():
     base = _wake_up(Iris(_tiny_config()))
     controlled = Iris(_tiny_config(control='edges'))
@@ -2009,14 +2030,14 @@ def test_group_classifier_learns_a_rare_group_and_balanced_accuracy_weighs_group
 # mobile.py (export_mobile.py, run_mobile.py): each export run by its runtime against PyTorch
 
 
-def _exportable_generator(control=''):
-    return _wake_up(Iris(_tiny_config(fft_impl='dft', control=control))).eval().requires_grad_(False)
+def _exportable_generator(**overrides):
+    return _wake_up(Iris(_tiny_config(fft_impl='dft', **overrides))).eval().requires_grad_(False)
 
 
-def _check_generator_export(tmp_path, backend, formats, control=''):
+def _check_generator_export(tmp_path, backend, formats, control='', text_layers=0):
     import mobile
     from mobile import MobileGenerator, load_part
-    model = _exportable_generator(control)
+    model = _exportable_generator(control=control, text_layers=text_layers)
     z, t, text, mask = _inputs()
     methods = mobile.generator_methods(model, z, t, text, mask)
     assert ('control' in methods) == bool(control)
@@ -2059,7 +2080,8 @@ def _check_generator_export(tmp_path, backend, formats, control=''):
 def test_generator_exports_to_executorch_and_onnx_and_matches_pytorch(tmp_path, caplog):
     pytest.importorskip('executorch', reason='pip install -r requirements-export.txt')
     with caplog.at_level(logging.WARNING):
-        _check_generator_export(tmp_path, 'portable', ['pte', 'onnx'], control='edges')  # with a control adapter
+        # with a control adapter and a text stage
+        _check_generator_export(tmp_path, 'portable', ['pte', 'onnx'], control='edges', text_layers=1)
     assert not caplog.records, f"the export logs what a user cannot act on: {caplog.records[0].getMessage()}"
 
 

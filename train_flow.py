@@ -62,6 +62,7 @@ train_iters = (4, 6, 8, 10, 12)  # r is drawn from these each step
 train_iters_mean = 0.0  # > 0: r drawn from Huginn's heavy tail with this mean instead, at most max(train_iters)
 iteration_embedding = 'progress'  # what the Core is told of its iteration
 state_init = 'prelude'  # the Core's start
+text_layers = 0  # a text stage: transformer layers over the text encoder's tokens, trained with the rest
 backprop_iters = 0  # backpropagate through the last k core iterations only (0 = all)
 loop_distill = 0.0  # > 0: ELT's intra-loop self-distillation with this weight (flow.flow_loss)
 # rectified flow
