@@ -31,7 +31,8 @@ are also reported per style; a style the run never trained on is marked as left 
 three styles (prepare.py --styles=twemoji,noto,fluent) and point --test_dir at the four styles'
 test split to measure how a model carries over to a style it never saw.
 It writes eval_real.png in out_dir: rows of test captions' real image, generated image and
-the nearest training image to it; eval_upscale.png and eval_control.png for 5 and 6.
+the nearest training image to it; eval_upscale.png and eval_control.png for 5 and 6; and every
+row of its tables as a dict to eval_real.json.
 """
 import json
 import os
@@ -79,16 +80,27 @@ def load_split(folder, image_size):
                                                                               for c in captions]
 
 
-def per_style(measure):
-    """'| style | ... |' rows, one per style of the test split (where it has several), of
-    measure(mask of the style's images) -> cells; a style training never saw is marked."""
+rows = []  # every table row as a dict, written to out_dir/eval_real.json at the end
+
+
+def record(table, name, **values):
+    rows.append(dict(table=table, name=name, **values))
+    return rows[-1]
+
+
+def per_style(table, measure):
+    """Rows of `table`, one per style of the test split (where it has several), of
+    measure(mask of the style's images) -> its numbers; a style training never saw is marked."""
     names = sorted(set(test_styles) - {None})
-    rows = []
+    styles = []
     for style in names if len(names) > 1 else ():
         mask = torch.tensor([s == style for s in test_styles])
-        left_out = '' if style in train_styles else ' (left out of training)'
-        rows.append(f"| {style}{left_out} | {int(mask.sum())} | " + " | ".join(measure(mask)) + " |")
-    return rows
+        styles.append(record(table, style, images=int(mask.sum()), left_out=style not in train_styles, **measure(mask)))
+    return styles
+
+
+def style_cells(row):
+    return f"| {row['name']}{' (left out of training)' if row['left_out'] else ''} | {row['images']} |"
 
 
 def figure_columns():
@@ -122,14 +134,16 @@ def eval_upscale(model, vae, encoder, real, recon, captions, noise, steps):
     iris = [(f"IRIS, strength {strength:g}, {steps} steps, r = {iters}",
              generate(model, vae, encoder, captions, noise, steps, sample=upscale, small=small, strength=strength))
             for strength in upscale_strengths]
-    rows = [('bicubic', bicubic), ('VAE round trip of bicubic', reconstruct(vae, bicubic)),
+    methods = [('bicubic', bicubic), ('VAE round trip of bicubic', reconstruct(vae, bicubic)),
             ('VAE round trip of the real image, the input put back (the ceiling)', ceiling), *iris]
     print(f"\n| {small.shape[-1]} -> {real.shape[-1]} px, {len(real)} test images | PSNR | SSIM | sharpness | "
           f"2x2 means - input, max |\n|---|---|---|---|---|")
-    for name, images in rows:
-        error = (F.avg_pool2d(images.float(), 2) - small.float()).abs().max()
-        print(f"| {name} | {psnr(images, real):.2f} dB | {ssim(images, real):.4f} | {sharpness(images, real):.3f} | "
-              f"{error:.2f} |")
+    for name, images in methods:
+        row = record('upscale', name, psnr=psnr(images, real), ssim=ssim(images, real),
+                     sharpness=sharpness(images, real),
+                     input_error=(F.avg_pool2d(images.float(), 2) - small.float()).abs().max().item())
+        print(f"| {name} | {row['psnr']:.2f} dB | {row['ssim']:.4f} | {row['sharpness']:.3f} | "
+              f"{row['input_error']:.2f} |")
     print(f"| real {real.shape[-1]} px images | | 1 | 1 | |")
     shown = slice(0, 6)
     save_grid(torch.cat([small[shown].repeat_interleave(2, -1).repeat_interleave(2, -2), bicubic[shown],
@@ -145,10 +159,12 @@ def eval_control(model, vae, encoder, real, recon, captions, noise, steps):
     for strength in (0.0, 1.0):
         images = generate(model, vae, encoder, captions, noise, steps, control_map=maps.to(device),
                           control_strength=strength)
-        print(f"| control strength {strength:g}{' (the base generator)' if strength == 0 else ''} | "
-              f"{control_f1(control_map(images, kind), maps).mean():.3f} |")
-    print(f"| the real images after a VAE round trip (the ceiling) | "
-          f"{control_f1(control_map(recon, kind), maps).mean():.3f} |")
+        row = record('control', f"control strength {strength:g}{' (the base generator)' if strength == 0 else ''}",
+                     f1=control_f1(control_map(images, kind), maps).mean().item())
+        print(f"| {row['name']} | {row['f1']:.3f} |")
+    row = record('control', 'the real images after a VAE round trip (the ceiling)',
+                 f1=control_f1(control_map(recon, kind), maps).mean().item())
+    print(f"| {row['name']} | {row['f1']:.3f} |")
     save_grid(torch.cat([map_image(maps[:6]), images[:6], real[:6]]),
               os.path.join(out_dir, 'eval_control.png'), columns=6)
     print(f"rows of {out_dir}/eval_control.png: the control, IRIS at strength 1, the real test image")
@@ -183,11 +199,12 @@ print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test imag
 # the VAE round trip of the test images: the vae section's figure, upscale's ceiling and control's
 recon = reconstruct(vae, test_images) if {'vae', 'upscale', 'control'} & set(sections) else None
 if 'vae' in sections:
-    print(f"VAE round trip on the test split: PSNR {psnr(recon, test_images):.2f} dB, "
-          f"SSIM {ssim(recon, test_images):.4f}\n")
-    rows = per_style(lambda m: [f"{psnr(recon[m], test_images[m]):.2f} dB", f"{ssim(recon[m], test_images[m]):.4f}"])
-    if rows:
-        print("| style | test images | PSNR | SSIM |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    row = record('vae', 'test split', psnr=psnr(recon, test_images), ssim=ssim(recon, test_images))
+    print(f"VAE round trip on the test split: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}\n")
+    styles = per_style('vae', lambda m: dict(psnr=psnr(recon[m], test_images[m]), ssim=ssim(recon[m], test_images[m])))
+    if styles:
+        print("| style | test images | PSNR | SSIM |\n|---|---|---|---|\n" + "\n".join(
+            f"{style_cells(row)} {row['psnr']:.2f} dB | {row['ssim']:.4f} |" for row in styles) + "\n")
 
 if 'loss' in sections:
     latents = encode_images(vae, test_images, batch_size).to(device)  # as cache.py encodes the training set
@@ -196,7 +213,8 @@ if 'loss' in sections:
         losses = {r: held_out_loss(model, latents, prompt, r, batch_size, seed) for r in loss_iters}
     print("| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean |\n|---|---|---|---|---|---|")
     for r, bands in losses.items():
-        print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {np.mean(bands):.4f} |")
+        row = record('held-out flow loss', f"r = {r}", r=r, bands=[float(b) for b in bands], mean=float(np.mean(bands)))
+        print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {row['mean']:.4f} |")
 
 if 'classifier' in sections:
     classifier = train_classifier(train_images, train_labels, len(names), classifier_size, classifier_steps,
@@ -211,6 +229,8 @@ if 'classifier' in sections:
           f"{100 / len(test_labels.unique()):.1f}%); {100 * largest:.1f}% of the test split is its largest group\n")
     print("| images | balanced accuracy | accuracy | of real balanced accuracy | classifier Fréchet distance | "
           "nearest training image, median distance |\n|---|---|---|---|---|---|")
+    record('classifier', 'real test images', balanced_accuracy=real_accuracy[0], accuracy=real_accuracy[1],
+           frechet_distance=0.0, nearest_median=real_nearest.median().item())
     print(f"| real test images | {100 * real_accuracy[0]:.1f} | {100 * real_accuracy[1]:.1f} | 100% | 0 | "
           f"{real_nearest.median():.3f} |")
     for steps in steps_list:
@@ -219,9 +239,11 @@ if 'classifier' in sections:
         predicted_by_steps[steps] = predicted
         nearest, which = nearest_distance(features, train_features)
         acc = accuracy(predicted, test_labels)
-        print(f"| {steps} {run.get('sampler', 'euler')} steps, r = {iters} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | "
-              f"{100 * acc[0] / real_accuracy[0]:.0f}% | {frechet_distance(real_features, features):.3f} | "
-              f"{nearest.median():.3f} |")
+        row = record('classifier', f"{steps} {run.get('sampler', 'euler')} steps, r = {iters}", steps=steps,
+                     balanced_accuracy=acc[0], accuracy=acc[1],
+                     frechet_distance=frechet_distance(real_features, features), nearest_median=nearest.median().item())
+        print(f"| {row['name']} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | {100 * acc[0] / real_accuracy[0]:.0f}% | "
+              f"{row['frechet_distance']:.3f} | {row['nearest_median']:.3f} |")
         if steps == steps_list[-1]:
             shown = figure_columns()
             save_grid(torch.cat([test_images[shown], generated[shown], train_images[which[shown]]]),
@@ -231,17 +253,23 @@ if 'classifier' in sections:
     print(f"\nrows of {out_dir}/eval_real.png: real test image, generated from its caption "
           f"({out_dir}/eval_real.txt), nearest training image")
 
-    def balanced(mask):  # the real images' balanced accuracy, then each steps' and its share of the real one
+    def balanced(mask):  # the real images' balanced accuracy, then each of steps_list's
         real, *made = (accuracy(p[mask], test_labels[mask])[0] for p in predicted_by_steps.values())
-        return [f"{100 * real:.1f}"] + [f"{100 * a:.1f}" + (f" ({100 * a / real:.0f}%)" if real else "") for a in made]
-    rows = per_style(balanced)
-    if rows:
+        return dict(real=real, generated=made)
+    styles = per_style('classifier by style', balanced)
+    if styles:
         print("\n| style | test images | real, balanced accuracy | " + " | ".join(
             f"{steps} steps (of real)" for steps in steps_list) + " |\n" + "|---" * (3 + len(steps_list)) + "|")
-        print("\n".join(rows))
+        for row in styles:
+            print(f"{style_cells(row)} {100 * row['real']:.1f} | " + " | ".join(
+                f"{100 * a:.1f}" + (f" ({100 * a / row['real']:.0f}%)" if row['real'] else "")
+                for a in row['generated']) + " |")
 
 if 'upscale' in sections:
     eval_upscale(model, vae, encoder, test_images, recon, test_captions, noise, steps_list[-1])
 
 if 'control' in sections and model.config.control:
     eval_control(model, vae, encoder, test_images, recon, test_captions, noise, steps_list[-1])
+with open(os.path.join(out_dir, 'eval_real.json'), 'w') as f:
+    json.dump(rows, f, indent=1)
+print(f"\nrows: {out_dir}/eval_real.json")

@@ -1547,18 +1547,19 @@ def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     result = _run(['eval_real.py', '--out_dir=flow', '--steps_list=(2,)', '--loss_iters=(2,)', '--classifier_steps=2',
                    '--batch_size=8'], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    table = {line.split(' | ')[0].lstrip('| '): line.split(' | ')[1:] for line in result.stdout.splitlines()
-             if line.startswith('| ')}
-    vae_rows = result.stdout.split('| style | test images | PSNR | SSIM |')[1].split('\n\n')[0]  # per style, 8 each
-    psnr_of = {row.split(' | ')[0].lstrip('| '): float(row.split(' | ')[2].split()[0])
-               for row in vae_rows.splitlines() if row.startswith('| ') and '---' not in row}
-    assert list(psnr_of) == ['a', 'b (left out of training)'], result.stdout
-    overall = float(result.stdout.split('VAE round trip on the test split: PSNR ')[1].split()[0])
-    assert abs(sum(psnr_of.values()) / 2 - overall) <= 0.01, result.stdout  # per-image PSNRs, averaged
-    assert '| style | test images | real, balanced accuracy | 2 steps (of real) |' in result.stdout
-    upscaled = [name for name in table if name.startswith(('VAE round trip of the real image', 'IRIS, strength'))]
-    assert len(upscaled) == 3 and all(float(table[name][-1].rstrip(' |')) <= 0.5 for name in upscaled)  # the input kept
-    assert float(table['bicubic'][-1].rstrip(' |')) > 0.5  # bicubic does not keep it: the check above can fail
+    rows = json.loads((tmp_path / 'flow' / 'eval_real.json').read_text())
+    table = lambda name: [row for row in rows if row['table'] == name]  # noqa: E731
+    (overall,), by_style = table('vae')[:1], table('vae')[1:]  # per style, 8 images each
+    assert [(row['name'], row['images'], row['left_out']) for row in by_style] == [('a', 8, False), ('b', 8, True)]
+    assert abs(sum(row['psnr'] for row in by_style) / 2 - overall['psnr']) <= 0.01  # per-image PSNRs, averaged
+    assert [row['r'] for row in table('held-out flow loss')] == [2] and len(table('held-out flow loss')[0]['bands']) == 4
+    assert [row.get('steps') for row in table('classifier')] == [None, 2]
+    assert [len(row['generated']) for row in table('classifier by style')] == [1, 1]
+    upscale = {row['name']: row for row in table('upscale')}
+    upscaled = [name for name in upscale if name.startswith(('VAE round trip of the real image', 'IRIS, strength'))]
+    assert len(upscaled) == 3 and all(upscale[name]['input_error'] <= 0.5 for name in upscaled)  # the input kept
+    assert upscale['bicubic']['input_error'] > 0.5  # bicubic does not keep it: the check above can fail
+    assert f"{overall['psnr']:.2f} dB" in result.stdout and '| b (left out of training) | 8 |' in result.stdout
     assert Image.open(tmp_path / 'flow' / 'eval_upscale.png').size == (6 * 32, 4 * 32)
     assert Image.open(tmp_path / 'flow' / 'eval_real.png').size == (2 * 32, 3 * 32)  # a column per group
     test_rows = {row['text']: row for row in map(json.loads, (tmp_path / 'test' / 'metadata.jsonl').open())}
@@ -1570,7 +1571,10 @@ def test_eval_real_measures_a_run_on_an_imagefolder(tiny_runs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     result = _run(['eval_real.py', '--out_dir=edges', '--sections=control', '--steps_list=(2,)'], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert 'control strength 1 |' in result.stdout and '(the ceiling) |' in result.stdout
+    control = {row['name']: row['f1'] for row in json.loads((tmp_path / 'edges' / 'eval_real.json').read_text())}
+    assert list(control) == ['control strength 0 (the base generator)', 'control strength 1',
+                             'the real images after a VAE round trip (the ceiling)'], control
+    assert all(0 <= f1 <= 1 for f1 in control.values()) and 'control strength 1 |' in result.stdout
     assert Image.open(tmp_path / 'edges' / 'eval_control.png').size == (6 * 32, 3 * 32)
 
 
