@@ -4,7 +4,7 @@ text encoder's tokens for every distinct caption, computed once and kept on disk
 
 On a CPU the two encoders cost as much as hundreds of training steps, so an epoch must
 not re-run them. The cache file is cache_dir/<key>.safetensors, where the key hashes the
-data settings (and for the procedural sets, the code that draws them), the VAE checkpoint's
+data settings (and for the procedural sets, procedural.py, which draws them), the VAE checkpoint's
 bytes and the text encoder's name: change any of them and a new cache is built; nothing
 stale is ever read. The held-out captions (for sample
 grids and the adherence eval) are stored with it, so a cache hit loads no image at all.
@@ -21,11 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import data
+import procedural
 from data import CONTROLS, control_map, load_data, to_float
 from text import Prompt, sha256_file
-
-REAL_IMAGES = '# real images: '  # the header in data.py after the procedural data sets
 
 
 @torch.no_grad()
@@ -64,9 +62,8 @@ def cache_path(cache_dir, data_settings, **more):
     else makes the data (the code that draws it, the metadata's bytes) and `more`."""
     identity = dict(data_settings, **more)
     if not data_settings['data_dir'] and data_settings['dataset'] in ('shapes', 'scenes'):
-        # the code that draws and captions them is data too: every line of data.py above its real images
-        source = inspect.getsource(data)
-        identity['drawing'] = hashlib.sha256(source[:source.index(REAL_IMAGES)].encode()).hexdigest()
+        # the code that draws and captions them is data too
+        identity['drawing'] = hashlib.sha256(inspect.getsource(procedural).encode()).hexdigest()
     if data_settings['data_dir']:  # a folder's contents can change under the same name
         metadata = os.path.join(data_settings['data_dir'], 'metadata.jsonl')
         identity['metadata'] = sha256_file(metadata) if os.path.isfile(metadata) else None

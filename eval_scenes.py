@@ -28,10 +28,11 @@ import torch
 from cache import encode_images
 from checkpoint import load_generator
 from configurator import configure
-from data import TASKS, make_scenes, save_grid, scene_attributes
+from data import save_grid
 from flow import held_out_loss, text_to_image
 from metrics import geneval
 from precision import mixed_precision, resolve_dtype
+from procedural import TASKS, make_scenes, scene_attributes
 from text import load_text_encoder
 from vae import load_vae, reconstruct
 

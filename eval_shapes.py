@@ -23,11 +23,11 @@ import torch
 from cache import encode_images
 from checkpoint import load_generator
 from configurator import configure
-from data import (COLOURS, POSITIONS, RADII, SHAPES, control_map, make_shapes, map_image, save_grid,
-                  shape_attributes, shape_caption)
+from data import control_map, map_image, save_grid
 from flow import held_out_loss, text_to_image
 from metrics import ATTRIBUTES, adherence, analyse, control_f1
 from precision import mixed_precision, resolve_dtype
+from procedural import COLOURS, POSITIONS, RADII, SHAPES, make_shapes, shape_attributes, shape_caption
 from text import load_text_encoder
 from vae import latent_keep_mask, load_vae, reconstruct
 

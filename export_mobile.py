@@ -33,11 +33,12 @@ import torch
 
 from checkpoint import load_generator
 from configurator import configure
-from data import control_map, make_shapes, save_grid, to_uint8
+from data import control_map, save_grid, to_uint8
 from mobile import (PRECISIONS, Method, as_tuple, export_onnx, export_pte, exported_parts, generate, generator_methods,
                     in_precision, initial_noise, input_names, load_part, quantize_onnx, require_export_packages,
                     save_manifest, save_tokenizer)
 from model import SIZES, wake_up
+from procedural import make_shapes
 from text import MAX_TOKENS, load_text_encoder
 from vae import WaveletVAE, check_image_size, load_vae, psnr
 

@@ -3,7 +3,7 @@ Measures of images that need no pretrained network, shared by the eval scripts:
 
 - the shapes analyser (eval_shapes.py): it labels every pixel with the nearest of the 8
   palette colours (the most common label is the background, the next the shape), then
-  compares the shape's pixels with the four shapes as data.py draws them, each with the same
+  compares the shape's pixels with the four shapes as procedural.py draws them, each with the same
   area and centroid: the best overlap (IoU) names the type, and that template's centre and
   radius give the position (nearest of the 9) and the size;
 - the scenes analyser (eval_scenes.py): each connected region of one palette colour on the
@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import COLOURS, POSITIONS, RADII, SCENE_BACKGROUND, SCENE_RADIUS, SHAPES, TASKS, to_float
+from data import to_float
+from procedural import (COLOURS, POSITIONS, RADII, SCENE_BACKGROUND, SCENE_RADIUS, SHAPES, TASKS, area_per_r2,
+                        centroid_below_centre, inside)
 from wavelet import dwt
 
 # -----------------------------------------------------------------------------
@@ -28,20 +30,12 @@ from wavelet import dwt
 ATTRIBUTES = ('background', 'colour', 'shape', 'position', 'size')
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 CENTRES = np.array([centre for centre, _ in POSITIONS.values()], dtype=np.float32)
-AREA_PER_R2 = {'circle': math.pi, 'square': 4 * 0.85 ** 2, 'triangle': 1.8, 'diamond': 2.0}  # as data.draw_shape does
 
 
 def shape_template(shape, cx, cy, r, size):
-    """Boolean (size, size) mask of a shape as data.draw_shape draws it, sampled at pixel centres."""
+    """Boolean (size, size) mask of a shape as procedural.draw_one draws it, sampled at pixel centres."""
     y, x = np.mgrid[0:size, 0:size] + 0.5
-    dx, dy = np.abs(x - cx), y - cy
-    if shape == 'circle':
-        return dx ** 2 + dy ** 2 <= r ** 2
-    if shape == 'square':
-        return (dx <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
-    if shape == 'diamond':
-        return dx + np.abs(dy) <= r
-    return (dy >= -r) & (dy <= 0.8 * r) & (dx <= (dy + r) / 1.8)  # triangle, apex up
+    return inside(shape, x - cx, y - cy, r)
 
 
 def read_shape(mask):
@@ -53,8 +47,8 @@ def read_shape(mask):
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     best_iou = -1.0
     for shape in SHAPES:
-        r = math.sqrt(area / AREA_PER_R2[shape])
-        centre_y = cy - (0.2 * r if shape == 'triangle' else 0.0)  # a triangle's centroid sits 0.2 r below its centre
+        r = math.sqrt(area / area_per_r2(shape))
+        centre_y = cy - centroid_below_centre(shape) * r  # the template's centroid on the mask's
         template = shape_template(shape, cx, centre_y, r, S)
         iou = (template & mask).sum() / (template | mask).sum()
         if iou > best_iou:
@@ -69,7 +63,7 @@ def nearest_colours(image, palette):
 
 
 def analyse(image):
-    """uint8 (3, S, S) -> the attributes it shows, as in data.shape_attributes."""
+    """uint8 (3, S, S) -> the attributes it shows, as in procedural.shape_attributes."""
     labels = nearest_colours(image, PALETTE)
     counts = np.bincount(labels.ravel(), minlength=len(PALETTE))
     background, colour = np.argsort(-counts)[:2]
@@ -97,7 +91,7 @@ def adherence(images, attributes):
 # the scenes analyser, scored with GenEval's rules (Ghosh et al. 2023)
 
 SCENE_PALETTE = np.array([SCENE_BACKGROUND, *COLOURS.values()], dtype=np.float32)  # label 0: the background
-MIN_AREA = 0.4 * AREA_PER_R2['triangle'] * (0.9 * SCENE_RADIUS) ** 2  # of the image: less is an edge's fringe
+MIN_AREA = 0.4 * area_per_r2('triangle') * (0.9 * SCENE_RADIUS) ** 2  # of the image: less is an edge's fringe
 POSITION_MARGIN = 0.1  # of the side: how far apart two centres must be on an axis to be left of, above, ...
 
 

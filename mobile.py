@@ -31,9 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import UsageError
-from data import control_map, make_shapes
+from data import control_map
 from flow import consistency_sample, euler_sample
 from model import FourierMixer, iterate_core
+from procedural import make_shapes
 from text import MAX_TOKENS, Prompt
 
 

@@ -37,18 +37,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import browser
 import cache
-import data
 import checkpoint
 import internals
 import metrics
 import precision
+import procedural
 import training
 from cache import encode_images, load_training_set
 from checkpoint import load_checkpoint, load_generator, read_checkpoint, save_checkpoint
 from configurator import UsageError, config_files, configure, read_config_file, script_settings
-from data import (POSITIONS, TASKS, conflicting_shape_captions, control_map, drawn_clearly, held_out, image_tensor,
-                  load_data, load_hub, load_imagefolder, make_scenes, make_shapes, open_image, scene_attributes,
-                  scene_caption, shape_attributes, to_float, to_uint8)
+from data import control_map, image_tensor, load_data, load_hub, load_imagefolder, open_image, to_float, to_uint8
 from flow import (consistency_fn, consistency_loss, consistency_sample, encode_once, euler_sample, flow_loss, guided,
                   shift_time, time_grid, upscale)
 from metrics import adherence, analyse, control_f1, frechet_distance, geneval, read_scene, scene_correct, ssim
@@ -56,6 +54,8 @@ from model import (CHUNK, SIZES, Attention, FourierMixer, Iris, IrisConfig, Recu
                    SpatialMixer, build_generator, count_parameters, irfft2_dft, iterate_core, linear_scan, rfft2_dft,
                    sequential_scan, wake_up, window_attention)
 from precision import mixed_precision
+from procedural import (POSITIONS, TASKS, conflicting_shape_captions, drawn_clearly, held_out, make_scenes, make_shapes,
+                        scene_attributes, scene_caption, shape_attributes)
 from text import Prompt, load_text_encoder
 from training import draw_iters, ema_update, make_ema, optimizer_step
 from vae import WaveletVAE, load_vae, psnr, reconstruct, vae_loss
@@ -568,7 +568,7 @@ def test_model_sizes_match_the_seed_within_ten_percent(name, target):
 
 
 # -----------------------------------------------------------------------------
-# data.py and text.py
+# procedural.py, data.py and text.py
 
 
 def test_shapes_are_deterministic_and_captioned():
@@ -812,12 +812,12 @@ def test_training_set_cache_is_built_once_and_keyed(tmp_path, monkeypatch):
     for k in ('latents', 'caption_ids', 'tokens', 'mask'):  # a first (GPU) run gets what a later one reads
         assert (first[k].dtype, first[k].device.type) == (second[k].dtype, 'cpu') and torch.equal(first[k], second[k])
     assert second['holdout_captions'] == first['holdout_captions']
-    source = inspect.getsource(data)
-    # the code that draws the shapes is part of the key; what reads image folders is not
-    folders = source.replace('def load_imagefolder', 'def load_imagefolder_')
-    monkeypatch.setattr(cache.inspect, 'getsource', lambda module: folders)
+    source = inspect.getsource(procedural)
+    # the code that draws the shapes is part of the key; data.py's, which reads image folders, is not
+    monkeypatch.setattr(cache.inspect, 'getsource',
+                        lambda module: source if module is procedural else pytest.fail(f"hashed {module.__name__}"))
     load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
-    monkeypatch.setattr(cache.inspect, 'getsource', lambda module: source.replace('def draw_shape', 'def draw_shape_'))
+    monkeypatch.setattr(cache.inspect, 'getsource', lambda module: source.replace('def draw_one', 'def draw_one_'))
     with pytest.raises(pytest.fail.Exception):
         load_training_set(settings, vae, str(vae_dir), _Offset(), str(tmp_path / 'cache'))
     monkeypatch.undo()

@@ -25,10 +25,11 @@ from tqdm import tqdm
 from cache import encode_captions, load_control_maps, load_training_set
 from checkpoint import generator_from, load_checkpoint, lock_out_dir, read_ema_checkpoint, save_checkpoint
 from configurator import configure
-from data import CONTROLS, conflicting_shape_captions, map_image, save_grid
+from data import CONTROLS, map_image, save_grid
 from flow import WEIGHTINGS, own_random_numbers, shift_time, text_to_image
 from model import count_parameters
 from precision import DTYPES, mixed_precision, resolve_dtype
+from procedural import conflicting_shape_captions
 from text import Prompt, load_text_encoder
 from training import (LossBands, LossLog, all_sum, caption_batch, draw_iters, ema_update, generator_step, lr_at,
                       make_ema, micro_batches, setup_distributed, stop_if_diverged, wrap_distributed)
