@@ -14,7 +14,9 @@ Feeding the prelude output e into every iteration is Huginn's input injection
 Each Core layer mixes tokens with GRFM (below) instead of self-attention, so its cost
 grows like N log N rather than N^2, attends to the text tokens with cross-attention, and
 is conditioned with adaLN-Zero (DiT, Peebles & Xie 2022, arXiv 2212.09748) on
-c_i = emb(t) + emb(i / r) + MLP(pooled text).
+c_i = emb(t) + emb(i / r) + MLP(pooled text). IrisConfig(text_layers=k) first re-reads the frozen
+text encoder's tokens with k trainable transformer layers (a text stage), which can learn
+which colour goes with which shape where the encoder alone gives nearly a bag of words.
 
 GRFM, the token mixer, fuses three views of the h x w token grid:
   1. Fourier: AFNO (Guibas et al. 2021, arXiv 2111.13587), a block-diagonal complex
