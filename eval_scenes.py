@@ -16,7 +16,10 @@ over the guidance scale and the sampling steps. Two sets of captions:
 
 The analyser is scored first on the real scenes and their VAE reconstructions (the ceiling a
 generator can reach through this VAE); it stops the eval if it reads fewer than 99% of the
-real ones right. Every row is also written to out_dir/eval_scenes.json, one dict per row.
+real ones right. A second table splits each row's position and colour-attribution captions by
+what went wrong (metrics.structure): a named type not drawn, or both drawn with the relation
+(the colours) reversed, as a model that reads the caption as a bag of words draws it half the
+time. Every row is also written to out_dir/eval_scenes.json, one dict per row.
 """
 import json
 import os
@@ -30,7 +33,7 @@ from checkpoint import load_generator
 from configurator import configure
 from data import save_grid
 from flow import held_out_loss, text_to_image
-from metrics import geneval
+from metrics import STRUCTURE, geneval, structure_shares
 from precision import mixed_precision, resolve_dtype
 from procedural import TASKS, make_scenes, scene_attributes
 from text import load_text_encoder
@@ -75,6 +78,24 @@ def record(split, images, scores, **more):
     print_row(rows[-1])
 
 
+def score(images, scenes):
+    """geneval's scores, and under 'structure' why position and colour attribution fail."""
+    return dict(geneval(images, scenes), structure=structure_shares(images, scenes))
+
+
+def print_structure(split):
+    """The structure of each row of `split`: its position and colour-attribution captions whose
+    two named types are missing, or drawn with the relation (colours) right, reversed, neither."""
+    tasks = ('position', 'colour attribution')
+    print("\n| captions | images | " + " | ".join(f"{task}: {o}" for task in tasks for o in STRUCTURE) + " |\n"
+          + "|---" * (2 + 2 * len(STRUCTURE)) + "|")
+    for row in rows:
+        if row['split'] == split and 'structure' in row:
+            print(f"| {split} | {row['images']} | " + " | ".join(
+                f"{100 * row['structure'][task][o]:.1f}" if task in row['structure'] else '' for task in tasks
+                for o in STRUCTURE) + " |")
+
+
 print("| captions | images | " + " | ".join(TASKS) + " | overall | mean r | s / image |\n" + "|---" * 11 + "|")
 if validate_only:
     for split in splits:
@@ -100,11 +121,11 @@ settings += [(run['sample_iters'], 0.0, cfg_scale, s) for s in steps_list]
 for split in splits:
     scenes = [scene_attributes(SEEDS[split][0], i, SEEDS[split][1]) for i in range(num_prompts)]
     real, captions = make_scenes(num_prompts, size, *SEEDS[split])
-    record(split, 'real scenes', geneval(real, scenes))
+    record(split, 'real scenes', score(real, scenes))
     if min(rows[-1][task] for task in TASKS) < 0.99:
         raise SystemExit(f"error: the analyser reads a task of the real {split} scenes under 99% right at {size} px; "
                          f"it cannot be trusted on samples")
-    record(split, 'their VAE reconstructions (the ceiling)', geneval(reconstruct(vae, real), scenes))
+    record(split, 'their VAE reconstructions (the ceiling)', score(reconstruct(vae, real), scenes))
     grid_rows = []
     for iters, tolerance, cfg, step_count in settings:
         start, used = time.time(), []
@@ -115,11 +136,12 @@ for split in splits:
                                               record_iters=used.append)
                                 for i in range(0, num_prompts, batch_size)])
         name = f"auto (tolerance {tolerance:g}, at most {iters})" if tolerance else f"r = {iters}"
-        record(split, f"{name}, {step_count} steps, cfg {cfg:g}", geneval(images, scenes), r=iters,
+        record(split, f"{name}, {step_count} steps, cfg {cfg:g}", score(images, scenes), r=iters,
                tolerance=tolerance, cfg=cfg, steps=step_count, **{'mean r': torch.cat(used).mean().item(),
                                                                  's / image': (time.time() - start) / num_prompts})
         if not tolerance and (cfg, step_count) == (cfg_scale, steps) and iters <= 16:
             grid_rows.append(images[:8])
+    print_structure(split)
     if grid_rows:
         save_grid(torch.cat(grid_rows), os.path.join(out_dir, f'eval_iters_{split}.png'))
         with open(os.path.join(out_dir, f'eval_iters_{split}.txt'), 'w') as f:

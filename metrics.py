@@ -143,6 +143,37 @@ def scene_correct(found, scene):
     return all(of(o) for o in named)  # single object, two objects
 
 
+STRUCTURE = ('types missing', 'right', 'reversed', 'neither')
+
+
+def structure(found, scene):
+    """Why a position or colour-attribution scene (two objects) is right or wrong: 'types
+    missing' where a named type is not drawn; else 'right' (scene_correct), 'reversed' where
+    the relation or the colours hold with the two objects swapped (the caption read as a bag
+    of words), or 'neither'."""
+    named = scene['objects']
+    first, second = ([f for f in found if f['shape'] == o['shape']] for o in named)
+    if not (first and second):
+        return 'types missing'
+    if scene['task'] == 'position':
+        holds = lambda a, b: any(relation_holds(scene['relation'], x, y) for x in a for y in b)  # noqa: E731
+        right, reversed_ = holds(first, second), holds(second, first)
+    else:
+        coloured = lambda found, o: any(f['colour'] == o['colour'] for f in found)  # noqa: E731
+        right = coloured(first, named[0]) and coloured(second, named[1])
+        reversed_ = coloured(first, named[1]) and coloured(second, named[0])
+    return 'right' if right else 'reversed' if reversed_ else 'neither'
+
+
+def structure_shares(images, scenes):
+    """{task: {outcome: fraction}} of structure() for the position and colour-attribution scenes."""
+    outcomes = {}
+    for image, scene in zip(images, scenes):
+        if scene['task'] in ('position', 'colour attribution'):
+            outcomes.setdefault(scene['task'], []).append(structure(read_scene(image), scene))
+    return {task: {o: float(np.mean([x == o for x in found])) for o in STRUCTURE} for task, found in outcomes.items()}
+
+
 def geneval(images, scenes):
     """Fraction right per task present and 'overall', their mean (GenEval's overall score)."""
     right = [scene_correct(read_scene(image), scene) for image, scene in zip(images, scenes)]

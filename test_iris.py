@@ -49,7 +49,8 @@ from configurator import UsageError, config_files, configure, read_config_file, 
 from data import control_map, image_tensor, load_data, load_hub, load_imagefolder, open_image, to_float, to_uint8
 from flow import (consistency_fn, consistency_loss, consistency_sample, encode_once, euler_sample, flow_loss, guided,
                   shift_time, time_grid, upscale)
-from metrics import adherence, analyse, control_f1, frechet_distance, geneval, read_scene, scene_correct, ssim
+from metrics import (adherence, analyse, control_f1, frechet_distance, geneval, read_scene, scene_correct, ssim,
+                     structure)
 from model import (CHUNK, SIZES, Attention, FourierMixer, Iris, IrisConfig, RecurrentMixer, SelfAttentionMixer,
                    SpatialMixer, build_generator, count_parameters, irfft2_dft, iterate_core, linear_scan, rfft2_dft,
                    sequential_scan, wake_up, window_attention)
@@ -1516,6 +1517,10 @@ def test_eval_scenes_scores_seen_and_held_out_captions_at_each_r_adaptively_and_
         # a tolerance nothing can miss stops every sample after one iteration: r = 1's images exactly
         auto, once = named[sampled[2]], named[sampled[0]]
         assert auto['mean r'] == 1.0 and all(auto[k] == once[k] for k in (*TASKS, 'overall'))
+        for name in ('real scenes', *sampled):  # what went wrong adds up, and 'right' is the task's score
+            for task, shares in named[name]['structure'].items():
+                assert abs(sum(shares.values()) - 1) < 1e-9 and shares['right'] == named[name][task], (name, shares)
+        assert named['real scenes']['structure']['position']['right'] == 1.0
         assert Image.open(tmp_path / 'out-flow' / f'eval_iters_{split}.png').size == (8 * 64, 2 * 64)
     losses = next(row for row in rows if row['images'].startswith('held-out flow loss'))
     assert all(math.isfinite(losses[f'r = {r}']) for r in (1, 2))
@@ -1988,6 +1993,11 @@ def test_geneval_rules_on_hand_made_detections():
     assert not scene_correct([red_circle, blue_square], scene('position', *pair, relation='above'))  # 0.05 < margin
     below = dict(blue_square, y=0.5 + metrics.POSITION_MARGIN + 0.01)
     assert scene_correct([red_circle, below], scene('position', *pair, relation='above'))
+    assert structure([red_circle, blue_square], scene('position', *pair, relation='right of')) == 'reversed'
+    assert structure([red_circle, blue_square], swapped) == 'reversed'
+    assert structure([red_circle, below], scene('position', *pair, relation='left of')) == 'right'
+    assert structure([red_circle, blue_square], scene('position', *pair, relation='above')) == 'neither'
+    assert structure([red_circle], scene('colour attribution', *pair)) == 'types missing'
     scores = geneval(torch.full((2, 3, 64, 64), 128, dtype=torch.uint8), [scene('colours', ('square', 'blue')),
                                                                           scene('counting', *pair)])
     assert scores == {'counting': 0, 'colours': 0, 'overall': 0}
