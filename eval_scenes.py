@@ -58,8 +58,10 @@ dtype = 'auto'  # autocast: 'float32', 'bfloat16', 'float16' or 'auto' (precisio
 configure(globals(), positive=('num_prompts', 'iters_list', 'steps', 'batch_size'))
 if not splits or not set(splits) <= {'held-out', 'seen'}:
     raise SystemExit(f"error: splits must name 'held-out' and/or 'seen', got {splits!r}")
-if any(s <= 0 for s in (*cfg_list, *steps_list)):
-    raise SystemExit("error: cfg_list and steps_list must hold numbers above 0")
+# empty by default, so configure() knows no type for their items
+if any(type(c) not in (int, float) or c <= 0 for c in cfg_list) or any(type(s) is not int or s < 1 for s in steps_list):
+    raise SystemExit(f"error: cfg_list must hold numbers above 0 and steps_list counts of at least 1, got "
+                     f"{cfg_list!r} and {steps_list!r}"[:300])
 torch.manual_seed(seed)  # what torch's global generator draws: a noise-started Core's s_0
 SEEDS = {'held-out': (1, True), 'seen': (2, False)}  # (data seed, test combinations)
 
