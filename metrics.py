@@ -159,7 +159,7 @@ def structure(found, scene):
         holds = lambda a, b: any(relation_holds(scene['relation'], x, y) for x in a for y in b)  # noqa: E731
         right, reversed_ = holds(first, second), holds(second, first)
     else:
-        coloured = lambda found, o: any(f['colour'] == o['colour'] for f in found)  # noqa: E731
+        coloured = lambda objects, o: any(f['colour'] == o['colour'] for f in objects)  # noqa: E731
         right = coloured(first, named[0]) and coloured(second, named[1])
         reversed_ = coloured(first, named[1]) and coloured(second, named[0])
     return 'right' if right else 'reversed' if reversed_ else 'neither'

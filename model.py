@@ -15,8 +15,9 @@ Each Core layer mixes tokens with GRFM (below) instead of self-attention, so its
 grows like N log N rather than N^2, attends to the text tokens with cross-attention, and
 is conditioned with adaLN-Zero (DiT, Peebles & Xie 2022, arXiv 2212.09748) on
 c_i = emb(t) + emb(i / r) + MLP(pooled text). IrisConfig(text_layers=k) first re-reads the frozen
-text encoder's tokens with k trainable transformer layers (a text stage), which can learn
-which colour goes with which shape where the encoder alone gives nearly a bag of words.
+text encoder's tokens with k trainable transformer layers (a text stage), so that it can learn
+which colour goes with which shape where the encoder alone gives nearly a bag of words (on the
+scenes it did not help at 3000 steps: docs/results.md).
 
 GRFM, the token mixer, fuses three views of the h x w token grid:
   1. Fourier: AFNO (Guibas et al. 2021, arXiv 2111.13587), a block-diagonal complex
