@@ -33,7 +33,7 @@ from checkpoint import load_generator
 from configurator import configure
 from data import save_grid
 from flow import held_out_loss, text_to_image
-from metrics import STRUCTURE, geneval, structure_shares
+from metrics import STRUCTURE, geneval, read_scene, structure_shares
 from precision import mixed_precision, resolve_dtype
 from procedural import TASKS, make_scenes, scene_attributes
 from text import load_text_encoder
@@ -82,7 +82,8 @@ def record(split, images, scores, **more):
 
 def score(images, scenes):
     """geneval's scores, and under 'structure' why position and colour attribution fail."""
-    return dict(geneval(images, scenes), structure=structure_shares(images, scenes))
+    found = [read_scene(image) for image in images]
+    return dict(geneval(found, scenes), structure=structure_shares(found, scenes))
 
 
 def print_structure(split):
@@ -103,7 +104,7 @@ if validate_only:
     for split in splits:
         scenes = [scene_attributes(SEEDS[split][0], i, SEEDS[split][1]) for i in range(num_prompts)]
         for size in (64, 96, 128):
-            record(split, f"real, {size} px", geneval(make_scenes(num_prompts, size, *SEEDS[split])[0], scenes))
+            record(split, f"real, {size} px", score(make_scenes(num_prompts, size, *SEEDS[split])[0], scenes))
     raise SystemExit
 model, run, out_dir = load_generator(out_dir, device)
 if run.get('dataset') != 'scenes' or run.get('data_dir'):

@@ -165,18 +165,20 @@ def structure(found, scene):
     return 'right' if right else 'reversed' if reversed_ else 'neither'
 
 
-def structure_shares(images, scenes):
-    """{task: {outcome: fraction}} of structure() for the position and colour-attribution scenes."""
+def structure_shares(found, scenes):
+    """{task: {outcome: fraction}} of structure() for the position and colour-attribution scenes;
+    found[i] is read_scene of the image drawn for scenes[i]."""
     outcomes = {}
-    for image, scene in zip(images, scenes):
+    for objects, scene in zip(found, scenes):
         if scene['task'] in ('position', 'colour attribution'):
-            outcomes.setdefault(scene['task'], []).append(structure(read_scene(image), scene))
-    return {task: {o: float(np.mean([x == o for x in found])) for o in STRUCTURE} for task, found in outcomes.items()}
+            outcomes.setdefault(scene['task'], []).append(structure(objects, scene))
+    return {task: {o: float(np.mean([x == o for x in seen])) for o in STRUCTURE} for task, seen in outcomes.items()}
 
 
-def geneval(images, scenes):
-    """Fraction right per task present and 'overall', their mean (GenEval's overall score)."""
-    right = [scene_correct(read_scene(image), scene) for image, scene in zip(images, scenes)]
+def geneval(found, scenes):
+    """Fraction right per task present and 'overall', their mean (GenEval's overall score);
+    found[i] is read_scene of the image drawn for scenes[i]."""
+    right = [scene_correct(objects, scene) for objects, scene in zip(found, scenes)]
     scores = {task: np.mean([r for r, s in zip(right, scenes) if s['task'] == task]) for task in TASKS
               if any(s['task'] == task for s in scenes)}
     scores['overall'] = np.mean(list(scores.values()))

@@ -1967,7 +1967,7 @@ def test_scene_analyser_reads_true_renders_in_every_task():
     for size in (64, 96):
         for test in (False, True):
             images, _ = make_scenes(240, size, seed=7, test=test)
-            scores = geneval(images, [scene_attributes(7, i, test=test) for i in range(240)])
+            scores = geneval([read_scene(image) for image in images], [scene_attributes(7, i, test=test) for i in range(240)])
             assert min(scores.values()) >= 0.99, (size, test, scores)
     assert read_scene(torch.full((3, 64, 64), 128, dtype=torch.uint8)) == []
 
@@ -1998,9 +1998,10 @@ def test_geneval_rules_on_hand_made_detections():
     assert structure([red_circle, below], scene('position', *pair, relation='left of')) == 'right'
     assert structure([red_circle, blue_square], scene('position', *pair, relation='above')) == 'neither'
     assert structure([red_circle], scene('colour attribution', *pair)) == 'types missing'
-    scores = geneval(torch.full((2, 3, 64, 64), 128, dtype=torch.uint8), [scene('colours', ('square', 'blue')),
-                                                                          scene('counting', *pair)])
+    scores = geneval([[red_circle], []], [scene('colours', ('square', 'blue')), scene('counting', *pair)])
     assert scores == {'counting': 0, 'colours': 0, 'overall': 0}
+    assert geneval([[blue_square], [red_circle] * 2], [scene('colours', ('square', 'blue')), scene('counting', *pair)]) == {
+        'counting': 1, 'colours': 1, 'overall': 1}
 
 
 def test_ssim_is_one_on_itself_and_the_closed_form_on_flat_images():
