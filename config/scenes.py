@@ -8,12 +8,20 @@ if script in ('train_vae', 'train_flow'):
     image_size = 96  # -> 6x6x16 latents, at which the analyser reads the VAE's reconstructions
     num_images = 20000
 
+if script in ('train_vae', 'train_flow'):
+    # the quickstart's recipe (docs/speedrun.md): Muon, and a learning rate held, then
+    # decayed to zero over the last half
+    muon = True
+    min_lr = 0.0
+    cooldown = 0.5
+
 if script == 'train_vae':
     out_dir = 'out-scenes-vae'
     channels = (32, 64, 128)
     batch_size = 32
-    max_steps = 2000
-    eval_interval = 500
+    lr = 2e-3
+    max_steps = 800  # 40.4 dB held out, above AdamW's 39.3 after 2000 steps
+    eval_interval = 400
 
 if script in ('train_flow', 'sample', 'eval_scenes', 'export_mobile'):
     out_dir = 'out-scenes-flow'
@@ -30,10 +38,10 @@ if script == 'train_flow':
     train_iters_mean = 4.0
     backprop_iters = 4
     batch_size = 64
-    lr = 2e-3
-    min_lr = 2e-4
+    lr = 3e-3
     warmup_steps = 100
-    max_steps = 6000
+    max_steps = 3000  # about the 40 minutes of one core that AdamW's 3200 steps took; 3x as long composes far better
+    ema_decay = 0.995
     eval_interval = 1000
     sample_iters = 8
 
