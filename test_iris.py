@@ -1967,7 +1967,8 @@ def test_scene_analyser_reads_true_renders_in_every_task():
     for size in (64, 96):
         for test in (False, True):
             images, _ = make_scenes(240, size, seed=7, test=test)
-            scores = geneval([read_scene(image) for image in images], [scene_attributes(7, i, test=test) for i in range(240)])
+            found = [read_scene(image) for image in images]
+            scores = geneval(found, [scene_attributes(7, i, test=test) for i in range(240)])
             assert min(scores.values()) >= 0.99, (size, test, scores)
     assert read_scene(torch.full((3, 64, 64), 128, dtype=torch.uint8)) == []
 
@@ -2000,8 +2001,9 @@ def test_geneval_rules_on_hand_made_detections():
     assert structure([red_circle], scene('colour attribution', *pair)) == 'types missing'
     scores = geneval([[red_circle], []], [scene('colours', ('square', 'blue')), scene('counting', *pair)])
     assert scores == {'counting': 0, 'colours': 0, 'overall': 0}
-    assert geneval([[blue_square], [red_circle] * 2], [scene('colours', ('square', 'blue')), scene('counting', *pair)]) == {
-        'counting': 1, 'colours': 1, 'overall': 1}
+    scores = geneval([[blue_square], [red_circle] * 2], [scene('colours', ('square', 'blue')),
+                                                         scene('counting', *pair)])
+    assert scores == {'counting': 1, 'colours': 1, 'overall': 1}
 
 
 def test_ssim_is_one_on_itself_and_the_closed_form_on_flat_images():
