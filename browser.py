@@ -2,7 +2,7 @@
 The web page (web/) in headless Chromium, for the browser test and bench.py's timings:
 serve an export folder with web/serve.py, open the page, draw, read the canvas back.
 
-    with web_page('out-shapes-flow/mobile-fp32') as page:
+    with web_page('out-shapes-flow/mobile-fp32') as (page, _):
         seconds = page.evaluate('window.iris.draw({steps: 25, iters: 4})')
 
 Needs Debian's chromium (apt-get install chromium; Playwright's own browser download cannot

@@ -2473,6 +2473,8 @@ def test_the_web_page_says_what_is_wrong_in_one_line(web_export, tmp_path):
     folder = shutil.copytree(web_export('consistency'), tmp_path / 'export')
     (folder / 'generator_core.onnx').unlink()
     with browser.web_page(str(folder)) as (page, _):
+        # the page fills in the run's sample prompt once it is ready: type only after that
+        page.wait_for_selector('#draw:enabled')
         for prompt, message in (('  ', 'error: the prompt is empty: write what to draw'),
                                 ('a red circle', 'generator_core.onnx: 404')):
             page.fill('#prompt', prompt)  # as a person would: type, then press Draw
