@@ -41,7 +41,9 @@ Measures what the README claims about the generator on this machine, as tables:
            loads every file) and the next, the tab's peak memory and the download, against
            run_mobile.py --format=onnx on the same files; --screenshot saves the page
 The config: the config files on the command line (as the training scripts read them, over
-their defaults: configurator.script_settings), config/pokemon.py without one. Timings are
+their defaults: configurator.script_settings), config/pokemon.py without one. bench.py reads
+them for its own settings too, so a file that changes a training setting puts it under
+`if script in ('train_vae', 'train_flow'):` (a bare `muon = False` stops it). Timings are
 medians of several runs after a warm-up. No test asserts on them.
 """
 import copy
