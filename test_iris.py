@@ -1885,10 +1885,10 @@ def test_a_config_files_settings_for_another_script_build_the_model_that_script_
     assert (defaults['model_size'], defaults['patch_size'], defaults['muon']) == ('tiny', 2, False)
     assert 'device' not in defaults and 'master' not in defaults  # not a literal; assigned after configure()
     quickstart = script_settings('train_flow', [SHAPES_CONFIG])
-    assert (quickstart['muon'], quickstart['max_steps'], quickstart['train_iters']) == (True, 1300, (8,))
+    assert (quickstart['muon'], quickstart['max_steps'], quickstart['train_iters']) == (True, 1600, (8,))
     model = build_generator(quickstart, 384)
     assert (model.config.dim, model.config.core_layers, model.config.mixer, model.config.state_init) == (
-        128, 2, 'attention', 'noise')
+        96, 2, 'attention', 'noise')
     # a run trained with the tiny settings: the same settings build a model of its every tensor's shape
     trained = json.loads((tiny_runs / 'out-flow' / 'config.json').read_text())['config']
     state, _ = read_checkpoint(str(tiny_runs / 'out-flow' / 'ckpt.safetensors'), prefixes=('ema.',))
@@ -1904,7 +1904,7 @@ def test_bench_measures_the_models_of_the_config_file_it_is_given(tmp_path):
                  if line.strip().startswith(('train_vae', 'train_flow')))
     # config/shapes.py's batches, r, optimizer and steps, none of them train_vae.py's or train_flow.py's defaults
     assert vae.startswith('train_vae 32 x 64 px Muon + AdamW ') and ' ms 1000 ' in vae, result.stdout
-    assert flow.startswith('train_flow 64 x 16 tokens, r = 2 Muon + AdamW ') and ' ms 1300 ' in flow, result.stdout
+    assert flow.startswith('train_flow 64 x 16 tokens, r = 2 Muon + AdamW ') and ' ms 1600 ' in flow, result.stdout
 
 
 def test_config_values_are_literals_only_when_they_look_like_one():
