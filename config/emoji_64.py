@@ -5,5 +5,5 @@ if script == 'train_flow':
     out_dir = 'out-emoji-flow-64'
     init_from = 'scratch'
     image_size = 64
-    max_steps = 3000
+    max_steps = 2000
     eval_interval = 500
