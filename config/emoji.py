@@ -16,7 +16,7 @@ if script in ('train_vae', 'train_flow'):
     image_size = 128
     num_holdout = 64
     # the quickstart's recipe (docs/speedrun.md): Muon, and a learning rate held, then decayed
-    # to zero over the last half; fewer steps for the VAE and both generator stages
+    # to zero over the last half; a sharper VAE and generator in about AdamW's time (docs/results.md)
     muon = True
     min_lr = 0.0
     cooldown = 0.5
