@@ -143,7 +143,7 @@ def eval_upscale(model, vae, encoder, real, recon, captions, noise, steps):
                      sharpness=sharpness(images, real),
                      input_error=(F.avg_pool2d(images.float(), 2) - small.float()).abs().max().item())
         print(f"| {name} | {row['psnr']:.2f} dB | {row['ssim']:.4f} | {row['sharpness']:.3f} | "
-              f"{row['input_error']:.2f} |")
+              f"{row['input_error']:.2f} |", flush=True)
     print(f"| real {real.shape[-1]} px images | | 1 | 1 | |")
     shown = slice(0, 6)
     save_grid(torch.cat([small[shown].repeat_interleave(2, -1).repeat_interleave(2, -2), bicubic[shown],
@@ -161,10 +161,10 @@ def eval_control(model, vae, encoder, real, recon, captions, noise, steps):
                           control_strength=strength)
         row = record('control', f"control strength {strength:g}{' (the base generator)' if strength == 0 else ''}",
                      f1=control_f1(control_map(images, kind), maps).mean().item())
-        print(f"| {row['name']} | {row['f1']:.3f} |")
+        print(f"| {row['name']} | {row['f1']:.3f} |", flush=True)
     row = record('control', 'the real images after a VAE round trip (the ceiling)',
                  f1=control_f1(control_map(recon, kind), maps).mean().item())
-    print(f"| {row['name']} | {row['f1']:.3f} |")
+    print(f"| {row['name']} | {row['f1']:.3f} |", flush=True)
     save_grid(torch.cat([map_image(maps[:6]), images[:6], real[:6]]),
               os.path.join(out_dir, 'eval_control.png'), columns=6)
     print(f"rows of {out_dir}/eval_control.png: the control, IRIS at strength 1, the real test image")
@@ -200,11 +200,11 @@ print(f"{out_dir}: {len(train_images)} training and {len(test_images)} test imag
 recon = reconstruct(vae, test_images) if {'vae', 'upscale', 'control'} & set(sections) else None
 if 'vae' in sections:
     row = record('vae', 'test split', psnr=psnr(recon, test_images), ssim=ssim(recon, test_images))
-    print(f"VAE round trip on the test split: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}\n")
+    print(f"VAE round trip on the test split: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}\n", flush=True)
     styles = per_style('vae', lambda m: dict(psnr=psnr(recon[m], test_images[m]), ssim=ssim(recon[m], test_images[m])))
     if styles:
         print("| style | test images | PSNR | SSIM |\n|---|---|---|---|\n" + "\n".join(
-            f"{style_cells(row)} {row['psnr']:.2f} dB | {row['ssim']:.4f} |" for row in styles) + "\n")
+            f"{style_cells(row)} {row['psnr']:.2f} dB | {row['ssim']:.4f} |" for row in styles) + "\n", flush=True)
 
 if 'loss' in sections:
     latents = encode_images(vae, test_images, batch_size).to(device)  # as cache.py encodes the training set
@@ -214,7 +214,7 @@ if 'loss' in sections:
     print("| held-out flow loss | t = 0.125 | 0.375 | 0.625 | 0.875 | mean |\n|---|---|---|---|---|---|")
     for r, bands in losses.items():
         row = record('held-out flow loss', f"r = {r}", r=r, bands=[float(b) for b in bands], mean=float(np.mean(bands)))
-        print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {row['mean']:.4f} |")
+        print(f"| r = {r} | " + " | ".join(f"{b:.4f}" for b in bands) + f" | {row['mean']:.4f} |", flush=True)
 
 if 'classifier' in sections:
     classifier = train_classifier(train_images, train_labels, len(names), classifier_size, classifier_steps,
@@ -232,7 +232,7 @@ if 'classifier' in sections:
     record('classifier', 'real test images', balanced_accuracy=real_accuracy[0], accuracy=real_accuracy[1],
            frechet_distance=0.0, nearest_median=real_nearest.median().item())
     print(f"| real test images | {100 * real_accuracy[0]:.1f} | {100 * real_accuracy[1]:.1f} | 100% | 0 | "
-          f"{real_nearest.median():.3f} |")
+          f"{real_nearest.median():.3f} |", flush=True)
     for steps in steps_list:
         generated = generate(model, vae, encoder, test_captions, noise, steps)
         predicted, features = read(classifier, generated)
@@ -243,7 +243,7 @@ if 'classifier' in sections:
                      balanced_accuracy=acc[0], accuracy=acc[1],
                      frechet_distance=frechet_distance(real_features, features), nearest_median=nearest.median().item())
         print(f"| {row['name']} | {100 * acc[0]:.1f} | {100 * acc[1]:.1f} | {100 * acc[0] / real_accuracy[0]:.0f}% | "
-              f"{row['frechet_distance']:.3f} | {row['nearest_median']:.3f} |")
+              f"{row['frechet_distance']:.3f} | {row['nearest_median']:.3f} |", flush=True)
         if steps == steps_list[-1]:
             shown = figure_columns()
             save_grid(torch.cat([test_images[shown], generated[shown], train_images[which[shown]]]),
@@ -263,7 +263,7 @@ if 'classifier' in sections:
         for row in styles:
             print(f"{style_cells(row)} {100 * row['real']:.1f} | " + " | ".join(
                 f"{100 * a:.1f}" + (f" ({100 * a / row['real']:.0f}%)" if row['real'] else "")
-                for a in row['generated']) + " |")
+                for a in row['generated']) + " |", flush=True)
 
 if 'upscale' in sections:
     eval_upscale(model, vae, encoder, test_images, recon, test_captions, noise, steps_list[-1])
